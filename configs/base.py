@@ -1,0 +1,79 @@
+"""Shared defaults for every job. Job files (`configs/sft.py`, ...) import this and change a few
+fields; anything can be overridden on the command line with `--config.<path>=<value>`."""
+
+import ml_collections
+
+from configs import data as data_config
+from configs import models
+
+# Logical axis -> mesh axes. Parameters use the plain names, activations the `act_` names, so a
+# weight's `embed` dimension can be sharded over fsdp while activations keep it whole.
+SHARDING_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "sft"  # which job main.py runs: pretrain | sft | eval | tokenizer
+  c.seed = 0  # seeds parameter init, dropout-free training and data shuffling
+  c.init_from = ""  # start from another run's parameters only (its workdir or a checkpoint dir)
+  c.init_step = -1  # with init_from: which step to take; -1 is the latest
+
+  c.model = models.get("tiny")  # decoder shape; see configs/models.py for presets
+  c.data = data_config.get_config()  # sources, tokenizer, packing; see configs/data.py
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300  # optimizer steps in total
+  c.train.lr = 3e-3  # peak learning rate
+  c.train.schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
+  c.train.warmup_steps = 30  # linear warmup from 0 to lr
+  c.train.min_lr_ratio = 0.1  # final lr as a fraction of lr (cosine and linear)
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.95  # AdamW beta2
+  c.train.eps = 1e-8  # AdamW epsilon
+  c.train.weight_decay = 0.1  # decoupled weight decay
+  c.train.decay_norms_and_embeddings = False  # also decay RMSNorm scales and embeddings
+  c.train.grad_clip = 1.0  # clip by global gradient norm; 0 turns clipping off
+  c.train.grad_accum = 1  # microbatches per step (the global batch is split into this many)
+  c.train.z_loss = 0.0  # weight of the log(Z)^2 penalty that keeps logits small (PaLM uses 1e-4)
+  c.train.log_every = 10  # steps between console/TensorBoard metric lines
+  c.train.eval_every = 100  # steps between evaluations on held-out data; 0 turns them off
+  c.train.eval_batches = 8  # batches per evaluation; 0 means the whole eval set
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100  # steps between checkpoints (one is always written at the end)
+  c.checkpoint.keep = 3  # how many recent checkpoints to keep
+  c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
+  c.checkpoint.enabled = True  # False: write none (benchmarks)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel replicas; -1 takes the devices left over
+  c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style)
+  c.mesh.tensor = 1  # tensor parallelism over heads and MLP
+  c.sharding_rules = SHARDING_RULES  # logical axis -> mesh axes
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "eval"  # eval job: which data source to score (eval | train)
+  c.eval.max_batches = 0  # eval job: stop after this many batches; 0 is the whole set
+  c.eval.step = -1  # eval job: checkpoint step to load; -1 is the latest
+  return c
