@@ -1,0 +1,346 @@
+"""Lazy random-access record sources: text lines, JSONL, JSON arrays, Parquet, ArrayRecord, TFDS.
+
+Every source is a grain RandomAccessDataSource (`__len__`, `__getitem__`) that holds only an
+index (numpy arrays of byte offsets), never the file's records as Python objects: a record is
+read from disk when the pipeline asks for it. `where(i)` names the file and line of record i, for
+error messages. Sources are pickled into grain worker processes, so open file handles are
+dropped on pickling and reopened on first use.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+_CHUNK = 1 << 22  # bytes scanned at once while indexing (bounded memory on large files)
+_WHITESPACE = np.array([9, 10, 13, 32], np.uint8)
+
+
+class RecordError(ValueError):
+  """A record a user supplied is malformed; the message names its file and line."""
+
+
+class _FileSource:
+  """Byte spans [start, end) of records in one file, read with pread on demand."""
+
+  def __init__(self, path: str, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray):
+    self.path, self._starts, self._ends, self._lines = path, starts, ends, lines
+    self._fd = None
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_fd"] = None
+    return state
+
+  def _bytes(self, i: int) -> bytes:
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    start, end = int(self._starts[i]), int(self._ends[i])
+    return os.pread(self._fd, end - start, start)
+
+  def where(self, i: int) -> str:
+    return f"{self.path}:{int(self._lines[i])}"
+
+  def __del__(self):
+    if getattr(self, "_fd", None) is not None:
+      os.close(self._fd)
+
+
+def _open_memmap(path: str) -> np.ndarray:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
+  if os.path.getsize(path) == 0:
+    return np.zeros((0,), np.uint8)
+  return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def index_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(starts, ends, 1-based line numbers) of the non-blank lines of a file, without reading it
+  into Python objects: newlines and non-whitespace bytes are counted chunk by chunk in numpy."""
+  mm = _open_memmap(path)
+  size = len(mm)
+  newline_at, nonblank_before_nl, carry = [], [], 0
+  for s in range(0, size, _CHUNK):
+    chunk = mm[s:s + _CHUNK]
+    cum = np.cumsum(~np.isin(chunk, _WHITESPACE), dtype=np.int64) + carry
+    nl = np.flatnonzero(chunk == 10)
+    newline_at.append(nl + s)
+    nonblank_before_nl.append(cum[nl])  # the newline itself is whitespace, so cum[nl] is "before"
+    carry = int(cum[-1]) if len(cum) else carry
+  nl = np.concatenate(newline_at) if newline_at else np.zeros((0,), np.int64)
+  cum_nl = np.concatenate(nonblank_before_nl) if nonblank_before_nl else np.zeros((0,), np.int64)
+  ends = nl
+  cum_end = cum_nl
+  if size and (len(nl) == 0 or nl[-1] != size - 1):  # last line has no trailing newline
+    ends = np.append(ends, size)
+    cum_end = np.append(cum_end, carry)
+  starts = np.concatenate([[0], nl + 1])[:len(ends)]
+  cum_start = np.concatenate([[0], cum_nl])[:len(ends)]
+  lines = np.arange(1, len(ends) + 1, dtype=np.int64)
+  keep = cum_end > cum_start  # at least one non-whitespace byte
+  return starts[keep].astype(np.int64), ends[keep].astype(np.int64), lines[keep]
+
+
+class TextLineSource(_FileSource):
+  """Plain text: each non-blank line is one document."""
+
+  def __init__(self, path: str):
+    super().__init__(path, *index_lines(path))
+
+  def __getitem__(self, i: int) -> str:
+    return self._bytes(i).decode("utf-8", errors="replace").rstrip("\r")
+
+
+class JsonlSource(_FileSource):
+  """JSON Lines: one JSON object per non-blank line; the index is a numpy array of offsets."""
+
+  def __init__(self, path: str):
+    super().__init__(path, *index_lines(path))
+
+  def __getitem__(self, i: int) -> Any:
+    raw = self._bytes(i)
+    try:
+      return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{self.where(i)}: malformed JSON ({e}); fix the line or set "
+                        "config.data.skip_bad_records=True to skip such lines.") from e
+
+
+def index_json_array(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(starts, ends) byte spans of the objects of a top-level JSON array `[{...}, {...}]`.
+
+  A vectorised scan: backslash runs decide which quotes are escaped, quote parity which bytes
+  are inside strings, and the running bracket depth where each top-level object opens (depth
+  1 -> 2) and closes (2 -> 1). State (depth, string parity, trailing backslashes) is carried
+  across chunks, so memory is bounded by the chunk size.
+  """
+  mm = _open_memmap(path)
+  starts, ends = [], []
+  depth, in_string, bs_run = 0, 0, 0
+  for s in range(0, len(mm), _CHUNK):
+    b = np.asarray(mm[s:s + _CHUNK])
+    n = len(b)
+    idx = np.arange(n)
+    is_bs = b == 92
+    last_plain = np.maximum.accumulate(np.where(~is_bs, idx, -1 - bs_run))
+    prev_plain = np.concatenate([[-1 - bs_run], last_plain[:-1]])
+    escaped = ((idx - 1 - prev_plain) % 2) == 1
+    quote = (b == 34) & ~escaped
+    parity = (np.cumsum(quote, dtype=np.int64) + in_string) % 2
+    outside = (parity == 0) & ~quote
+    opens = ((b == 123) | (b == 91)) & outside
+    closes = ((b == 125) | (b == 93)) & outside
+    depth_after = depth + np.cumsum(opens.astype(np.int64) - closes.astype(np.int64))
+    starts.append(np.flatnonzero((b == 123) & outside & (depth_after == 2)) + s)
+    ends.append(np.flatnonzero((b == 125) & outside & (depth_after == 1)) + s + 1)
+    depth, in_string = int(depth_after[-1]), int(parity[-1])
+    bs_run = int(n - 1 - last_plain[-1])
+  starts = np.concatenate(starts) if starts else np.zeros((0,), np.int64)
+  ends = np.concatenate(ends) if ends else np.zeros((0,), np.int64)
+  if depth != 0 or in_string or len(starts) != len(ends):
+    raise RecordError(f"{path}: not a complete JSON array (unbalanced brackets or an unclosed "
+                      "string near the end); check that the file was fully written.")
+  return starts.astype(np.int64), ends.astype(np.int64)
+
+
+class JsonArraySource(_FileSource):
+  """A JSON file holding one array of objects, indexed by byte offsets (never json.load-ed)."""
+
+  def __init__(self, path: str):
+    starts, ends = index_json_array(path)
+    super().__init__(path, starts, ends, np.zeros_like(starts))
+
+  def where(self, i: int) -> str:
+    # Line numbers are only needed for error messages: count newlines up to the record lazily.
+    start = int(self._starts[i])
+    mm = _open_memmap(self.path)
+    line = 1 + sum(int(np.count_nonzero(mm[s:min(s + _CHUNK, start)] == 10))
+                   for s in range(0, start, _CHUNK))
+    return f"{self.path}:{line} (record {i} of the array)"
+
+  def __getitem__(self, i: int) -> Any:
+    try:
+      return json.loads(self._bytes(i))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{self.where(i)}: malformed JSON ({e}); fix the record or set "
+                        "config.data.skip_bad_records=True to skip such records.") from e
+
+
+def first_nonspace_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    while chunk := f.read(4096):
+      stripped = chunk.lstrip()
+      if stripped.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        stripped = stripped[3:].lstrip()
+      if stripped:
+        return stripped[:1]
+  return b""
+
+
+class ParquetSource:
+  """Rows of a Parquet file, read one row group at a time (the last one is cached)."""
+
+  def __init__(self, path: str):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
+    self.path = path
+    meta = pq.ParquetFile(path).metadata
+    self._offsets = np.cumsum([0] + [meta.row_group(g).num_rows
+                                     for g in range(meta.num_row_groups)])
+    self._file, self._cached = None, (None, None)
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getstate__(self):
+    return {"path": self.path, "_offsets": self._offsets, "_file": None, "_cached": (None, None)}
+
+  def __getitem__(self, i: int) -> dict:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    group = int(np.searchsorted(self._offsets, i, side="right") - 1)
+    if self._cached[0] != group:
+      if self._file is None:
+        self._file = pq.ParquetFile(self.path)
+      self._cached = (group, self._file.read_row_group(group))
+    return self._cached[1].slice(i - int(self._offsets[group]), 1).to_pylist()[0]
+
+  def where(self, i: int) -> str:
+    return f"{self.path} (row {i})"
+
+
+class ArrayRecordSource:
+  """ArrayRecord files whose records are UTF-8 JSON objects or plain UTF-8 text."""
+
+  def __init__(self, path: str):
+    import grain  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
+    self.path = path
+    self._source = grain.sources.ArrayRecordDataSource([path])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> Any:
+    return _decode_bytes_record(self._source[i], self, i)
+
+  def where(self, i: int) -> str:
+    return f"{self.path} (record {i})"
+
+
+def _decode_bytes_record(raw: bytes, source, i: int) -> Any:
+  text = raw.decode("utf-8", errors="replace")
+  if text.lstrip().startswith("{"):
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise RecordError(f"{source.where(i)}: malformed JSON ({e}).") from e
+  return text
+
+
+class TfdsSource:
+  """A TFDS dataset prepared locally (array_record format), read through tfds.data_source."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.path = f"tfds:{name}:{split}"
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except Exception as e:  # TFDS raises several types for "not prepared here"
+      raise FileNotFoundError(
+          f"{self.path}: cannot open the TFDS dataset ({type(e).__name__}: {e}). Prepare it "
+          "locally in array_record format (tfds build --file_format=array_record) and set "
+          "config.data.tfds_data_dir; nothing is downloaded at run time.") from e
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self._source[i]
+    return {k: (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v)
+            for k, v in record.items()}
+
+  def where(self, i: int) -> str:
+    return f"{self.path} (record {i})"
+
+
+class ListSource:
+  """Records already in memory (the generated built-in dataset)."""
+
+  def __init__(self, name: str, records: list):
+    self.path, self._records = name, records
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> Any:
+    return self._records[i]
+
+  def where(self, i: int) -> str:
+    return f"{self.path} (record {i})"
+
+
+class ConcatSource:
+  """Several sources of the same format read as one (a glob of files)."""
+
+  def __init__(self, sources: list):
+    self.path = ",".join(s.path for s in sources)
+    self._sources = sources
+    self._offsets = list(np.cumsum([0] + [len(s) for s in sources]))
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def _locate(self, i: int):
+    k = bisect.bisect_right(self._offsets, i) - 1
+    return self._sources[k], i - int(self._offsets[k])
+
+  def __getitem__(self, i: int) -> Any:
+    source, j = self._locate(i)
+    return source[j]
+
+  def where(self, i: int) -> str:
+    source, j = self._locate(i)
+    return source.where(j)
+
+
+def open_file(path: str):
+  """The source for one file, chosen by extension (and, for .json, by its first byte)."""
+  lower = path.lower()
+  if lower.endswith(".jsonl"):
+    return JsonlSource(path)
+  if lower.endswith(".json"):
+    first = first_nonspace_byte(path) if os.path.exists(path) else b"["
+    # Some ".json" files are really JSON Lines; a top-level array is indexed by object offsets.
+    return JsonArraySource(path) if first == b"[" else JsonlSource(path)
+  if lower.endswith(".parquet"):
+    return ParquetSource(path)
+  if lower.endswith((".array_record", ".arrayrecord")) or ".array_record-" in lower:
+    return ArrayRecordSource(path)
+  if lower.endswith((".txt", ".text", ".md")):
+    return TextLineSource(path)
+  raise ValueError(f"data file {path!r}: unknown extension; use .txt, .jsonl, .json, .parquet "
+                   "or .array_record.")
+
+
+def open_path(path: str, tfds_data_dir: str = ""):
+  """A source for a path, a glob, or `tfds:NAME[:SPLIT]`."""
+  if path.startswith("tfds:"):
+    name, _, split = path[len("tfds:"):].partition(":")
+    return TfdsSource(name, split or "train", tfds_data_dir)
+  if any(ch in path for ch in "*?["):
+    files = sorted(glob.glob(path))
+    if not files:
+      raise FileNotFoundError(f"the pattern {path!r} matches no files.")
+    return ConcatSource([open_file(f) for f in files])
+  return open_file(path)
