@@ -1,0 +1,21 @@
+"""config.job -> the function that runs it. Imports are lazy so a job loads only what it uses."""
+
+import ml_collections
+
+from llm_jax import config_check
+
+JOBS = ("pretrain", "sft", "eval", "tokenizer")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  config_check.validate(config)
+  if config.job in ("pretrain", "sft"):
+    from llm_jax.train import loop
+    return loop.train_and_evaluate(config, workdir)
+  if config.job == "eval":
+    from llm_jax.eval import job
+    return job.run_eval(config, workdir)
+  if config.job == "tokenizer":
+    from llm_jax.data import tokenizer
+    return tokenizer.run_tokenizer_job(config, workdir)
+  raise ValueError(f"config.job={config.job!r}: must be one of {JOBS}")

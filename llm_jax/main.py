@@ -1,0 +1,31 @@
+"""Entry point: `python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft`.
+
+Parses flags and calls the job's function; a notebook calls the same functions directly.
+"""
+
+import os
+
+# Before JAX or TensorFlow load: no TF C++ chatter on the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llm_jax import jobs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override "
+                                          "fields with --config.train.steps=100 etc.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  jobs.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

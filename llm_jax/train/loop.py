@@ -1,0 +1,202 @@
+"""The training loop shared by the pretrain and sft jobs.
+
+Order of work in one step: take the host batch, dispatch the jitted step (asynchronous), then
+read the *previous* step's metrics, so the device never waits for the host to log. A
+non-finite loss stops the run before any checkpoint of the bad state is written.
+"""
+
+import json
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from llm_jax import sharding
+from llm_jax.data import pipeline
+from llm_jax.eval import lm_eval
+from llm_jax.model import flops
+from llm_jax.train import checkpoint, metrics as metrics_lib, optimizer as opt_lib
+from llm_jax.train import run_setup, state as state_lib, step as step_lib
+
+
+class _Preemption:
+  """Turns SIGTERM (a preempted VM, `kill`, a scheduler's time limit) into a flag the loop
+  checks between steps, so the run saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): nothing to install
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, scalars: dict, last_saved: Optional[int], workdir: str):
+  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(scalars[k])]
+  if bad:
+    where = (f"the last good checkpoint is step {last_saved} in {checkpoint.checkpoint_dir(workdir)}"
+             if last_saved is not None else "no checkpoint was written")
+    raise FloatingPointError(
+        f"{' and '.join(bad)} became {scalars[bad[0]]} at step {step}; stopping ({where}). "
+        "Lower config.train.lr, keep config.train.grad_clip > 0, or add config.train.z_loss.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       batch_hook: Optional[Callable[[int, dict], None]] = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
+  Returns the last logged metrics.
+  """
+  sharding.maybe_initialize_distributed()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config = ml_collections.ConfigDict(config)  # never mutate the caller's config
+  tc = config.train
+
+  resuming = bool(checkpoint.steps(workdir))
+  if resuming:  # the run's own config.json fixes the model it has been training
+    run_setup.adopt_source_model(config, workdir)
+  elif config.init_from:
+    run_setup.adopt_source_model(config, config.init_from)
+  tok = run_setup.resolve_tokenizer(config, workdir)
+  model_cfg = run_setup.resolve_model(config, tok.vocab_size)
+  checkpoint.write_config(workdir, config)
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  optimizer = opt_lib.make_optimizer(tc)
+  schedule = opt_lib.make_schedule(tc)
+  with step_lib.mesh_context(mesh, rules):
+    abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
+                                 z_loss=tc.z_loss), state_sh, mesh)
+    eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh)
+
+  train_iter = pipeline.make_train_iterator(
+      config.data, tok, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save)
+
+  with step_lib.mesh_context(mesh, rules):
+    if resuming:
+      start = manager.latest_step()
+      state = checkpoint.restore(manager, start, abstract_state, train_iter)
+      logging.info("Resumed from step %d in %s", start, checkpoint.checkpoint_dir(workdir))
+    else:
+      params = None
+      if config.init_from:
+        params, _ = checkpoint.load_params(config.init_from, config.init_step,
+                                           shardings=state_sh["params"])
+        logging.info("Starting from the parameters of %s", config.init_from)
+      state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
+                                     params)
+  start = int(state["step"])
+  counts = flops.param_counts(state["params"])
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  logging.info("Config:\n%s", config)
+  logging.info("Model: %s parameters (%s without embeddings); mesh %s over %d devices (%s); "
+               "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
+               dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tokens_per_step)
+
+  writer = metrics_lib.create_writer(workdir)
+  writer.write_hparams(metrics_lib.flat_hparams(config))
+  throughput = metrics_lib.Throughput(tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len),
+                                      model_cfg.dtype)
+
+  def run_eval(step):
+    if not config.data.eval:
+      return {}
+    batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    with step_lib.mesh_context(mesh, rules):
+      res = lm_eval.evaluate(eval_step, state["params"], batches,
+                             lambda b: step_lib.to_global(b, mesh), tc.eval_batches)
+    scalars = {f"eval_{k}": v for k, v in res.items() if k in ("loss", "perplexity", "accuracy")}
+    writer.write_scalars(step, scalars)
+    logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
+                 step, res["loss"], res["perplexity"], res["accuracy"], res["tokens"])
+    return scalars
+
+  history = {}
+  if tc.eval_every and start == 0:
+    history.update(run_eval(0))
+
+  last_saved = start if resuming else None
+  pending = None  # (step, device metrics) of the last dispatched step, read one step later
+  last_scalars = {}
+  t_compile = time.perf_counter()
+
+  def read(pending):
+    step, m = pending
+    scalars = metrics_lib.to_host(m)
+    _check_finite(step, scalars, last_saved, workdir)
+    return step, scalars
+
+  with _Preemption() as preempt, step_lib.mesh_context(mesh, rules):
+    step = start
+    while step < tc.steps:
+      host_batch = next(train_iter)
+      if batch_hook is not None:
+        batch_hook(step, host_batch)
+      state, m = train_step(state, step_lib.to_global(host_batch, mesh))
+      step += 1
+      if step == start + 1:
+        jax.block_until_ready(m)
+        logging.info("Compiled and ran the first train step in %.1f s", time.perf_counter() - t_compile)
+        throughput.start(step)
+      if pending is not None:
+        done, scalars = read(pending)
+        if done % tc.log_every == 0:
+          scalars.update(throughput.report(done))
+          writer.write_scalars(done, scalars)
+          logging.info(metrics_lib.format_line(done, tc.steps, scalars))
+        last_scalars = scalars
+      pending = (step, m)
+
+      stop = preempt.requested or manager.reached_preemption(step)
+      is_save = config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
+                                               step == tc.steps or stop)
+      if is_save:
+        done, last_scalars = read(pending)  # never checkpoint a state whose step went non-finite
+        pending = None
+        checkpoint.save(manager, step, state, train_iter, force=True)
+        last_saved = step
+      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+        history.update(run_eval(step))
+      if stop:
+        logging.warning("Stopped at step %d after SIGTERM; the run resumes from here.", step)
+        break
+    if pending is not None:
+      _, last_scalars = read(pending)
+
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  writer.close()
+  last_scalars.update(history)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump({"step": step, **last_scalars}, f, indent=2)
+  logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
+               step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
+  return {"step": step, **last_scalars}

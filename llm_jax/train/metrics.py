@@ -1,0 +1,117 @@
+"""What a user reads while training: clu metric writers (TensorBoard + console), throughput, MFU.
+
+MFU = model FLOPs per second / peak FLOPs of the devices in use. Peaks are dense bf16 figures
+from vendor spec sheets; on CPU (no spec sheet) the peak is measured once with a large matmul
+in the model's compute dtype, so MFU there reads as "share of what this CPU's XLA matmul
+reaches".
+"""
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per chip, matched as substrings of `device.device_kind`.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("TPU v2", 45e12),
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_peak(dtype_name: str) -> float:
+  n = 1024
+  x = jnp.ones((n, n), dtype_name)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of all devices of this job, where the figure came from)."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    # Virtual CPU devices share the same cores, so the host's peak is the whole budget.
+    return _measured_cpu_peak(compute_dtype), f"measured {compute_dtype} matmul on this CPU"
+  for key, flops in PEAK_FLOPS:
+    if key.lower() in dev.device_kind.lower():
+      return flops * jax.device_count(), f"{dev.device_kind} bf16 spec x {jax.device_count()}"
+  return float("nan"), f"unknown device {dev.device_kind!r}: add it to PEAK_FLOPS"
+
+
+def create_writer(workdir: str):
+  """TensorBoard summaries under workdir/tensorboard (process 0) plus console lines."""
+  # TensorFlow only writes event files here: keep it off the GPU/TPU so it takes no memory
+  # JAX needs (TF grabs all GPU memory by default).
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  from clu import metric_writers
+  return metric_writers.create_default_writer(
+      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
+      asynchronous=True)
+
+
+class Throughput:
+  """Tokens/s and MFU over the steps since the last report."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, compute_dtype: str):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_token * tokens_per_step
+    self.peak, self.peak_source = peak_flops(compute_dtype)
+    self._t = time.perf_counter()
+    self._step = None
+
+  def start(self, step: int):
+    self._t, self._step = time.perf_counter(), step
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = step - self._step
+    dt = (now - self._t) / max(steps, 1)
+    self._t, self._step = now, step
+    return {
+        "step_time_s": dt,
+        "tokens_per_s": self.tokens_per_step / dt,
+        "mfu": self.flops_per_step / dt / self.peak,
+    }
+
+
+def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
+  order = ("loss", "eval_loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu",
+           "step_time_s", "padding_share")
+  parts = [f"step {step}/{total}"]
+  for k in order:
+    if k in scalars:
+      v = scalars[k]
+      parts.append(f"{k} {v:.3g}" if abs(v) < 1e4 else f"{k} {v:,.0f}")
+  return " | ".join(parts)
+
+
+def to_host(metrics) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def flat_hparams(config) -> dict:
+  """config as {"train.lr": 3e-3, ...} with the scalar fields TensorBoard's HParams tab shows."""
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if hasattr(v, "items"):
+        walk(f"{prefix}{k}.", v)
+      elif isinstance(v, (bool, int, float, str)):
+        out[f"{prefix}{k}"] = v
+  walk("", config)
+  return out

@@ -1,0 +1,48 @@
+"""What every job resolves before it starts: the tokenizer, the model shape, the mesh."""
+
+import os
+
+import ml_collections
+from absl import logging
+
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.model.config import ModelConfig
+from llm_jax.train import checkpoint
+
+# Fields that define the weights' shapes; everything else in config.model (dtypes, scan,
+# remat, attention kernel) is a runtime choice the new job may change.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+                "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings")
+
+
+def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str) -> None:
+  """For `init_from`: the model's shape and tokenizer come from the source run."""
+  src = checkpoint.read_config(source_dir)
+  with config.unlocked():
+    for f in SHAPE_FIELDS:
+      if f in src.model and src.model[f] != config.model[f]:
+        if config.model[f] not in (0, src.model[f]) and f != "vocab_size":
+          logging.warning("config.model.%s=%s replaced by %s from %s (init_from)",
+                          f, config.model[f], src.model[f], source_dir)
+        config.model[f] = src.model[f]
+    if not config.data.tokenizer.path:
+      config.data.tokenizer.path = checkpoint.tokenizer_path(source_dir, src)
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """Loads (or trains and caches) the tokenizer; records its path in the config."""
+  tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir,
+                              lambda: tok_lib.corpus_texts(config.data))
+  with config.unlocked():
+    config.data.tokenizer.path = os.path.abspath(checkpoint.tokenizer_path(workdir, config))
+  return tok
+
+
+def resolve_model(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """ModelConfig with the vocabulary taken from the tokenizer unless set (must then fit it)."""
+  if config.model.vocab_size and config.model.vocab_size < vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {vocab_size} tokens; set it to 0 to take the tokenizer's size")
+  with config.unlocked():
+    config.model.vocab_size = config.model.vocab_size or vocab_size
+  return ModelConfig.from_config(config.model)
