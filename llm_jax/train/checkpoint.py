@@ -105,7 +105,7 @@ def steps(workdir: str) -> list[int]:
     return list(m.all_steps())
 
 
-def _pick_step(workdir: str, step: int) -> int:
+def pick_step(workdir: str, step: int) -> int:
   available = steps(workdir)
   if not available:
     raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(workdir)}")
@@ -135,7 +135,7 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None
   Returns (params, the run's config).
   """
   config = read_config(workdir)
-  step = _pick_step(workdir, step)
+  step = pick_step(workdir, step)
   with make_manager(workdir, with_data=False, read_only=True) as m:
     meta = m.item_metadata(step)[STATE]["params"]
     if shardings is None:
