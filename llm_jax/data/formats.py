@@ -1,0 +1,122 @@
+"""Record shapes users bring, normalised to `{"text": str}` or `{"messages": [{role, content}]}`.
+
+  text      a plain string, or a JSON object with the configured text field
+  chat      OpenAI/minimind `{"messages"|"conversations": [{"role", "content"}]}` or ShareGPT
+            `{"conversations": [{"from", "value"}]}` (human/gpt/system), optional `"system"` key
+  alpaca    `{"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_jax.data.sources import RecordError
+
+FORMATS = ("auto", "text", "chat", "sharegpt", "alpaca")
+ROLES = {
+    "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+}
+
+
+def detect_format(record: Any, text_field: str, where: str) -> str:
+  """The format of a source, decided from its first record."""
+  if isinstance(record, str):
+    return "text"
+  if not isinstance(record, dict):
+    raise RecordError(f"{where}: a record is a {type(record).__name__}; expected a JSON object "
+                      "or a line of text.")
+  if text_field in record:
+    return "text"
+  if "messages" in record or "conversations" in record:
+    return "chat"
+  if "instruction" in record and "output" in record:
+    return "alpaca"
+  raise RecordError(
+      f"{where}: cannot tell the record format from its keys {sorted(record)}; expected "
+      f"{text_field!r} (text, see config.data.text_field), 'messages'/'conversations' (chat) or "
+      "'instruction'+'output' (Alpaca). Set config.data.text_field or config.data.format.")
+
+
+def normalize(record: Any, fmt: str, text_field: str, where: str) -> dict:
+  """One record in the given format -> {"text": ...} or {"messages": [...]}, or RecordError."""
+  if fmt == "text":
+    return {"text": _text(record, text_field, where)}
+  if fmt in ("chat", "sharegpt"):
+    return {"messages": _chat(record, where)}
+  if fmt == "alpaca":
+    return {"messages": _alpaca(record, where)}
+  raise ValueError(f"config.data.format={fmt!r}; use one of {FORMATS}.")
+
+
+def _require_dict(record: Any, where: str, what: str) -> dict:
+  if not isinstance(record, dict):
+    raise RecordError(f"{where}: expected a JSON object ({what}), got {type(record).__name__}.")
+  return record
+
+
+def _text(record: Any, text_field: str, where: str) -> str:
+  if isinstance(record, str):
+    text = record
+  else:
+    record = _require_dict(record, where, "a text record")
+    if text_field not in record:
+      raise RecordError(f"{where}: the record has no field {text_field!r} (it has "
+                        f"{sorted(record)}); set config.data.text_field to the right name.")
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise RecordError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string.")
+  if not text.strip():
+    raise RecordError(f"{where}: the text is empty.")
+  return text
+
+
+def _chat(record: Any, where: str) -> list[dict]:
+  record = _require_dict(record, where, "a chat record")
+  key = "messages" if "messages" in record else "conversations"
+  turns = record.get(key)
+  if not isinstance(turns, list):
+    raise RecordError(f"{where}: expected a list under 'messages' or 'conversations', got "
+                      f"{type(turns).__name__ if key in record else 'neither key'}.")
+  if not turns:
+    raise RecordError(f"{where}: the conversation under {key!r} is empty.")
+  messages = []
+  system = record.get("system")
+  if isinstance(system, str) and system.strip():
+    messages.append({"role": "system", "content": system})
+  for k, turn in enumerate(turns):
+    if not isinstance(turn, dict):
+      raise RecordError(f"{where}: {key}[{k}] is a {type(turn).__name__}, not an object.")
+    raw_role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    role = ROLES.get(str(raw_role).lower()) if raw_role is not None else None
+    if role is None:
+      raise RecordError(f"{where}: {key}[{k}] has unknown role {raw_role!r}; known roles: "
+                        f"{sorted(ROLES)}.")
+    if not isinstance(content, str):
+      raise RecordError(f"{where}: {key}[{k}] ({raw_role}) has no string 'content'/'value'.")
+    messages.append({"role": role, "content": content})
+  return messages
+
+
+def _alpaca(record: Any, where: str) -> list[dict]:
+  record = _require_dict(record, where, "an Alpaca record")
+  for field in ("instruction", "output"):
+    if not isinstance(record.get(field), str):
+      raise RecordError(f"{where}: Alpaca record without a string {field!r} field (keys: "
+                        f"{sorted(record)}).")
+  messages = []
+  if isinstance(record.get("system"), str) and record["system"].strip():
+    messages.append({"role": "system", "content": record["system"]})
+  for k, pair in enumerate(record.get("history") or []):
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+      raise RecordError(f"{where}: history[{k}] is not a [query, answer] pair.")
+    messages += [{"role": "user", "content": str(pair[0])},
+                 {"role": "assistant", "content": str(pair[1])}]
+  query = record["instruction"]
+  if isinstance(record.get("input"), str) and record["input"].strip():
+    query = f"{query}\n{record['input']}"
+  messages += [{"role": "user", "content": query},
+               {"role": "assistant", "content": record["output"]}]
+  return messages
