@@ -149,34 +149,47 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
   """Trains a byte-fallback SentencePiece model with ChatML specials on `texts`."""
   if model_type not in ("bpe", "unigram"):
     raise ValueError(f"config.data.tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'.")
-  lines = _training_lines(texts, max_sentences)
-  first = next(lines, None)
-  if first is None:
+  # SentencePiece holds its training lines in memory anyway; a list lets us retry.
+  lines = list(_training_lines(texts, max_sentences))
+  if not lines:
     raise ValueError("cannot train a tokenizer: the corpus is empty (check config.data.train).")
-  model = io.BytesIO()
   start = time.time()
-  spm.SentencePieceTrainer.Train(
-      sentence_iterator=itertools.chain([first], lines),
-      model_writer=model,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=character_coverage,
-      byte_fallback=True,
-      split_digits=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      allow_whitespace_only_pieces=True,
-      split_by_whitespace=True,
-      max_sentencepiece_length=16,
-      pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK, bos_id=-1, eos_id=-1,
-      control_symbols=list(CONTROL_SYMBOLS),
-      user_defined_symbols=list(USER_SYMBOLS),
-      # A small corpus may not support the requested size; take what it supports.
-      hard_vocab_limit=False,
-      num_threads=os.cpu_count() or 1,
-      minloglevel=2,
-  )
+  # A Chinese corpus can need more distinct characters than the vocabulary holds at the
+  # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
+  coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
+                                      if c < character_coverage]
+  for k, coverage in enumerate(coverages):
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.Train(
+          sentence_iterator=iter(lines),
+          model_writer=model,
+          vocab_size=vocab_size,
+          model_type=model_type,
+          character_coverage=coverage,
+          byte_fallback=True,
+          split_digits=True,
+          normalization_rule_name="identity",
+          remove_extra_whitespaces=False,
+          add_dummy_prefix=False,
+          allow_whitespace_only_pieces=True,
+          split_by_whitespace=True,
+          max_sentencepiece_length=16,
+          pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK, bos_id=-1, eos_id=-1,
+          control_symbols=list(CONTROL_SYMBOLS),
+          user_defined_symbols=list(USER_SYMBOLS),
+          # A small corpus may not support the requested size; take what it supports.
+          hard_vocab_limit=False,
+          num_threads=os.cpu_count() or 1,
+          minloglevel=2,
+      )
+      break
+    except RuntimeError as e:
+      if "required_chars" not in str(e) or k == len(coverages) - 1:
+        raise
+      logging.warning("vocab_size=%d cannot hold every character at coverage %.4f; retrying "
+                      "with %.4f (rarer characters become byte tokens)", vocab_size, coverage,
+                      coverages[k + 1])
   tok = Tokenizer(model.getvalue())
   logging.info("trained a %s SentencePiece tokenizer: %d pieces in %.1fs", model_type,
                tok.vocab_size, time.time() - start)

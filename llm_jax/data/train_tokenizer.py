@@ -1,0 +1,50 @@
+"""Train a SentencePiece tokenizer from files.
+
+  python -m llm_jax.data.train_tokenizer --input=a.txt,b.jsonl --vocab_size=6400 --out=dir
+
+Inputs are any sources the pipeline reads (text, JSONL/JSON text or chat records, Parquet,
+`builtin:bios`...); chats are rendered as ChatML text. Writes dir/tokenizer.model and prints
+a summary (vocab size, chars per token, special ids).
+"""
+
+from absl import app
+from absl import flags
+
+from configs import data as data_config
+from llm_jax.data import pipeline
+from llm_jax.data import tokenizer as tokenizer_lib
+
+_INPUT = flags.DEFINE_string("input", None, "comma-separated sources (path or path@weight)",
+                             required=True)
+_VOCAB = flags.DEFINE_integer("vocab_size", 6400, "vocabulary size (minimind uses 6400)")
+_OUT = flags.DEFINE_string("out", None, "output directory for tokenizer.model", required=True)
+_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "field holding text in JSON records")
+_MAX_SENTENCES = flags.DEFINE_integer("max_sentences", 500_000, "bound on training lines")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "skip malformed records")
+
+
+def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
+          text_field: str = "text", max_sentences: int = 500_000,
+          skip_bad_records: bool = False) -> tokenizer_lib.Tokenizer:
+  cfg = data_config.get_config()
+  cfg.train = inputs
+  cfg.text_field = text_field
+  cfg.skip_bad_records = skip_bad_records
+  tok = tokenizer_lib.train_sentencepiece(
+      pipeline.corpus_texts(cfg, max_records=max_sentences), vocab_size=vocab_size,
+      model_type=model_type, max_sentences=max_sentences)
+  path = tok.save(out)
+  print(f"wrote {path}\n{tokenizer_lib.summarize(tok)}")
+  return tok
+
+
+def main(argv):
+  del argv
+  train(_INPUT.value, _VOCAB.value, _OUT.value, model_type=_MODEL_TYPE.value,
+        text_field=_TEXT_FIELD.value, max_sentences=_MAX_SENTENCES.value,
+        skip_bad_records=_SKIP_BAD.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
