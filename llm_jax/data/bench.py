@@ -1,7 +1,8 @@
 """Pipeline throughput on a real file (a benchmark, not a test).
 
   python -m llm_jax.data.bench --path=../shared/data/zh_wiki/zh_wiki_paragraphs.jsonl
-  python -m llm_jax.data.bench --path=../shared/data/sft/sharegpt_zh_1k.jsonl --mode=sft
+  python -m llm_jax.data.bench --path=../shared/data/sft/sharegpt_zh_1k.jsonl --mode=sft \
+      --seq_len=512 --skip_bad_records
 
 Trains a tokenizer on the file first (unless --tokenizer names one), then pulls batches and
 prints tokens/s (all block tokens, and real non-padding tokens) and the padding share.
@@ -25,6 +26,7 @@ _STEPS = flags.DEFINE_integer("steps", 100, "batches to time (after 3 warm-up ba
 _WORKERS = flags.DEFINE_integer("worker_count", 0, "grain worker processes")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer path; '' trains one on the file")
 _VOCAB = flags.DEFINE_integer("vocab_size", 6400, "vocab size when training a tokenizer")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "skip (and count) malformed records")
 
 
 def main(argv):
@@ -33,6 +35,7 @@ def main(argv):
   cfg.train, cfg.mode, cfg.packing = _PATH.value, _MODE.value, _PACKING.value
   cfg.seq_len, cfg.batch_size, cfg.worker_count = _SEQ_LEN.value, _BATCH.value, _WORKERS.value
   cfg.tokenizer.path, cfg.tokenizer.vocab_size = _TOKENIZER.value, _VOCAB.value
+  cfg.skip_bad_records = _SKIP_BAD.value
   cfg.tokenizer.train_max_sentences = 50_000
   start = time.perf_counter()
   tok = tokenizer_lib.get_tokenizer(cfg.tokenizer, None, lambda: pipeline.corpus_texts(cfg))

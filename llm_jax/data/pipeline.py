@@ -106,8 +106,10 @@ class DocReader(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, i: int) -> dict:
     try:
-      return formats.normalize(self._source[i], self.format, self._text_field,
-                               self._source.where(i))
+      doc = formats.normalize(self._source[i], self.format, self._text_field,
+                              self._source.where(i))
+      doc["where"] = self._source.where(i)  # for errors found later (e.g. no assistant turn)
+      return doc
     except sources.RecordError as e:
       if self._skip:
         return {"error": str(e)}
@@ -148,6 +150,7 @@ class ToExamples(grain.experimental.FlatMapTransform):
     self._clean = data_cfg.clean_text
     self._max_chars = data_cfg.max_doc_chars
     self._ends = data_cfg.sentence_ends
+    self._skip = data_cfg.skip_bad_records
     # Concat-then-split splits long examples itself; other packers need them pre-split.
     self._split_here = packing != "concat_then_split"
     self.counters = _Counters()
@@ -156,11 +159,18 @@ class ToExamples(grain.experimental.FlatMapTransform):
     if "error" in doc:
       self.counters.add("skipped bad records (skip_bad_records=True)", doc["error"])
       return []
-    return [ex for ids, w in self._token_docs(doc) for ex in self._examples(ids, w)]
+    try:
+      token_docs = list(self._token_docs(doc))
+    except sources.RecordError as e:  # e.g. a chat without an assistant turn
+      if not self._skip:
+        raise
+      self.counters.add("skipped bad records (skip_bad_records=True)", str(e))
+      return []
+    return [ex for ids, w in token_docs for ex in self._examples(ids, w)]
 
   def _token_docs(self, doc: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if "messages" in doc:
-      ids, w = chat_template.encode_chat(self._tok, doc["messages"])
+      ids, w = chat_template.encode_chat(self._tok, doc["messages"], where=doc["where"])
       yield ids, (np.ones_like(w) if self._mode == "pretrain" else w)
       return
     text = text_clean.clean_markup(doc["text"]) if self._clean else doc["text"]

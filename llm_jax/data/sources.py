@@ -114,8 +114,8 @@ class JsonlSource(_FileSource):
                         "config.data.skip_bad_records=True to skip such lines.") from e
 
 
-def index_json_array(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(starts, ends) byte spans of the objects of a top-level JSON array `[{...}, {...}]`.
+def index_json_array(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(starts, ends, 1-based line numbers) of the byte spans of the objects of a top-level JSON array `[{...}, {...}]`.
 
   A vectorised scan: backslash runs decide which quotes are escaped, quote parity which bytes
   are inside strings, and the running bracket depth where each top-level object opens (depth
@@ -123,8 +123,8 @@ def index_json_array(path: str) -> tuple[np.ndarray, np.ndarray]:
   across chunks, so memory is bounded by the chunk size.
   """
   mm = _open_memmap(path)
-  starts, ends = [], []
-  depth, in_string, bs_run = 0, 0, 0
+  starts, ends, lines = [], [], []
+  depth, in_string, bs_run, newlines = 0, 0, 0, 0
   for s in range(0, len(mm), _CHUNK):
     b = np.asarray(mm[s:s + _CHUNK])
     n = len(b)
@@ -139,32 +139,30 @@ def index_json_array(path: str) -> tuple[np.ndarray, np.ndarray]:
     opens = ((b == 123) | (b == 91)) & outside
     closes = ((b == 125) | (b == 93)) & outside
     depth_after = depth + np.cumsum(opens.astype(np.int64) - closes.astype(np.int64))
-    starts.append(np.flatnonzero((b == 123) & outside & (depth_after == 2)) + s)
+    local_starts = np.flatnonzero((b == 123) & outside & (depth_after == 2))
+    starts.append(local_starts + s)
+    cum_newlines = np.cumsum(b == 10, dtype=np.int64) + newlines
+    lines.append(cum_newlines[local_starts] + 1)
+    newlines = int(cum_newlines[-1])
     ends.append(np.flatnonzero((b == 125) & outside & (depth_after == 1)) + s + 1)
     depth, in_string = int(depth_after[-1]), int(parity[-1])
     bs_run = int(n - 1 - last_plain[-1])
-  starts = np.concatenate(starts) if starts else np.zeros((0,), np.int64)
-  ends = np.concatenate(ends) if ends else np.zeros((0,), np.int64)
+  starts, ends, lines = (np.concatenate(x).astype(np.int64) if x else np.zeros((0,), np.int64)
+                         for x in (starts, ends, lines))
   if depth != 0 or in_string or len(starts) != len(ends):
     raise RecordError(f"{path}: not a complete JSON array (unbalanced brackets or an unclosed "
                       "string near the end); check that the file was fully written.")
-  return starts.astype(np.int64), ends.astype(np.int64)
+  return starts, ends, lines
 
 
 class JsonArraySource(_FileSource):
   """A JSON file holding one array of objects, indexed by byte offsets (never json.load-ed)."""
 
   def __init__(self, path: str):
-    starts, ends = index_json_array(path)
-    super().__init__(path, starts, ends, np.zeros_like(starts))
+    super().__init__(path, *index_json_array(path))
 
   def where(self, i: int) -> str:
-    # Line numbers are only needed for error messages: count newlines up to the record lazily.
-    start = int(self._starts[i])
-    mm = _open_memmap(self.path)
-    line = 1 + sum(int(np.count_nonzero(mm[s:min(s + _CHUNK, start)] == 10))
-                   for s in range(0, start, _CHUNK))
-    return f"{self.path}:{line} (record {i} of the array)"
+    return f"{self.path}:{int(self._lines[i])} (record {i} of the array)"
 
   def __getitem__(self, i: int) -> Any:
     try:

@@ -156,7 +156,7 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
   start = time.time()
   # A Chinese corpus can need more distinct characters than the vocabulary holds at the
   # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
-  coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
+  coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98)
                                       if c < character_coverage]
   for k, coverage in enumerate(coverages):
     model = io.BytesIO()
@@ -185,8 +185,12 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
       )
       break
     except RuntimeError as e:
-      if "required_chars" not in str(e) or k == len(coverages) - 1:
+      if "required_chars" not in str(e):
         raise
+      if k == len(coverages) - 1:  # SentencePiece accepts no coverage below 0.98
+        raise ValueError(f"vocab_size={vocab_size} is too small for this corpus even at "
+                         f"character coverage 0.98 ({e}); raise "
+                         "config.data.tokenizer.vocab_size.") from e
       logging.warning("vocab_size=%d cannot hold every character at coverage %.4f; retrying "
                       "with %.4f (rarer characters become byte tokens)", vocab_size, coverage,
                       coverages[k + 1])

@@ -1,0 +1,140 @@
+"""SentencePiece tokenizer: lossless round trips, ChatML specials, caching, loading, CLI/job."""
+
+import os
+import pickle
+import sys
+import time
+import types
+
+import pytest
+
+from configs import data as data_config
+from llm_jax.data import pipeline
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import train_tokenizer
+
+CORPUS = [
+    "李明宇于1965年3月12日出生在杭州。他毕业于东湖大学，主修物理学。",
+    "臺灣的繁體中文與簡體中文不同。龍與龙是同一個字。",
+    "The quick brown fox jumps over the lazy dog. Numbers like 3.14159 and 2024.",
+    "def add(a, b):\n    return a + b  # adds two numbers",
+    "Emoji make people happy 🙂🚀 and so do tabs\tand spaces.",
+] * 20
+
+MIXED = ("中文简体：北京欢迎你。繁體：臺灣龍鳳。English text, with punctuation! "
+         "def f(x):\n\treturn {'k': [1, 2]}  # code\r\n"
+         "emoji 🙂👍🏽🇨🇳 rare 𠀀 full-width ＡＢＣ１２３ ideographic\u3000space nbsp\u00a0 "
+         "zero-width\u200bjoiner  double  spaces   and a literal ▁ meta char\n\n")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.train_sentencepiece(CORPUS, vocab_size=400)
+
+
+def test_round_trip_is_lossless_on_mixed_text(tok):
+  ids = tok.encode(MIXED)
+  assert tok.decode(ids) == MIXED
+  # Characters never seen in training (𠀀, 👍🏽) still round-trip, through byte pieces.
+  for text in ["𠀀", "👍🏽", "\t\t", "  ", "\u3000", "▁▁ ▁", "<|im_start|>", ""]:
+    assert tok.decode(tok.encode(text)) == text, repr(text)
+
+
+def test_special_tokens_are_single_ids(tok):
+  ids = {tok.eos_id, tok.im_start_id, tok.im_end_id, tok.pad_id,
+         tok.token_to_id("<think>"), tok.token_to_id("</think>")}
+  assert len(ids) == 6 and all(0 <= i < tok.vocab_size for i in ids)
+  assert tok.id_to_token(tok.im_start_id) == "<|im_start|>"
+  # <think> in assistant text is one token; ChatML markers typed by a user are not special.
+  assert tok.token_to_id("<think>") in tok.encode("a<think>b</think>c")
+  assert tok.encode("<think>") == [tok.token_to_id("<think>")]
+  typed = tok.encode("<|im_start|>user<|im_end|><|endoftext|>")
+  assert not {tok.im_start_id, tok.im_end_id, tok.eos_id} & set(typed)
+  # Specials decode as their text.
+  assert tok.decode([tok.im_start_id] + tok.encode("user\nhi") + [tok.im_end_id, tok.eos_id]) \
+      == "<|im_start|>user\nhi<|im_end|><|endoftext|>"
+
+
+def test_digits_are_split(tok):
+  pieces = [tok.id_to_token(i) for i in tok.encode("2024")]
+  assert pieces == ["2", "0", "2", "4"]
+
+
+def test_pickle_save_and_load(tok, tmp_path):
+  clone = pickle.loads(pickle.dumps(tok))
+  assert clone.encode(MIXED) == tok.encode(MIXED)
+  path = tok.save(str(tmp_path))
+  loaded = tokenizer_lib.Tokenizer.load(path)
+  assert loaded.encode(MIXED) == tok.encode(MIXED) and loaded.vocab_size == tok.vocab_size
+
+
+def test_get_tokenizer_trains_once_then_reuses_cache(tmp_path):
+  cfg = data_config.get_config().tokenizer
+  cfg.vocab_size = 400
+  calls = []
+
+  def corpus():
+    calls.append(1)
+    return iter(CORPUS)
+
+  first = tokenizer_lib.get_tokenizer(cfg, str(tmp_path), corpus)
+  assert os.path.isfile(tmp_path / "tokenizer.model") and calls == [1]
+  second = tokenizer_lib.get_tokenizer(cfg, str(tmp_path), corpus)
+  assert calls == [1]  # the cached model was reused, the corpus never read again
+  assert second.encode(MIXED) == first.encode(MIXED)
+  # An explicit .model path and a directory holding tokenizer.model load the same model.
+  cfg.path = str(tmp_path / "tokenizer.model")
+  assert tokenizer_lib.get_tokenizer(cfg, None, corpus).encode(MIXED) == first.encode(MIXED)
+  cfg.path = str(tmp_path)
+  assert tokenizer_lib.get_tokenizer(cfg, None, corpus).vocab_size == first.vocab_size
+
+
+def test_get_tokenizer_dispatches_tokenizer_json_to_hf(tmp_path, monkeypatch):
+  (tmp_path / "tokenizer.json").write_text("{}")
+  fake = types.ModuleType("llm_jax.data.hf_tokenizer")
+  fake.HFTokenizer = lambda path: ("hf", path)
+  monkeypatch.setitem(sys.modules, "llm_jax.data.hf_tokenizer", fake)
+  cfg = data_config.get_config().tokenizer
+  cfg.path = str(tmp_path)
+  assert tokenizer_lib.get_tokenizer(cfg, None, lambda: []) == ("hf", str(tmp_path))
+  cfg.path = str(tmp_path / "tokenizer.json")
+  assert tokenizer_lib.get_tokenizer(cfg, None, lambda: [])[0] == "hf"
+
+
+def test_missing_model_file_and_empty_corpus_are_clear_errors(tmp_path):
+  cfg = data_config.get_config().tokenizer
+  cfg.path = str(tmp_path / "nope.model")
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    tokenizer_lib.get_tokenizer(cfg, None, lambda: [])
+  with pytest.raises(ValueError, match="corpus is empty"):
+    tokenizer_lib.train_sentencepiece(["", "  "], vocab_size=400)
+
+
+def test_default_corpus_trains_fast_and_covers_chat(tmp_path):
+  cfg = data_config.get_config()
+  start = time.time()
+  tok = tokenizer_lib.get_tokenizer(cfg.tokenizer, str(tmp_path),
+                                    lambda: pipeline.corpus_texts(cfg))
+  assert time.time() - start < 15  # the contract with the trainer's default job
+  assert tok.vocab_size <= cfg.tokenizer.vocab_size
+  text = "<|im_start|>user\n韩晓出生于何时？<|im_end|>"
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_job_and_cli(tmp_path, capsys):
+  config = types.SimpleNamespace(data=data_config.get_config())
+  config.data.synthetic.n_entities = 50
+  config.data.tokenizer.vocab_size = 500
+  tokenizer_lib.run_tokenizer_job(config, str(tmp_path / "job"))
+  out = capsys.readouterr().out
+  assert "vocab_size=" in out and "chars/token" in out and "round_trip_ok=True" in out
+  assert os.path.isfile(tmp_path / "job" / "tokenizer.model")
+
+  text_file = tmp_path / "a.txt"
+  text_file.write_text("\n".join(CORPUS), encoding="utf-8")
+  jsonl = tmp_path / "b.jsonl"
+  jsonl.write_text('{"text": "一段中文文本。"}\n{"text": "more English text."}\n',
+                   encoding="utf-8")
+  tok = train_tokenizer.train(f"{text_file},{jsonl}", 450, str(tmp_path / "cli"))
+  assert os.path.isfile(tmp_path / "cli" / "tokenizer.model")
+  assert tok.decode(tok.encode(MIXED)) == MIXED
