@@ -1,0 +1,163 @@
+"""Lazy record sources against json/pyarrow references, and every bad-input message."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from configs import data as data_config
+from llm_jax.data import pipeline
+from llm_jax.data import sources
+from llm_jax.data import tokenizer as tokenizer_lib
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+TRICKY = [
+    {"text": "braces { } [ ] in a string", "n": 1},
+    {"text": 'escaped \\" quote and backslash at end \\', "nested": {"a": [1, {"b": "}"}]}},
+    {"text": "中文，emoji 🙂, newline\nand tab\t", "list": [[], {}]},
+    {"text": "\\\\\"", "x": None},
+]
+
+
+def test_jsonl_index_reads_lazily_and_names_lines(tmp_path):
+  path = tmp_path / "d.jsonl"
+  lines = [json.dumps(r, ensure_ascii=False) for r in TRICKY]
+  path.write_text(lines[0] + "\n\n  \n" + "\n".join(lines[1:]), encoding="utf-8")  # no final \n
+  source = sources.open_file(str(path))
+  assert isinstance(source, sources.JsonlSource) and len(source) == len(TRICKY)
+  assert isinstance(source._starts, np.ndarray)  # an offset index, not parsed records
+  assert [source[i] for i in range(len(source))] == TRICKY
+  assert source.where(1) == f"{path}:4"  # blank lines skipped, numbering kept
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 22])
+def test_json_array_index_matches_json_load(tmp_path, monkeypatch, chunk):
+  monkeypatch.setattr(sources, "_CHUNK", chunk)  # small chunks exercise the carried state
+  path = tmp_path / "a.json"
+  path.write_text(json.dumps(TRICKY, ensure_ascii=False, indent=1), encoding="utf-8")
+  source = sources.open_file(str(path))
+  assert isinstance(source, sources.JsonArraySource)
+  assert [source[i] for i in range(len(source))] == json.load(open(path, encoding="utf-8"))
+  first_line = 1 + open(path, encoding="utf-8").read().count("\n", 0, int(source._starts[2]))
+  assert source.where(2).startswith(f"{path}:{first_line} ")
+
+
+def test_truncated_json_array_is_an_error(tmp_path):
+  path = tmp_path / "cut.json"
+  path.write_text(json.dumps(TRICKY)[:-10])
+  with pytest.raises(sources.RecordError, match="not a complete JSON array"):
+    sources.open_file(str(path))
+
+
+def test_text_parquet_and_array_record_sources(tmp_path):
+  text = tmp_path / "t.txt"
+  text.write_text("line one\r\n\nline two 中文\n", encoding="utf-8")
+  assert [sources.open_file(str(text))[i] for i in range(2)] == ["line one", "line two 中文"]
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = [{"text": f"row {i}", "id": i} for i in range(10)]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet", row_group_size=3)
+  parquet = sources.open_file(str(tmp_path / "p.parquet"))
+  assert len(parquet) == 10 and [parquet[i] for i in (9, 0, 4)] == [rows[9], rows[0], rows[4]]
+
+  from array_record.python import array_record_module
+  path = str(tmp_path / "r.array_record")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for r in TRICKY[:2]:
+    writer.write(json.dumps(r).encode())
+  writer.write("plain text record".encode())
+  writer.close()
+  ar = sources.open_file(path)
+  assert [ar[i] for i in range(3)] == TRICKY[:2] + ["plain text record"]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not present")
+def test_real_files_alpaca_array_and_sharegpt():
+  path = os.path.join(SHARED, "sft", "alpaca_zh_demo.json")
+  source = sources.open_file(path)
+  reference = json.load(open(path, encoding="utf-8"))
+  assert len(source) == len(reference) and source[0] == reference[0]
+  assert source[len(reference) - 1] == reference[-1]
+  cfg = data_config.get_config()
+  assert pipeline.DocReader(path, cfg).format == "alpaca"
+  assert pipeline.DocReader(os.path.join(SHARED, "sft", "sharegpt_zh_1k.jsonl"),
+                            cfg).format == "chat"
+
+
+# ---- bad input: each case gives its message -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.train_sentencepiece(["some text 中文 question answer"] * 20,
+                                           vocab_size=400)
+
+
+def _cfg(train, **kw):
+  cfg = data_config.get_config()
+  cfg.train, cfg.seq_len, cfg.batch_size = train, 32, 2
+  cfg.update(kw)
+  return cfg
+
+
+def _batches(cfg, tok, n=2):
+  it = pipeline.make_train_iterator(cfg, tok, seed=0)
+  return [next(it) for _ in range(n)]
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path, tok):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "good one"}\n{"text": "broken\n{"text": "good two"}\n')
+  with pytest.raises(sources.RecordError, match=rf"{path}:2: malformed JSON"):
+    sources.open_file(str(path))[1]
+  with pytest.raises(sources.RecordError, match=rf"{path}:2: malformed JSON"):
+    _batches(_cfg(str(path), mode="pretrain"), tok, 20)
+
+
+def test_skip_bad_records_skips_and_logs_count(tmp_path, tok, caplog):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "good one"}\n{"text": "broken\n{"text": "good two"}\n')
+  cfg = _cfg(str(path), mode="pretrain", skip_bad_records=True, packing="none")
+  with caplog.at_level(logging.WARNING):
+    rows = [b["inputs"][r] for b in _batches(cfg, tok, 6) for r in range(2)]
+  texts = {tok.decode(r[r > 0]) for r in rows}
+  assert texts == {"good one", "good two"}
+  assert any("skipped bad records" in m and f"{path}:2" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"body": "x"}\n', r"cannot tell the record format"),
+    ('{"messages": []}\n', r":1: the conversation under 'messages' is empty"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r":1: messages\[0\] has unknown role"),
+    ('{"messages": [{"role": "user", "content": "q"}]}\n', r":1: the conversation has no assistant"),
+    ("", r"the dataset is empty"),
+    ("\n  \n", r"the dataset is empty"),
+])
+def test_bad_inputs_give_clear_messages(tmp_path, tok, content, match):
+  path = tmp_path / "d.jsonl"
+  path.write_text(content)
+  with pytest.raises((ValueError, sources.RecordError), match=match):
+    _batches(_cfg(str(path)), tok)
+
+
+def test_missing_field_names_field_file_and_line(tmp_path, tok):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"text": "ok"}\n{"content": "no text field"}\n')
+  cfg = _cfg(str(path), mode="pretrain", packing="none", format="text")
+  with pytest.raises(sources.RecordError, match=rf"{path}:2: the record has no field 'text'"):
+    _batches(cfg, tok, 10)
+
+
+def test_missing_file_unknown_builtin_bad_spec(tmp_path, tok):
+  with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    _batches(_cfg(str(tmp_path / "nowhere.jsonl")), tok)
+  with pytest.raises(ValueError, match="unknown built-in source 'builtin:nope'"):
+    _batches(_cfg("builtin:nope"), tok)
+  with pytest.raises(ValueError, match="bad weight"):
+    pipeline.parse_spec("a.jsonl@heavy")
+  with pytest.raises(ValueError, match="is empty"):
+    pipeline.parse_spec(" , ")
+  assert pipeline.parse_spec("a.jsonl@2, builtin:bios") == [
+      pipeline.SourceSpec("a.jsonl", 2.0), pipeline.SourceSpec("builtin:bios", 1.0)]
