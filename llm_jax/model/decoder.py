@@ -1,0 +1,124 @@
+"""The decoder: a Llama / Qwen2 / Qwen3-family transformer in flax.linen, applied functionally.
+
+  logits_BxLxV = Decoder(cfg).apply({"params": params}, inputs_BxL, positions_BxL, segment_ids_BxL)
+  logits_BxLxV, cache = Decoder(cfg).apply({"params": params}, ..., cache=cache)
+
+The parameter tree is the one in /work/notes/common.md (HF conversion depends on it). Layers are
+stacked under one `nn.scan` ("layers", leading n_layers axis) when cfg.scan_layers, else unrolled as
+"layers_0".."layers_{n-1}". Outside a mesh context the logical constraints are no-ops; to run
+sharded, trace inside `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` (see sharding.py).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.model.attention import Attention
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
+
+# Logical axes of each cache array ([n_layers, batch, max_len, n_kv_heads, head_dim]).
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache: {"k", "v"} of [n_layers, batch, max_len, n_kv_heads, head_dim].
+
+  Slot j holds the key/value of the token at position j; a query at position p attends to slots
+  j <= p. Right-padded prompts of different lengths share one cache: their pad tokens are not
+  written, and the slots after a prompt are filled by its generated tokens before any query can
+  see them.
+  """
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _remat_policy(name: str):
+  policies = {
+      "full": None,  # save nothing: recompute the whole layer in the backward pass
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+  }
+  return policies[name]
+
+
+class Embed(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.dim), cfg.weight_dtype)
+
+  def __call__(self, ids_BxL):
+    return jnp.take(self.embedding, ids_BxL, axis=0).astype(self.cfg.compute_dtype)
+
+  def attend(self, x_BxLxD):
+    """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
+    dtype = self.cfg.compute_dtype
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new cache)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+    cfg = self.cfg
+    act_axes = ("act_batch", "act_length", "act_embed")
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, act_axes)
+    h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="attn_norm")(x_BxLxD)
+    h_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
+    h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
+    h_BxLxD = SwiGLU(cfg, name="mlp")(h_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
+    return x_BxLxD, new_cache
+
+
+class Decoder(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None):
+    cfg = self.cfg
+    embed = Embed(cfg, name="embed")
+    x_BxLxD = nn.with_logical_constraint(embed(inputs_BxL), ("act_batch", "act_length", "act_embed"))
+
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+      layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(cfg.remat_policy),
+                           prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, new_cache = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    else:
+      new_cache = None if cache is None else dict(cache)
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
+        x_BxLxD, layer_cache = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
+                                                                  layer_cache)
+        if cache is not None:
+          new_cache = {name: new_cache[name].at[i].set(layer_cache[name]) for name in new_cache}
+    if new_cache is not None:
+      new_cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in new_cache.items()}
+
+    x_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(x_BxLxD)
+    else:
+      logits_BxLxV = Projection("bld,dv->blv", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg,
+                                out_dtype=jnp.float32, name="lm_head")(x_BxLxD)
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                              ("act_batch", "act_length", "act_vocab"))
+    if cache is None:
+      return logits_BxLxV
+    return logits_BxLxV, new_cache

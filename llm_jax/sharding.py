@@ -1,0 +1,142 @@
+"""Device mesh, logical-axis sharding and multi-host start-up.
+
+The mesh has three axes, sized by `config.mesh`:
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism whose parameters/optimizer state are sharded (ZeRO-3 style)
+  tensor  tensor parallelism over attention heads, MLP hidden units and the vocabulary
+Parameters and activations carry logical axis names (configs/base.py SHARDING_RULES maps them to
+mesh axes). How callers must wrap tracing so the model's `nn.with_logical_constraint`s apply:
+
+  mesh = make_mesh(config.mesh)
+  rules = config.sharding_rules
+  params = init_params(model_cfg, rng, mesh, rules)           # already sharded
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):      # around jit *tracing and calls*
+    logits = jax.jit(lambda p, b: Decoder(model_cfg).apply({"params": p}, ...))(params, batch)
+
+`jax.set_mesh` (jax 0.10.2; `with mesh:` is deprecated and no longer sets the mesh flax reads) must
+be entered outside jit. Without a mesh in context the constraints are no-ops, so single-device
+code needs no wrapping at all.
+"""
+
+import logging
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.decoder import CACHE_AXES, Decoder
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+  """Resolves config.mesh.{data,fsdp,tensor} (one of them may be -1: the devices left over)."""
+  sizes = {name: int(mesh_cfg[name]) for name in MESH_AXES}
+  fill = [name for name, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh: only one of {fill} may be -1 (it takes the devices left over)")
+  for name, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ValueError(f"config.mesh.{name}={s}: must be a positive size or -1")
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if fill:
+    if n_devices % known:
+      bad = [n for n in MESH_AXES if sizes[n] != -1 and n_devices % sizes[n]] or [n for n in MESH_AXES if sizes[n] != -1]
+      raise ValueError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: the fixed mesh sizes (product {known}) must "
+                       f"divide the {n_devices} devices")
+    sizes[fill[0]] = n_devices // known
+  elif known != n_devices:
+    raise ValueError(f"config.mesh: data*fsdp*tensor = {known} but there are {n_devices} devices; set one "
+                     f"of config.mesh.data/fsdp/tensor to -1 or make the product {n_devices}")
+  return tuple(sizes[name] for name in MESH_AXES)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+
+  Axes are Auto (GSPMD propagates shardings from the constraints), not jax.make_mesh's default of
+  Explicit sharding-in-types.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_shardings(logical_spec_tree, mesh: Mesh, rules):
+  """A tree of logical PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, rules)
+
+
+def logical_sharding(mesh: Mesh, rules, *logical_axes: str | None) -> NamedSharding:
+  """The NamedSharding of one array whose dimensions have these logical names."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of the [batch, length] arrays of a training batch (act_batch, act_length)."""
+  return logical_sharding(mesh, rules, "act_batch", "act_length")
+
+
+def cache_shardings(mesh: Mesh, rules) -> dict:
+  """Shardings of `decoder.init_cache`'s {"k", "v"} arrays (batch over the cache_batch rule)."""
+  s = logical_sharding(mesh, rules, *CACHE_AXES)
+  return {"k": s, "v": s}
+
+
+def _init_fn(model_cfg: ModelConfig):
+  def init(rng):
+    ids_BxL = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(model_cfg).init(rng, ids_BxL, ids_BxL, jnp.ones_like(ids_BxL))["params"]
+  return init
+
+
+def abstract_params_and_shardings(model_cfg: ModelConfig, mesh: Mesh, rules):
+  """(ShapeDtypeStruct tree of the unboxed params, NamedSharding tree), without allocating."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(_init_fn(model_cfg), jax.random.key(0))
+  shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  # No sharding constraint on abstract values: callers may already be inside a mesh context.
+  abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
+                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return abstract, shardings
+
+
+def init_params(model_cfg: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
+  """Plain (unboxed) parameter arrays, each created directly in its sharding (no host copy)."""
+  _, shardings = abstract_params_and_shardings(model_cfg, mesh, rules)
+  init = _init_fn(model_cfg)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts jax.distributed when this is one process of a multi-process job; else does nothing.
+
+  - JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID set (launch/ scripts,
+    any cluster): initialise with exactly those.
+  - SLURM with more than one task (SLURM_NTASKS > 1), or a multi-host Cloud TPU slice
+    (TPU_WORKER_HOSTNAMES lists more than one host): `jax.distributed.initialize()` with no arguments,
+    which auto-detects the coordinator and process ids from that environment.
+  - Otherwise (one process: laptop, one GPU box, single-host TPU) nothing is initialised.
+  Safe to call twice. Logs process index/count and local/global device counts.
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    pass
+  elif "JAX_COORDINATOR_ADDRESS" in env:
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three "
+                       "(see launch/) or none")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    jax.distributed.initialize()
+  logging.info("process %d of %d; %d local devices, %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())

@@ -1,0 +1,55 @@
+"""An independent float64 numpy forward of the decoder, written from the math (HF Llama/Qwen2/Qwen3
+modelling code), not from llm_jax.model. Takes the unrolled (layers_i) parameter tree."""
+
+import numpy as np
+
+
+def _rms(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope(x_LxNxH, pos_L, theta):
+  h = x_LxNxH.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, h, 2) / h)
+  ang = pos_L[:, None] * inv[None, :]
+  emb = np.concatenate([ang, ang], axis=-1)[:, None, :]  # [L, 1, H]
+  rot = np.concatenate([-x_LxNxH[..., h // 2:], x_LxNxH[..., :h // 2]], axis=-1)
+  return x_LxNxH * np.cos(emb) + rot * np.sin(emb)
+
+
+def reference_logits(params, cfg, ids_L, pos_L=None):
+  """Logits [L, V] of ONE unpacked document (plain causal mask)."""
+  p = lambda tree: {k: (p(v) if isinstance(v, dict) else np.asarray(v, np.float64)) for k, v in tree.items()}
+  params = p(params)
+  n_len = len(ids_L)
+  pos_L = np.arange(n_len) if pos_L is None else np.asarray(pos_L)
+  x = params["embed"]["embedding"][np.asarray(ids_L)]
+  group = cfg.n_heads // cfg.n_kv_heads
+  causal = np.tril(np.ones((n_len, n_len), bool))
+  for i in range(cfg.n_layers):
+    lp = params[f"layers_{i}"]
+    a = lp["attn"]
+    h = _rms(x, lp["attn_norm"]["scale"], cfg.rms_eps)
+    q = np.einsum("ld,dnh->lnh", h, a["q_proj"]["kernel"])
+    k = np.einsum("ld,dnh->lnh", h, a["k_proj"]["kernel"])
+    v = np.einsum("ld,dnh->lnh", h, a["v_proj"]["kernel"])
+    if cfg.qkv_bias:
+      q, k, v = q + a["q_proj"]["bias"], k + a["k_proj"]["bias"], v + a["v_proj"]["bias"]
+    if cfg.qk_norm:
+      q, k = _rms(q, a["q_norm"]["scale"], cfg.rms_eps), _rms(k, a["k_norm"]["scale"], cfg.rms_eps)
+    q, k = _rope(q, pos_L, cfg.rope_theta), _rope(k, pos_L, cfg.rope_theta)
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # HF repeat_kv
+    s = np.einsum("qnh,knh->nqk", q, k) / np.sqrt(cfg.head_dim)
+    s = np.where(causal[None], s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("nqk,knh->qnh", w, v)
+    x = x + np.einsum("qnh,nhd->qd", o, a["o_proj"]["kernel"])
+    m = lp["mlp"]
+    h = _rms(x, lp["mlp_norm"]["scale"], cfg.rms_eps)
+    g = h @ m["gate_proj"]["kernel"]
+    u = h @ m["up_proj"]["kernel"]
+    x = x + (g / (1 + np.exp(-g)) * u) @ m["down_proj"]["kernel"]
+  x = _rms(x, params["final_norm"]["scale"], cfg.rms_eps)
+  head = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+  return x @ head
