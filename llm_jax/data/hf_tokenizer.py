@@ -5,7 +5,7 @@
 Special ids come from the added tokens and, where present, tokenizer_config.json:
   eos_id       <|endoftext|> (the end-of-document token we pack with); else tokenizer_config's
                eos_token; else </s> or <|end_of_text|>.
-  pad_id       tokenizer_config's pad_token; else <|endoftext|>, <pad>, eos; else 0. Padding is
+  pad_id       tokenizer_config's pad_token; else <pad>, <|endoftext|>, eos; else 0. Padding is
                masked by segment_ids = 0, so any id works; this only picks a readable one.
   im_start_id, im_end_id   <|im_start|> / <|im_end|>, or None when the vocabulary has no ChatML
                tokens (a Llama tokenizer). Nothing is invented in their place: pretraining and
@@ -72,7 +72,7 @@ class HFTokenizer:
       return None
 
     self.eos_id = first(EOS, _token_text(config.get("eos_token")), "</s>", "<|end_of_text|>")
-    pad = first(_token_text(config.get("pad_token")), EOS, "<pad>")
+    pad = first(_token_text(config.get("pad_token")), "<pad>", EOS)
     self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
     self.im_start_id = first(IM_START)
     self.im_end_id = first(IM_END)
