@@ -66,12 +66,12 @@ def main(argv):
   B, L = config.data.batch_size, config.data.seq_len
   host = synthetic_batch(B // jax.process_count(), L, vocab, _DOCS.value, seed=jax.process_index())
 
+  _, sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)  # outside the mesh context
   with step_lib.mesh_context(mesh, rules):
-    _, sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-    state = state_lib.create_state(model_cfg, optimizer, jax.random.key(0), sh)
+    state = state_lib.create_state(model_cfg, optimizer, jax.random.key(0), sh, mesh, rules)
     step = step_lib.jit_train_step(step_lib.make_train_step(
-        model_cfg, optimizer, schedule, grad_accum=tc.grad_accum, z_loss=tc.z_loss), sh, mesh)
-    batch = step_lib.to_global(host, mesh)
+        model_cfg, optimizer, schedule, grad_accum=tc.grad_accum, z_loss=tc.z_loss), sh, mesh, rules)
+    batch = step_lib.to_global(host, mesh, rules)
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t

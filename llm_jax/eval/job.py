@@ -12,7 +12,7 @@ from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import lm_eval
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint, state as state_lib, step as step_lib
+from llm_jax.train import checkpoint, step as step_lib
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -34,14 +34,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
+  _, param_sh = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
   with step_lib.mesh_context(mesh, rules):
-    _, param_sh = state_lib.param_shardings(model_cfg, mesh, rules)
     params, _ = checkpoint.load_params(workdir, config.eval.step, shardings=param_sh)
     step = checkpoint.pick_step(workdir, config.eval.step)
-    eval_step = step_lib.make_eval_step(model_cfg, param_sh, mesh, per_document=True)
+    eval_step = step_lib.make_eval_step(model_cfg, param_sh, mesh, rules, per_document=True)
     batches = pipeline.make_eval_iterator(data_cfg, tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    res = lm_eval.evaluate(eval_step, params, batches, lambda b: step_lib.to_global(b, mesh),
+    res = lm_eval.evaluate(eval_step, params, batches, lambda b: step_lib.to_global(b, mesh, rules),
                            config.eval.max_batches)
   res.update(step=step, data=data_cfg.eval)
   path = os.path.join(workdir, f"eval_{step}.json")

@@ -84,12 +84,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rules = tuple(tuple(r) for r in config.sharding_rules)
   optimizer = opt_lib.make_optimizer(tc)
   schedule = opt_lib.make_schedule(tc)
-  with step_lib.mesh_context(mesh, rules):
-    abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
-                                 z_loss=tc.z_loss), state_sh, mesh)
-    eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh)
+  # Shapes and shardings come from eval_shape, outside the mesh context (unboxing abstract
+  # params under a set mesh would try to constrain them).
+  abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
+                               z_loss=tc.z_loss), state_sh, mesh, rules)
+  eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh, rules)
 
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
@@ -109,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                            shardings=state_sh["params"])
         logging.info("Starting from the parameters of %s", config.init_from)
       state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
-                                     params)
+                                     mesh, rules, params)
   start = int(state["step"])
   counts = flops.param_counts(state["params"])
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -130,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           process_count=jax.process_count())
     with step_lib.mesh_context(mesh, rules):
       res = lm_eval.evaluate(eval_step, state["params"], batches,
-                             lambda b: step_lib.to_global(b, mesh), tc.eval_batches)
+                             lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
     scalars = {f"eval_{k}": v for k, v in res.items() if k in ("loss", "perplexity", "accuracy")}
     writer.write_scalars(step, scalars)
     logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
@@ -158,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       host_batch = next(train_iter)
       if batch_hook is not None:
         batch_hook(step, host_batch)
-      state, m = train_step(state, step_lib.to_global(host_batch, mesh))
+      state, m = train_step(state, step_lib.to_global(host_batch, mesh, rules))
       step += 1
       if step == start + 1:
         jax.block_until_ready(m)

@@ -53,4 +53,4 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

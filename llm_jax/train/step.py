@@ -14,6 +14,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import loss as loss_lib
@@ -27,11 +28,6 @@ def mesh_context(mesh, rules):
   the model's `nn.with_logical_constraint` calls read."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
-
-
-def batch_sharding(mesh) -> NamedSharding:
-  """Rows over every data-parallel axis (data and fsdp), the sequence whole."""
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
 def _forward_sums(model: Decoder, params, batch, z_loss: float):
@@ -73,7 +69,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
       zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("loss", "ce", "correct", "weight")}
       (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     weight = jnp.maximum(sums["weight"], 1.0)
@@ -82,7 +78,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
         "z_loss": (sums["loss"] - sums["ce"]) / weight,
         "accuracy": sums["correct"] / weight,
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new_params),
+        "param_norm": optax.tree.norm(new_params),
         "learning_rate": schedule(state["step"]),
         "trained_tokens": sums["weight"],
         "padding_share": jnp.mean((batch["segment_ids"] == 0).astype(jnp.float32)),
@@ -93,14 +89,19 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
   return train_step
 
 
-def jit_train_step(train_step, state_shardings, mesh):
+def _batch_shardings(mesh, rules) -> dict:
+  return {k: sharding.batch_sharding(mesh, rules) for k in BATCH_KEYS}
+
+
+def jit_train_step(train_step, state_shardings, mesh, rules):
   replicated = NamedSharding(mesh, P())
-  batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+  batch_sh = _batch_shardings(mesh, rules)
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, *, per_document: bool = False):
+def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
+                   per_document: bool = False):
   """(params, batch) -> weighted sums (ce, correct, weight), plus per-document sums if asked."""
   model = Decoder(model_cfg)
 
@@ -113,12 +114,12 @@ def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, *, per_documen
           logits_BxLxV, batch["targets"], batch["loss_weights"], batch["segment_ids"])
     return sums
 
-  batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+  batch_sh = _batch_shardings(mesh, rules)
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))
 
 
-def to_global(batch: dict, mesh) -> dict:
+def to_global(batch: dict, mesh, rules) -> dict:
   """Per-process numpy rows -> one global jax.Array per key (multi-host safe)."""
-  sh = batch_sharding(mesh)
+  sh = sharding.batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sh, batch[k]) for k in BATCH_KEYS}
