@@ -202,3 +202,41 @@ def test_unexpected_tensor_is_refused(tmp_path):
   save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(ValueError, match="o_proj.bias"):
     hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+
+
+_MESH_SCRIPT = r"""
+import os, sys
+import numpy as np, jax
+import test_convert_import as T
+from llm_jax import sharding
+from llm_jax.convert import hf_import
+from llm_jax.model.config import ModelConfig
+from llm_jax.train import checkpoint
+d = sys.argv[1]
+T.build_hf_model(*T.CASES["qwen3_qknorm_untied_hd24"], d + "/hf")
+config = hf_import.base.get_config()
+config.mesh.fsdp, config.mesh.tensor = 2, 2
+mesh = sharding.make_mesh(config.mesh)
+sharded = hf_import.import_hf(d + "/hf", d + "/sharded", mesh=mesh)
+hf_import.import_hf(d + "/hf", d + "/single")
+_, shardings = sharding.abstract_params_and_shardings(
+    ModelConfig.from_config(sharded.model), mesh, sharded.sharding_rules)
+p, _ = checkpoint.load_params(d + "/sharded", shardings=shardings)
+ref, _ = checkpoint.load_params(d + "/single")
+q = p["layers"]["attn"]["q_proj"]["kernel"]
+assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q.sharding
+assert q.addressable_shards[0].data.shape == (2, 32, 2, 24), q.addressable_shards[0].data.shape
+jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p, ref)
+print("OK")
+"""
+
+
+def test_import_onto_a_mesh_matches_single_device(tmp_path):
+  """Tensors go straight into their NamedShardings (8 virtual CPU devices, in a subprocess)."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+  r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path)], env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
