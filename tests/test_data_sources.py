@@ -161,3 +161,30 @@ def test_missing_file_unknown_builtin_bad_spec(tmp_path, tok):
     pipeline.parse_spec(" , ")
   assert pipeline.parse_spec("a.jsonl@2, builtin:bios") == [
       pipeline.SourceSpec("a.jsonl", 2.0), pipeline.SourceSpec("builtin:bios", 1.0)]
+
+
+def test_tfds_source_reads_a_locally_prepared_dataset(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        yield i, {"text": f"文本 {i}"}
+
+  TinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cfg = data_config.get_config()
+  cfg.tfds_data_dir = str(tmp_path)
+  reader = pipeline.DocReader("tfds:tiny_text:train", cfg)
+  assert reader.format == "text"
+  assert sorted(reader[i]["text"] for i in range(len(reader))) == [f"文本 {i}" for i in range(5)]
+  with pytest.raises(FileNotFoundError, match="tfds:not_prepared_here:train"):
+    pipeline.DocReader("tfds:not_prepared_here:train", cfg)
