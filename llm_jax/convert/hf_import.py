@@ -127,7 +127,7 @@ def copy_tokenizer(hf_dir: str, workdir: str) -> str:
   os.makedirs(out, exist_ok=True)
   for n in names:
     shutil.copyfile(os.path.join(hf_dir, n), os.path.join(out, n))
-  return out
+  return os.path.abspath(out)
 
 
 def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
