@@ -121,14 +121,16 @@ def write_tokenizer(tok_path: str, out_dir: str, max_len: int) -> HFTokenizer:
 
 
 def _max_position_embeddings(workdir: str, config: ml_collections.ConfigDict) -> int:
-  """The imported model's own limit if the run came from Hugging Face, else the length the run
-  was trained on (RoPE itself has no limit; this is what was actually seen)."""
-  source = os.path.join(workdir, hf_import.SOURCE_CONFIG)
-  if os.path.isfile(source):
-    with open(source) as f:
-      value = json.load(f).get("max_position_embeddings")
-    if value:
-      return int(value)
+  """The imported model's own limit if the run came from Hugging Face (directly, or one
+  `init_from` away), else the length the run was trained on (RoPE itself has no limit; this is
+  what the model has seen)."""
+  for run in (workdir, config.get("init_from") or ""):
+    source = os.path.join(run, hf_import.SOURCE_CONFIG)
+    if run and os.path.isfile(source):
+      with open(source) as f:
+        value = json.load(f).get("max_position_embeddings")
+      if value:
+        return int(value)
   return int(config.data.seq_len)
 
 
