@@ -85,7 +85,12 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None):
+  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None, logits_at_BxK=None):
+    """Logits [B, L, V] float32 (and the new cache when `cache` is given).
+
+    logits_at_BxK: optional sequence indices; then only those K positions get logits ([B, K, V]),
+    e.g. the last prompt token in prefill, which saves a [B, L, V] matmul over the vocabulary.
+    """
     cfg = self.cfg
     embed = Embed(cfg, name="embed")
     x_BxLxD = nn.with_logical_constraint(embed(inputs_BxL), ("act_batch", "act_length", "act_embed"))
@@ -111,6 +116,8 @@ class Decoder(nn.Module):
     if new_cache is not None:
       new_cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in new_cache.items()}
 
+    if logits_at_BxK is not None:
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxK[:, :, None], axis=1)
     x_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)

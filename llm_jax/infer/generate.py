@@ -1,0 +1,186 @@
+"""Batched generation over a fixed-size KV cache: one jitted prefill, then one jitted step per token.
+
+Compiled shapes are bucketed so a chat session compiles a handful of programs, not one per token
+or per prompt: prompts are right-padded to a power of two (at least `min_bucket`), the cache length
+is the power of two >= longest prompt + max_new_tokens, and the batch is padded to a multiple of
+the mesh's batch shards. Sampling settings are traced arrays (no recompilation when they change).
+
+The host loop dispatches step t+1 before it reads step t's tokens back, so the device never waits
+for Python (stop checks, streaming) except on the last step.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.infer.sampling import SamplingConfig, sample
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.decoder import Decoder, init_cache
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[int]  # generated ids; an end token that stopped generation is not included
+  text: str | None  # decode_fn(tokens) cut before the first stop string (None without decode_fn)
+  finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens)
+  logprobs: list[float] | None  # log p(token) under the model's unmodified distribution, if asked
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The smallest power of two >= max(n, minimum)."""
+  return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill(params, tokens_BxP, lengths_B, rng, *, cfg: ModelConfig, cache_len: int):
+  batch, length = tokens_BxP.shape
+  idx_P = jnp.arange(length, dtype=jnp.int32)
+  positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
+  segment_ids_BxP = (idx_P[None] < lengths_B[:, None]).astype(jnp.int32)  # 0 on right padding
+  cache = init_cache(cfg, batch, cache_len)
+  logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, tokens_BxP, positions_BxP, segment_ids_BxP,
+                                           cache=cache, logits_at_BxK=(lengths_B - 1)[:, None])
+  rows_Bx1 = jnp.arange(batch)[:, None]
+  seen_BxV = jnp.zeros((batch, cfg.vocab_size), jnp.bool_).at[rows_Bx1, tokens_BxP].max(segment_ids_BxP > 0)
+  return {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": lengths_B, "seen": seen_BxV,
+          "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32), "rng": rng}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+def _step(params, state, settings, *, cfg: ModelConfig):
+  """Samples one token per row from the current logits and runs it through the model."""
+  rng, sub = jax.random.split(state["rng"])
+  token_B = sample(sub, state["logits"], state["seen"], state["counts"], settings)
+  rows_B = jnp.arange(token_B.shape[0])
+  logprob_B = jax.nn.log_softmax(state["logits"], axis=-1)[rows_B, token_B]
+  positions_B = state["positions"]
+  logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, token_B[:, None], positions_B[:, None],
+                                           jnp.ones_like(token_B)[:, None], cache=state["cache"])
+  new_state = {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": positions_B + 1,
+               "seen": state["seen"].at[rows_B, token_B].set(True),
+               "counts": state["counts"].at[rows_B, token_B].add(1), "rng": rng}
+  return new_state, token_B, logprob_B
+
+
+class Generator:
+  """Generates from `params` (plain or sharded arrays). With a mesh, every jitted call is traced
+  inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, so the KV cache is sharded by the
+  cache_* rules and activations as in training."""
+
+  def __init__(self, params, cfg: ModelConfig, *, mesh=None, rules=(), min_bucket: int = 16):
+    self.params, self.cfg, self.mesh, self.rules, self.min_bucket = params, cfg, mesh, rules, min_bucket
+    self.batch_multiple = 1
+    if mesh is not None:
+      batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0] or ()
+      batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+      self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
+
+  def _context(self):
+    if self.mesh is None:
+      return _NullContext()
+    return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
+               stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+               decode_fn: Callable[[list[int]], str] | None = None,
+               callback: Callable[[int, int], None] | None = None,
+               return_logprobs: bool = False) -> list[Generation]:
+    """Continues each prompt (a list of token ids).
+
+    Stops a row at a token in `stop_token_ids` (not returned), when `decode_fn(tokens)` contains a
+    stop string (the completing token is returned; `text` is cut before the stop string), or after
+    `sampling.max_new_tokens`. `callback(row, token_id)` is called for every returned token, in order,
+    as soon as it is known on the host.
+    """
+    sampling.validate()
+    if stop_strings and decode_fn is None:
+      raise ValueError("stop_strings need decode_fn (the tokenizer's decode) to be checked")
+    n_rows = len(prompts)
+    if n_rows == 0:
+      return []
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+      if max(p) >= self.cfg.vocab_size or min(p) < 0:
+        raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={self.cfg.vocab_size})")
+    batch = -(-n_rows // self.batch_multiple) * self.batch_multiple
+    lengths = [len(p) for p in prompts] + [1] * (batch - n_rows)  # filler rows are dropped at the end
+    max_new = sampling.max_new_tokens
+    prompt_len = bucket(max(lengths), self.min_bucket)
+    cache_len = bucket(max(lengths) + max_new, self.min_bucket)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    settings = sampling.arrays(batch)
+    stop_ids = set(int(t) for t in stop_token_ids)
+
+    out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+    out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+    reasons: list[str | None] = [None] * n_rows
+    texts: list[str | None] = [None] * n_rows
+
+    def accept(row: int, token: int, logprob: float) -> None:
+      if token in stop_ids:
+        reasons[row] = "stop"
+        return
+      out_tokens[row].append(token)
+      out_logprobs[row].append(logprob)
+      if callback is not None:
+        callback(row, token)
+      if stop_strings:
+        text = decode_fn(out_tokens[row])
+        hits = [text.find(s) for s in stop_strings if s and s in text]
+        if hits:
+          texts[row], reasons[row] = text[:min(hits)], "stop"
+          return
+      if len(out_tokens[row]) >= max_new:
+        reasons[row] = "length"
+
+    with self._context():
+      state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), jax.random.key(sampling.seed),
+                       cfg=self.cfg, cache_len=cache_len)
+      state, token_B, logprob_B = _step(self.params, state, settings, cfg=self.cfg)
+      for t in range(max_new):
+        pending = None
+        if t + 1 < max_new:  # queue the next step before blocking on this one's tokens
+          state, *pending = _step(self.params, state, settings, cfg=self.cfg)
+        token_np, logprob_np = np.asarray(token_B), np.asarray(logprob_B)
+        for row in range(n_rows):
+          if reasons[row] is None:
+            accept(row, int(token_np[row]), float(logprob_np[row]))
+        if all(r is not None for r in reasons) or pending is None:
+          break
+        token_B, logprob_B = pending
+
+    return [Generation(tokens=out_tokens[i],
+                       text=texts[i] if texts[i] is not None else (decode_fn(out_tokens[i]) if decode_fn else None),
+                       finish_reason=reasons[i], logprobs=out_logprobs[i] if return_logprobs else None)
+            for i in range(n_rows)]
+
+
+class _NullContext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+class _Both:
+  def __init__(self, *contexts):
+    self.contexts = contexts
+
+  def __enter__(self):
+    for c in self.contexts:
+      c.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for c in reversed(self.contexts):
+      c.__exit__(*exc)
+    return False

@@ -1,0 +1,102 @@
+"""Next-token selection from logits: penalties, then temperature / top-k / top-p / min-p, then a draw.
+
+Every setting is a traced array (per row, [B]), not a static argument, so changing them between
+requests never recompiles. Conventions:
+  repetition_penalty  HF/CTRL-style over prompt + generated tokens: a seen token's logit is divided by
+                      the penalty when positive and multiplied by it when negative, so a penalty > 1
+                      always lowers that token's probability (minimind multiplies positive and
+                      negative alike, which raises negative ones).
+  presence_penalty    OpenAI-style over generated tokens only: logit -= presence * (count > 0)
+  frequency_penalty   OpenAI-style over generated tokens only: logit -= frequency * count
+  temperature 0       greedy (argmax of the penalised logits)
+  top_k 0, top_p 1, min_p 0 switch the corresponding filter off.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG = -1e30  # a finite "minus infinity": a filtered row can never become all-NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 = off
+  min_p: float = 0.0  # keep tokens with prob >= min_p * max prob; 0 = off
+  repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the answer so far
+  presence_penalty: float = 0.0  # subtracted once from every token already generated
+  frequency_penalty: float = 0.0  # subtracted per occurrence of a generated token
+  max_new_tokens: int = 256  # generated tokens per prompt at most
+  seed: int = 0  # the same seed, prompts and settings give the same sample
+
+  def validate(self) -> "SamplingConfig":
+    def bad(field, why):
+      raise ValueError(f"sampling setting {field}={getattr(self, field)!r}: {why}")
+    if self.temperature < 0:
+      bad("temperature", "must be >= 0 (0 means greedy)")
+    if self.top_k < 0:
+      bad("top_k", "must be >= 0 (0 turns it off)")
+    if not 0 < self.top_p <= 1:
+      bad("top_p", "must be in (0, 1] (1 turns it off)")
+    if not 0 <= self.min_p < 1:
+      bad("min_p", "must be in [0, 1) (0 turns it off)")
+    if self.repetition_penalty <= 0:
+      bad("repetition_penalty", "must be > 0 (1 turns it off)")
+    if self.max_new_tokens <= 0:
+      bad("max_new_tokens", "must be positive")
+    return self
+
+  def arrays(self, batch: int) -> dict:
+    """The per-row traced settings the jitted sampler takes."""
+    f = lambda v, dt=np.float32: np.full((batch,), v, dt)
+    return {"temperature": f(self.temperature), "top_k": f(self.top_k, np.int32), "top_p": f(self.top_p),
+            "min_p": f(self.min_p), "repetition_penalty": f(self.repetition_penalty),
+            "presence_penalty": f(self.presence_penalty), "frequency_penalty": f(self.frequency_penalty)}
+
+
+def apply_penalties(logits_BxV, seen_BxV, counts_BxV, settings):
+  """Repetition penalty on `seen` (prompt + generated) tokens; presence/frequency on `counts`."""
+  rep_Bx1 = settings["repetition_penalty"][:, None]
+  penalised = jnp.where(logits_BxV > 0, logits_BxV / rep_Bx1, logits_BxV * rep_Bx1)
+  logits_BxV = jnp.where(seen_BxV, penalised, logits_BxV)
+  counts_BxV = counts_BxV.astype(jnp.float32)
+  logits_BxV = logits_BxV - settings["presence_penalty"][:, None] * (counts_BxV > 0)
+  return logits_BxV - settings["frequency_penalty"][:, None] * counts_BxV
+
+
+def filter_logits(logits_BxV, settings):
+  """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
+  temp_Bx1 = jnp.maximum(settings["temperature"], 1e-6)[:, None]
+  logits_BxV = logits_BxV.astype(jnp.float32) / temp_Bx1
+  vocab = logits_BxV.shape[-1]
+  sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)  # descending
+  # top-k: keep logits >= the k-th largest.
+  k_B = jnp.where(settings["top_k"] > 0, jnp.minimum(settings["top_k"], vocab), vocab)
+  kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
+  keep_BxV = logits_BxV >= kth_Bx1
+  # top-p on the top-k survivors: sorted token i stays iff the mass before it is < p, i.e. the
+  # smallest prefix whose mass reaches p (the most likely token always stays).
+  rank_V = jnp.arange(vocab)
+  sorted_BxV = jnp.where(rank_V[None] < k_B[:, None], sorted_BxV, _NEG)
+  probs_sorted_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(probs_sorted_BxV, axis=-1) - probs_sorted_BxV
+  kept_sorted_BxV = mass_before_BxV < settings["top_p"][:, None]
+  n_kept_B = jnp.maximum(jnp.sum(kept_sorted_BxV, axis=-1), 1)
+  pth_Bx1 = jnp.take_along_axis(sorted_BxV, (n_kept_B - 1)[:, None], axis=-1)
+  keep_BxV &= logits_BxV >= pth_Bx1
+  # min-p: relative to the most likely token (after temperature, as in HF's MinPLogitsWarper).
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+  keep_BxV &= probs_BxV >= settings["min_p"][:, None] * jnp.max(probs_BxV, axis=-1, keepdims=True)
+  return jnp.where(keep_BxV, logits_BxV, _NEG)
+
+
+def sample(rng, logits_BxV, seen_BxV, counts_BxV, settings):
+  """Next token ids [B] int32: greedy where temperature == 0, else a draw from the filtered logits."""
+  penalised_BxV = apply_penalties(logits_BxV.astype(jnp.float32), seen_BxV, counts_BxV, settings)
+  greedy_B = jnp.argmax(penalised_BxV, axis=-1)
+  drawn_B = jax.random.categorical(rng, filter_logits(penalised_BxV, settings), axis=-1)
+  return jnp.where(settings["temperature"] > 0, drawn_B, greedy_B).astype(jnp.int32)

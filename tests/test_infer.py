@@ -1,0 +1,95 @@
+"""KV-cache generation against full recomputation without a cache, plus stopping and streaming."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.infer.generate import Generator, bucket
+from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.decoder import Decoder
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
+                  qkv_bias=True, init_std=0.3)
+PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 71, 30, 12, 4, 6], [33], [70, 21, 5, 5, 19, 81]]
+
+
+def _decode(ids):  # a toy detokenizer: one letter per id
+  return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def params():
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(Decoder(CFG).init(jax.random.key(0), ids, ids, ids + 1)["params"])
+
+
+@pytest.fixture(scope="module")
+def greedy64(params):
+  return Generator(params, CFG).generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=64),
+                                         return_logprobs=True)
+
+
+def test_bucket():
+  assert [bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+def test_greedy_cache_equals_no_cache_argmax(params, greedy64):
+  """Each generated token is the argmax of a plain causal forward over prompt + tokens so far, and
+  its log-prob is that forward's log-softmax."""
+  for prompt, gen in zip(PROMPTS, greedy64):
+    assert gen.finish_reason == "length" and len(gen.tokens) == 64
+    seq = np.asarray(prompt + gen.tokens[:-1], np.int32)[None]
+    logits = Decoder(CFG).apply({"params": params}, seq, np.arange(seq.shape[1])[None], np.ones_like(seq))
+    logits = np.asarray(logits[0, len(prompt) - 1:])
+    np.testing.assert_array_equal(np.argmax(logits, axis=-1), gen.tokens)
+    want_lp = np.asarray(jax.nn.log_softmax(logits))[np.arange(64), gen.tokens]
+    np.testing.assert_allclose(gen.logprobs, want_lp, atol=2e-4)
+
+
+def test_batched_equals_one_by_one(params, greedy64):
+  gen = Generator(params, CFG)
+  for prompt, batched in zip(PROMPTS, greedy64):
+    alone = gen.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=64))[0]
+    assert alone.tokens == batched.tokens
+
+
+def test_seed_reproduces_and_differs(params):
+  gen = Generator(params, CFG)
+  s = dict(temperature=1.0, top_p=0.95, max_new_tokens=24)
+  a = gen.generate(PROMPTS[:2], SamplingConfig(seed=7, **s))
+  b = gen.generate(PROMPTS[:2], SamplingConfig(seed=7, **s))
+  c = gen.generate(PROMPTS[:2], SamplingConfig(seed=8, **s))
+  assert [g.tokens for g in a] == [g.tokens for g in b]
+  assert [g.tokens for g in a] != [g.tokens for g in c]
+
+
+def test_end_tokens_and_stop_strings_stop(params, greedy64):
+  gen = Generator(params, CFG)
+  ref = greedy64[1].tokens
+  # End token: the 10th greedy token; generation stops at its first occurrence, without it.
+  end = ref[9]
+  got = gen.generate([PROMPTS[1]], SamplingConfig(temperature=0.0, max_new_tokens=64), stop_token_ids=[end])[0]
+  assert got.finish_reason == "stop" and got.tokens == ref[:ref.index(end)]
+  # Stop string: the text of greedy tokens 6..7; generation stops at the token completing its first
+  # occurrence and the text is cut before it.
+  text = _decode(ref)
+  stop = text[6:8]
+  first = text.index(stop)
+  got = gen.generate([PROMPTS[1]], SamplingConfig(temperature=0.0, max_new_tokens=64), stop_strings=[stop],
+                     decode_fn=_decode)[0]
+  assert got.finish_reason == "stop"
+  assert got.tokens == ref[:first + len(stop)]
+  assert got.text == text[:first]
+
+
+def test_callback_receives_exactly_the_returned_tokens(params):
+  streamed = {}
+  out = Generator(params, CFG).generate(
+      PROMPTS, SamplingConfig(temperature=0.9, max_new_tokens=20, seed=3), stop_token_ids=[0, 1, 2],
+      callback=lambda row, tok: streamed.setdefault(row, []).append(tok))
+  assert [streamed.get(i, []) for i in range(len(PROMPTS))] == [g.tokens for g in out]
