@@ -1,0 +1,68 @@
+"""Chat with a trained run in the terminal, or answer a file of prompts.
+
+  python -m llm_jax.chat --workdir=runs/sft
+  python -m llm_jax.chat --workdir=runs/sft --prompts=questions.txt --output=answers.jsonl
+
+--prompts: one prompt per line, or JSONL with {"prompt": ...} or {"messages": [{role, content}]}.
+The logic lives in llm_jax/infer/chat.py.
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+
+from llm_jax.infer import chat
+from llm_jax.infer.generate import Generator
+from llm_jax.infer.sampling import SamplingConfig
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, config.json, tokenizer).")
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to load; -1 is the latest.")
+_SYSTEM = flags.DEFINE_string("system", "", "System prompt opening every conversation.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 is off.")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass; 1 is off.")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p * the top probability; 0 is off.")
+_REP = flags.DEFINE_float("repetition_penalty", 1.1, "> 1 discourages repeating prompt/answer tokens.")
+_PRESENCE = flags.DEFINE_float("presence_penalty", 0.0, "Subtracted from tokens already generated.")
+_FREQUENCY = flags.DEFINE_float("frequency_penalty", 0.0, "Subtracted per occurrence of a generated token.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same answers).")
+_STOP = flags.DEFINE_list("stop", [], "Extra stop strings (comma separated).")
+_MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "Drop the oldest turns beyond this many tokens; "
+                                    "0 = the run's data.seq_len.")
+_PROMPTS = flags.DEFINE_string("prompts", "", "One-shot mode: file of prompts (text lines or JSONL).")
+_OUTPUT = flags.DEFINE_string("output", "", "One-shot mode: JSONL file for the answers (default stdout).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "One-shot mode: prompts generated together.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run = chat.load_run(_WORKDIR.value, _STEP.value)
+  sampling = SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                            min_p=_MIN_P.value, repetition_penalty=_REP.value,
+                            presence_penalty=_PRESENCE.value, frequency_penalty=_FREQUENCY.value,
+                            max_new_tokens=_MAX_NEW.value, seed=_SEED.value).validate()
+  generator = Generator(run.params, run.model_cfg)
+  if _PROMPTS.value:
+    answers = chat.answer_prompts(generator, run.tokenizer, chat.read_prompts(_PROMPTS.value), sampling,
+                                  system=_SYSTEM.value, stop_strings=_STOP.value, batch_size=_BATCH.value)
+    lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+    if _OUTPUT.value:
+      with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+        f.write(lines)
+    else:
+      print(lines, end="")
+    return
+  max_context = _MAX_CONTEXT.value or int(run.config.data.get("seq_len", 0))
+  session = chat.ChatSession(generator, run.tokenizer, sampling, system=_SYSTEM.value,
+                             stop_strings=_STOP.value, max_context=max_context)
+  chat.interactive(session)
+
+
+if __name__ == "__main__":
+  app.run(main)
