@@ -128,6 +128,12 @@ def test_exported_model_generates_like_ours(tmp_path, sp_tok, family):
   assert stops == {sp_tok.im_end_id, sp_tok.eos_id}
   cut = next((k + 1 for k, t in enumerate(greedy) if t in stops), new)  # HF stops at eos
   assert hf_ids == greedy[:cut]
+  if family == "qwen3":  # our KV-cache generator agrees too (once per test run: it compiles)
+    generate = pytest.importorskip("llm_jax.infer.generate")
+    sampling = pytest.importorskip("llm_jax.infer.sampling")
+    out_ids = generate.Generator(params, cfg).generate(
+        [prompt], sampling.SamplingConfig(temperature=0.0, max_new_tokens=new))[0].tokens
+    assert out_ids == greedy
 
 
 def test_exported_tokenizer_encodes_and_templates_like_ours(tmp_path, sp_tok):
