@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import config_check, sharding
+from llm_jax import config_check, console, sharding
 from llm_jax.model import flops
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
@@ -105,4 +105,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

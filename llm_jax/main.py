@@ -8,24 +8,25 @@ import os
 # Before JAX or TensorFlow load: no TF C++ chatter on the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import jobs
+from llm_jax import console, jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override "
                                           "fields with --config.train.steps=100 etc.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Also show libraries' INFO logs (Orbax, JAX, Grain).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  console.setup(_VERBOSE.value)
   jobs.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

@@ -99,10 +99,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def steps(workdir: str) -> list[int]:
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  """Finished checkpoints' steps. Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to
+  `<step>` when complete, so only all-digit names are whole checkpoints."""
+  d = checkpoint_dir(workdir)
+  if not os.path.isdir(d):
     return []
-  with make_manager(workdir, with_data=False, read_only=True) as m:
-    return list(m.all_steps())
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
 
 def pick_step(workdir: str, step: int) -> int:

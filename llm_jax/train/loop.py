@@ -134,11 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
     scalars = {f"eval_{k}": v for k, v in res.items() if k in ("loss", "perplexity", "accuracy")}
     writer.write_scalars(step, scalars)
+    eval_history.append({"step": step, **scalars})
     logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
                  step, res["loss"], res["perplexity"], res["accuracy"], res["tokens"])
     return scalars
 
-  history = {}
+  history, eval_history = {}, []
   if tc.eval_every and start == 0:
     history.update(run_eval(0))
 
@@ -147,57 +148,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_scalars = {}
   t_compile = time.perf_counter()
 
-  def read(pending):
-    step, m = pending
+  def consume(pending) -> dict:
+    """Reads a finished step's metrics: stops on non-finite values, logs every log_every."""
+    done, m = pending
     scalars = metrics_lib.to_host(m)
-    _check_finite(step, scalars, last_saved, workdir)
-    return step, scalars
+    _check_finite(done, scalars, last_saved, workdir)
+    if done % tc.log_every == 0 or done == tc.steps:
+      scalars.update(throughput.report(done))
+      writer.write_scalars(done, scalars)
+      logging.info(metrics_lib.format_line(done, tc.steps, scalars))
+    return scalars
 
-  with _Preemption() as preempt, step_lib.mesh_context(mesh, rules):
-    step = start
-    while step < tc.steps:
-      host_batch = next(train_iter)
-      if batch_hook is not None:
-        batch_hook(step, host_batch)
-      state, m = train_step(state, step_lib.to_global(host_batch, mesh, rules))
-      step += 1
-      if step == start + 1:
-        jax.block_until_ready(m)
-        logging.info("Compiled and ran the first train step in %.1f s", time.perf_counter() - t_compile)
-        throughput.start(step)
+  step = start
+  try:
+    with _Preemption() as preempt, step_lib.mesh_context(mesh, rules):
+      while step < tc.steps:
+        host_batch = next(train_iter)
+        if batch_hook is not None:
+          batch_hook(step, host_batch)
+        state, m = train_step(state, step_lib.to_global(host_batch, mesh, rules))
+        step += 1
+        if step == start + 1:
+          jax.block_until_ready(m)
+          logging.info("Compiled and ran the first train step in %.1f s",
+                       time.perf_counter() - t_compile)
+          throughput.start(step)
+        if pending is not None:
+          last_scalars = consume(pending)
+        pending = (step, m)
+
+        stop = preempt.requested or manager.reached_preemption(step)
+        if config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
+                                          step == tc.steps or stop):
+          last_scalars, pending = consume(pending), None  # never checkpoint a non-finite state
+          checkpoint.save(manager, step, state, train_iter, force=True)
+          last_saved = step
+        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+          history.update(run_eval(step))
+        if stop:
+          logging.warning("Stopped at step %d after SIGTERM; the run resumes from here.", step)
+          break
       if pending is not None:
-        done, scalars = read(pending)
-        if done % tc.log_every == 0:
-          scalars.update(throughput.report(done))
-          writer.write_scalars(done, scalars)
-          logging.info(metrics_lib.format_line(done, tc.steps, scalars))
-        last_scalars = scalars
-      pending = (step, m)
-
-      stop = preempt.requested or manager.reached_preemption(step)
-      is_save = config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
-                                               step == tc.steps or stop)
-      if is_save:
-        done, last_scalars = read(pending)  # never checkpoint a state whose step went non-finite
-        pending = None
-        checkpoint.save(manager, step, state, train_iter, force=True)
-        last_saved = step
-      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-        history.update(run_eval(step))
-      if stop:
-        logging.warning("Stopped at step %d after SIGTERM; the run resumes from here.", step)
-        break
-    if pending is not None:
-      _, last_scalars = read(pending)
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
-  writer.close()
+        last_scalars = consume(pending)
+  finally:
+    # Whatever stopped the loop (the end, SIGTERM, a non-finite loss, a bad record), checkpoints
+    # already started are finished before the process may exit.
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
   last_scalars.update(history)
+  result = {"step": step, **last_scalars, "eval_history": eval_history}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"step": step, **last_scalars}, f, indent=2)
+      json.dump(result, f, indent=2)
   logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
                step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
-  return {"step": step, **last_scalars}
+  return result

@@ -5,7 +5,7 @@ import os
 import ml_collections
 from absl import logging
 
-from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data import pipeline, tokenizer as tok_lib
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
 
@@ -32,7 +32,7 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str) -> No
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """Loads (or trains and caches) the tokenizer; records its path in the config."""
   tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir,
-                              lambda: tok_lib.corpus_texts(config.data))
+                              lambda: pipeline.corpus_texts(config.data))
   with config.unlocked():
     config.data.tokenizer.path = os.path.abspath(checkpoint.tokenizer_path(workdir, config))
   return tok
