@@ -1,10 +1,13 @@
 """Decode speed of the same weights in llm_jax and in transformers, on the same machine, in one run.
 
-  python -m llm_jax.convert.bench_decode [--family=qwen2 --dim=512 --n_layers=8 --new_tokens=64]
+  python -m llm_jax.convert.bench_decode [--family=qwen2 --dim=512 --n_layers=8 --vocab_size=8192
+                                          --prompt_len=64 --new_tokens=128 --batch_sizes=1,8]
 
 Builds a random transformers model (torch, float32), saves it, imports it with hf_import, then
-times greedy generation at batch 1 and batch 8 on both sides: time to first token (prompt
-prefill + one token) and decode throughput (tokens/s after the first). Printed, not asserted.
+times greedy generation at batch 1 and batch 8 on both sides with the same definitions
+(llm_jax.infer.bench.measure_llm_jax, and a token-stamping streamer for transformers): time to
+first token (prefill + one token) and decode throughput (tokens/s after the first). Printed,
+not asserted.
 Needs torch and transformers (tests/requirements.txt).
 """
 
@@ -16,8 +19,7 @@ from absl import app, flags
 import numpy as np
 
 from llm_jax.convert import hf_import
-from llm_jax.infer.generate import Generator
-from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.infer import bench
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
 
@@ -44,22 +46,39 @@ def build_hf(family: str, dim: int, n_layers: int, vocab: int, out_dir: str):
   return model
 
 
-def time_it(fn, repeats: int = 2) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: int = 64,
+                         new_tokens: int = 128, seed: int = 0) -> list[dict]:
+  """The same figures as llm_jax.infer.bench.measure_llm_jax, for transformers' greedy generate:
+  a streamer stamps the host time of every generated token."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers.generation.streamers import BaseStreamer  # pylint: disable=g-import-not-at-top
 
+  class Stamps(BaseStreamer):
+    def __init__(self):
+      self.times = []
 
-def measure(generate_fn, batch: int, new_tokens: int) -> tuple[float, float]:
-  """(seconds to first token, decode tokens/s) of generate_fn(batch, n_new)."""
-  generate_fn(batch, 1)  # compile / warm up both lengths
-  generate_fn(batch, new_tokens)
-  ttft = time_it(lambda: generate_fn(batch, 1))
-  total = time_it(lambda: generate_fn(batch, new_tokens))
-  return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+    def put(self, value):  # called with the prompt first, then with each new token
+      self.times.append(time.perf_counter())
+
+    def end(self):
+      pass
+
+  rng = np.random.default_rng(seed)
+  results = []
+  for batch in batch_sizes:
+    ids = torch.tensor(rng.integers(0, vocab, (batch, prompt_len)))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+      model.generate(ids, **kw)  # warm up
+      stamps = Stamps()
+      start = time.perf_counter()
+      model.generate(ids, streamer=stamps, **kw)
+      total = time.perf_counter() - start
+    t = stamps.times[1:]
+    results.append({"batch": batch, "ttft_s": t[0] - start, "total_s": total,
+                    "decode_tokens_per_s": batch * (len(t) - 1) / max(t[-1] - t[0], 1e-9)})
+  return results
 
 
 def main(argv):
@@ -67,40 +86,29 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   tmp = tempfile.mkdtemp(prefix="bench_decode_")
-  hf_model = build_hf(f.family, f.dim, f.n_layers, f.vocab, os.path.join(tmp, "hf"))
+  hf_model = build_hf(f.family, f.dim, f.n_layers, f.vocab_size, os.path.join(tmp, "hf"))
   hf_import.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "run"))
   params, config = checkpoint.load_params(os.path.join(tmp, "run"))
   cfg = ModelConfig.from_config(config.model)
-  gen = Generator(params, cfg)
-  prompt = np.random.default_rng(0).integers(1, f.vocab, f.prompt_len).tolist()
-
-  def ours(batch, n):
-    gen.generate([prompt] * batch, SamplingConfig(temperature=0.0, max_new_tokens=n))
-
-  def theirs(batch, n):
-    ids = torch.tensor([prompt] * batch)
-    with torch.no_grad():
-      hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False)
+  kw = dict(batch_sizes=tuple(int(b) for b in f.batch_sizes), prompt_len=f.prompt_len, new_tokens=f.new_tokens)
+  ours = bench.measure_llm_jax(params, cfg, **kw)
+  theirs = measure_transformers(hf_model, f.vocab_size, **kw)
 
   n_params = sum(p.numel() for p in hf_model.parameters())
-  print(f"{f.family}: dim={f.dim} layers={f.n_layers} vocab={f.vocab} ({n_params / 1e6:.1f}M params, "
-        f"float32), prompt {f.prompt_len} tokens, {f.new_tokens} new tokens, torch threads "
-        f"{torch.get_num_threads()}, CPU")
+  print(f"{f.family}: dim={f.dim} layers={f.n_layers} vocab={f.vocab_size} ({n_params / 1e6:.1f}M params, "
+        f"float32), prompt {f.prompt_len} tokens, {f.new_tokens} new tokens, greedy, CPU "
+        f"(torch threads {torch.get_num_threads()})")
   print(f"{'batch':>5} {'llm_jax TTFT':>13} {'HF TTFT':>9} {'llm_jax tok/s':>14} {'HF tok/s':>9} "
-        f"{'speed ratio':>11}")
-  for batch in (1, 8):
-    ttft_j, tps_j = measure(ours, batch, f.new_tokens)
-    ttft_h, tps_h = measure(theirs, batch, f.new_tokens)
-    print(f"{batch:>5} {ttft_j * 1e3:>11.1f}ms {ttft_h * 1e3:>7.1f}ms {tps_j:>14.1f} {tps_h:>9.1f} "
-          f"{tps_j / tps_h:>10.2f}x")
+        f"{'tok/s ratio':>11}")
+  for a, b in zip(ours, theirs):
+    print(f"{a['batch']:>5} {a['ttft_s'] * 1e3:>11.1f}ms {b['ttft_s'] * 1e3:>7.1f}ms "
+          f"{a['decode_tokens_per_s']:>14.1f} {b['decode_tokens_per_s']:>9.1f} "
+          f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:>10.2f}x")
 
 
 if __name__ == "__main__":
   flags.DEFINE_enum("family", "qwen2", sorted(_CLASSES), "transformers model family")
   flags.DEFINE_integer("dim", 512, "hidden size (heads of 64)")
   flags.DEFINE_integer("n_layers", 8, "decoder layers")
-  flags.DEFINE_integer("vocab", 8192, "vocabulary size")
-  flags.DEFINE_integer("prompt_len", 32, "prompt tokens")
-  flags.DEFINE_integer("new_tokens", 64, "generated tokens per row")
+  # --vocab_size, --prompt_len, --new_tokens and --batch_sizes are llm_jax.infer.bench's flags.
   app.run(main)
