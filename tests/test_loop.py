@@ -92,12 +92,13 @@ def test_init_from_takes_parameters_only(tmp_path, tokenizer_path):
 
   sft = small_config("", steps=1)  # no tokenizer given: it must come from the source run
   sft.model.dim = 48  # a different shape on the command line: the source's shape wins
+  sft.model.scan_layers = False  # and its checkpoint layout (stacked layers)
   sft.init_from = str(tmp_path / "pre")
   sft.train.lr, sft.train.warmup_steps = 1e-4, 0
   out = loop.train_and_evaluate(sft, str(tmp_path / "sft"))
   assert out["step"] == 1  # a fresh optimizer and step count, not the source's
   p_sft, cfg_sft = checkpoint.load_params(str(tmp_path / "sft"))
-  assert cfg_sft.model.dim == 32
+  assert cfg_sft.model.dim == 32 and cfg_sft.model.scan_layers
   # One Adam step moves each weight by about lr; a fresh init would differ by ~init_std.
   for a, b in zip(jax.tree.leaves(p_pre), jax.tree.leaves(p_sft)):
     assert np.max(np.abs(a - b)) < 3e-4

@@ -129,11 +129,12 @@ def save_params(workdir: str, params: Any, config: ml_collections.ConfigDict, st
   return workdir
 
 
-def load_params(workdir: str, step: int = -1, shardings: Any = None
+def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None
                 ) -> tuple[Any, ml_collections.ConfigDict]:
   """Reads only the parameters of a run's checkpoint (no optimizer state).
 
   `shardings`: a tree of NamedShardings matching the params; None puts them on one device.
+  `dtype`: cast every parameter to it while reading (e.g. bf16 imports trained in float32).
   Returns (params, the run's config).
   """
   config = read_config(workdir)
@@ -144,7 +145,7 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, meta)
     abstract = jax.tree.map(
-        lambda md, s: jax.ShapeDtypeStruct(md.shape, md.dtype, sharding=s), meta, shardings)
+        lambda md, s: jax.ShapeDtypeStruct(md.shape, dtype or md.dtype, sharding=s), meta, shardings)
     restored = m.restore(step, args=ocp.args.Composite(
         **{STATE: _restore_args({"params": abstract}, partial=True)}))
   logging.info("Loaded parameters of step %d from %s", step, checkpoint_dir(workdir))

@@ -107,7 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       params = None
       if config.init_from:
         params, _ = checkpoint.load_params(config.init_from, config.init_step,
-                                           shardings=state_sh["params"])
+                                           shardings=state_sh["params"],
+                                           dtype=model_cfg.weight_dtype)
         logging.info("Starting from the parameters of %s", config.init_from)
       state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
                                      mesh, rules, params)

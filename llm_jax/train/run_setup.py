@@ -9,10 +9,11 @@ from llm_jax.data import pipeline, tokenizer as tok_lib
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
 
-# Fields that define the weights' shapes; everything else in config.model (dtypes, scan,
-# remat, attention kernel) is a runtime choice the new job may change.
+# Fields that define the weights (their shapes, their meaning, and the checkpoint's tree layout:
+# scanned layers are stored stacked). Everything else in config.model (dtypes, remat, attention
+# kernel) is a runtime choice the new job may change; parameters are cast to its param_dtype.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
-                "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings")
+                "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "scan_layers")
 
 
 def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str) -> None:
