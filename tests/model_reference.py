@@ -53,3 +53,20 @@ def reference_logits(params, cfg, ids_L, pos_L=None):
   x = _rms(x, params["final_norm"]["scale"], cfg.rms_eps)
   head = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
   return x @ head
+
+
+def random_params(cfg, seed=0, std=None):
+  """A parameter tree of the decoder's exact structure filled from numpy (no jitted init: compiling
+  the PRNG for every parameter costs seconds on CPU, and these tests only need some weights)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from llm_jax.model.decoder import Decoder
+
+  ids = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda r: nn.unbox(Decoder(cfg).init(r, ids, ids, ids + 1)["params"]),
+                          jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  std = cfg.init_std if std is None else std
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray((std * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)

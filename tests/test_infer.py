@@ -1,8 +1,6 @@
 """KV-cache generation against full recomputation without a cache, plus stopping and streaming."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,6 +8,7 @@ from llm_jax.infer.generate import Generator, bucket
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
+from tests.model_reference import random_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -24,8 +23,7 @@ def _decode(ids):  # a toy detokenizer: one letter per id
 
 @pytest.fixture(scope="module")
 def params():
-  ids = jnp.zeros((1, 1), jnp.int32)
-  return nn.unbox(Decoder(CFG).init(jax.random.key(0), ids, ids, ids + 1)["params"])
+  return random_params(CFG, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +39,16 @@ def test_bucket():
 def test_greedy_cache_equals_no_cache_argmax(params, greedy64):
   """Each generated token is the argmax of a plain causal forward over prompt + tokens so far, and
   its log-prob is that forward's log-softmax."""
-  for prompt, gen in zip(PROMPTS, greedy64):
+  # One plain forward over all rows, right-padded (padding after a sequence cannot affect it).
+  seqs = [prompt + gen.tokens[:-1] for prompt, gen in zip(PROMPTS, greedy64)]
+  n = max(map(len, seqs))
+  ids = np.array([s + [0] * (n - len(s)) for s in seqs], np.int32)
+  pos = np.tile(np.arange(n, dtype=np.int32), (len(seqs), 1))
+  seg = (pos < np.array([len(s) for s in seqs])[:, None]).astype(np.int32)
+  all_logits = np.asarray(jax.jit(Decoder(CFG).apply)({"params": params}, ids, pos, seg))
+  for row, (prompt, gen) in enumerate(zip(PROMPTS, greedy64)):
     assert gen.finish_reason == "length" and len(gen.tokens) == 64
-    seq = np.asarray(prompt + gen.tokens[:-1], np.int32)[None]
-    logits = Decoder(CFG).apply({"params": params}, seq, np.arange(seq.shape[1])[None], np.ones_like(seq))
-    logits = np.asarray(logits[0, len(prompt) - 1:])
+    logits = all_logits[row, len(prompt) - 1:len(prompt) + 63]
     np.testing.assert_array_equal(np.argmax(logits, axis=-1), gen.tokens)
     want_lp = np.asarray(jax.nn.log_softmax(logits))[np.arange(64), gen.tokens]
     np.testing.assert_allclose(gen.logprobs, want_lp, atol=2e-4)

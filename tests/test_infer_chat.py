@@ -6,10 +6,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from configs import base
@@ -19,8 +15,8 @@ from llm_jax.infer import chat
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.decoder import Decoder
 from llm_jax.train import checkpoint
+from tests.model_reference import random_params
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=6)
 
@@ -35,8 +31,7 @@ def workdir(tmp_path_factory):
   config.model.update(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48, vocab_size=tok.vocab_size,
                       init_std=0.3)
   cfg = ModelConfig.from_config(config.model)
-  ids = jnp.zeros((1, 1), jnp.int32)
-  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), ids, ids, ids + 1)["params"])
+  params = random_params(cfg, seed=0)
   checkpoint.save_params(root, params, config, step=0)
   return root
 

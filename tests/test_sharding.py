@@ -55,6 +55,12 @@ _SCRIPT = textwrap.dedent("""
   shard = flat["embed/embedding"].addressable_shards[0].data
   assert shard.shape == (32, 16), shard.shape
 
+  # HF Llama-style init: normal(init_std) kernels/embeddings, zero biases, unit norm scales.
+  assert abs(float(jnp.std(flat["layers/mlp/up_proj/kernel"])) - cfg.init_std) < 0.002
+  assert abs(float(jnp.std(flat["embed/embedding"])) - cfg.init_std) < 0.004
+  assert float(jnp.abs(flat["layers/attn/q_proj/bias"]).max()) == 0.0
+  assert float(jnp.abs(flat["layers/attn/k_norm/scale"] - 1).max()) == 0.0
+
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 64, (4, 16)).astype(np.int32)
   pos = np.tile(np.arange(16), (4, 1)).astype(np.int32)
