@@ -156,6 +156,8 @@ def test_param_counts_and_flops_by_hand():
 def test_cudnn_on_cpu_fails_clearly():
   if jax.default_backend() == "gpu":
     pytest.skip("has a GPU")
-  cfg = dataclasses.replace(BASE, attention="cudnn")
+  cfg = dataclasses.replace(BASE, attention="cudnn", dtype="bfloat16").validate()
+  with pytest.raises(ValueError, match="config.model.dtype"):
+    dataclasses.replace(BASE, attention="cudnn").validate()
   with pytest.raises(ValueError, match="config.model.attention"):
     jax.eval_shape(functools.partial(_init_params, cfg), jax.random.key(0))

@@ -69,9 +69,22 @@ def apply_penalties(logits_BxV, seen_BxV, counts_BxV, settings):
 
 
 def filter_logits(logits_BxV, settings):
-  """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
+  """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf.
+
+  The sort that top-k/top-p need is skipped (lax.cond) when no row uses either.
+  """
   temp_Bx1 = jnp.maximum(settings["temperature"], 1e-6)[:, None]
   logits_BxV = logits_BxV.astype(jnp.float32) / temp_Bx1
+  needs_sort = jnp.any(settings["top_k"] > 0) | jnp.any(settings["top_p"] < 1)
+  keep_BxV = jax.lax.cond(needs_sort, _top_k_top_p_keep, lambda x, _: jnp.ones(x.shape, jnp.bool_),
+                          logits_BxV, settings)
+  # min-p: relative to the most likely token (after temperature, as in HF's MinPLogitsWarper).
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+  keep_BxV &= probs_BxV >= settings["min_p"][:, None] * jnp.max(probs_BxV, axis=-1, keepdims=True)
+  return jnp.where(keep_BxV, logits_BxV, _NEG)
+
+
+def _top_k_top_p_keep(logits_BxV, settings):
   vocab = logits_BxV.shape[-1]
   sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)  # descending
   # top-k: keep logits >= the k-th largest.
@@ -87,16 +100,19 @@ def filter_logits(logits_BxV, settings):
   kept_sorted_BxV = mass_before_BxV < settings["top_p"][:, None]
   n_kept_B = jnp.maximum(jnp.sum(kept_sorted_BxV, axis=-1), 1)
   pth_Bx1 = jnp.take_along_axis(sorted_BxV, (n_kept_B - 1)[:, None], axis=-1)
-  keep_BxV &= logits_BxV >= pth_Bx1
-  # min-p: relative to the most likely token (after temperature, as in HF's MinPLogitsWarper).
-  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
-  keep_BxV &= probs_BxV >= settings["min_p"][:, None] * jnp.max(probs_BxV, axis=-1, keepdims=True)
-  return jnp.where(keep_BxV, logits_BxV, _NEG)
+  return keep_BxV & (logits_BxV >= pth_Bx1)
 
 
 def sample(rng, logits_BxV, seen_BxV, counts_BxV, settings):
-  """Next token ids [B] int32: greedy where temperature == 0, else a draw from the filtered logits."""
+  """Next token ids [B] int32: greedy where temperature == 0, else a draw from the filtered logits.
+
+  When every row is greedy the filtering and the draw are skipped (lax.cond).
+  """
   penalised_BxV = apply_penalties(logits_BxV.astype(jnp.float32), seen_BxV, counts_BxV, settings)
-  greedy_B = jnp.argmax(penalised_BxV, axis=-1)
-  drawn_B = jax.random.categorical(rng, filter_logits(penalised_BxV, settings), axis=-1)
-  return jnp.where(settings["temperature"] > 0, drawn_B, greedy_B).astype(jnp.int32)
+  greedy_B = jnp.argmax(penalised_BxV, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    drawn_B = jax.random.categorical(rng, filter_logits(penalised_BxV, settings), axis=-1).astype(jnp.int32)
+    return jnp.where(settings["temperature"] > 0, drawn_B, greedy_B)
+
+  return jax.lax.cond(jnp.all(settings["temperature"] == 0), lambda _: greedy_B, draw, None)

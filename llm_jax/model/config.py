@@ -53,6 +53,12 @@ class ModelConfig:
       bad("remat_policy", f"must be one of {REMAT_POLICIES}")
     if self.attention not in ("xla", "cudnn"):
       bad("attention", "must be 'xla' or 'cudnn'")
+    if self.attention == "cudnn":
+      # cuDNN's fused attention kernels take half-precision inputs and head sizes <= 128, multiple of 8.
+      if self.dtype not in ("bfloat16", "float16"):
+        bad("dtype", "attention='cudnn' needs dtype='bfloat16' (or float16); use attention='xla' for float32")
+      if self.head_dim > 128 or self.head_dim % 8:
+        bad("head_dim", "attention='cudnn' needs head_dim <= 128 and a multiple of 8; use attention='xla'")
     return self
 
   @classmethod
