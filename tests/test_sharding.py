@@ -117,7 +117,8 @@ def test_mesh_shape_errors_name_the_field(sizes, field):
 
 def test_distributed_env_must_be_complete(monkeypatch):
   from llm_jax import sharding
-  for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+            "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(k, raising=False)
   sharding.maybe_initialize_distributed()  # single process: nothing to start
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
