@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
+from llm_jax import console
 from llm_jax.infer import chat
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
@@ -40,6 +41,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
+  console.setup()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run = chat.load_run(_WORKDIR.value, _STEP.value)
@@ -65,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

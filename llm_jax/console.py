@@ -12,10 +12,18 @@ from absl import logging
 _OWN = (os.sep + "llm_jax" + os.sep, os.sep + "clu" + os.sep + "metric_writers" + os.sep)
 
 
+# Warnings libraries give for things llm_jax does on purpose (reading a run read-only).
+_EXPECTED_WARNINGS = ("Given directory is read only",)
+
+
 class _OwnInfoOnly(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or any(p in record.pathname for p in _OWN)
+    if any(p in record.pathname for p in _OWN):
+      return True
+    if record.levelno == py_logging.WARNING:
+      return not str(record.msg).startswith(_EXPECTED_WARNINGS)
+    return record.levelno > py_logging.WARNING
 
 
 def setup(verbose: bool = False) -> None:

@@ -24,6 +24,7 @@ from absl import app, flags, logging
 import ml_collections
 import numpy as np
 
+from llm_jax import console
 from llm_jax.convert import hf_config, hf_import, hf_weights, sp_to_hf
 from llm_jax.data.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer
 from llm_jax.model.config import ModelConfig
@@ -173,6 +174,7 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
 
 
 def main(argv):
+  console.setup()
   del argv
   f = flags.FLAGS
   export_hf(f.workdir, f.out, f.step, max_shard_bytes=int(f.max_shard_gb * (1 << 30)))
@@ -185,4 +187,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "checkpoint step to export; -1 is the latest")
   flags.DEFINE_float("max_shard_gb", 2.0, "largest safetensors file, in GiB")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
+from llm_jax import console
 from llm_jax.convert import hf_config, hf_weights
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
@@ -164,6 +165,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
 
 
 def main(argv):
+  console.setup()
   del argv
   f = flags.FLAGS
   scan = None if f.scan_layers is None else f.scan_layers == "true"
@@ -177,4 +179,4 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", None, sorted(_NP_DTYPES), "parameter dtype; default: the checkpoint's")
   flags.DEFINE_enum("scan_layers", None, ["true", "false"], "layer layout; default: configs/base.py's")
   flags.mark_flags_as_required(["hf_dir", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 
 from configs import data as data_config
+from llm_jax import console
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -40,6 +41,7 @@ def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
 
 
 def main(argv):
+  console.setup()
   del argv
   train(_INPUT.value, _VOCAB.value, _OUT.value, model_type=_MODEL_TYPE.value,
         text_field=_TEXT_FIELD.value, max_sentences=_MAX_SENTENCES.value,
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

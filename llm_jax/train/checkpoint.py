@@ -139,7 +139,8 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any 
   """
   config = read_config(workdir)
   step = pick_step(workdir, step)
-  with make_manager(workdir, with_data=False, read_only=True) as m:
+  # The data item's handler is registered (though not restored) so Orbax knows the item.
+  with make_manager(workdir, with_data=True, read_only=True) as m:
     meta = m.item_metadata(step)[STATE]["params"]
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
