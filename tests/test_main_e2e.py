@@ -23,7 +23,7 @@ def test_readme_sft_then_eval(tmp_path):
               "--config.train.warmup_steps=5", "--config.train.eval_every=40",
               "--config.checkpoint.every=20")
   log = out.stderr
-  assert "Compiled and ran the first train step" in log and "tokens_per_s" in log and "mfu" in log
+  assert "Compiled and ran the first train step" in log and "tokens/s" in log and "MFU" in log
   assert "checkpoint_manager.py" not in log  # library INFO chatter stays off the console
   for f in ("config.json", "tokenizer.model", "final_metrics.json"):
     assert os.path.exists(os.path.join(run, f)), f

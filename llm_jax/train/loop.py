@@ -186,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_saved = step
         if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
           history.update(run_eval(step))
+          throughput.start(step)  # eval time is not training time
         if stop:
           logging.warning("Stopped at step %d after SIGTERM; the run resumes from here.", step)
           break

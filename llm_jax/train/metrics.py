@@ -88,14 +88,14 @@ class Throughput:
     }
 
 
+_FORMATS = {"loss": "loss {:.4f}", "accuracy": "accuracy {:.3f}", "learning_rate": "lr {:.3g}",
+            "grad_norm": "grad_norm {:.3f}", "tokens_per_s": "{:,.0f} tokens/s",
+            "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step", "padding_share": "padding {:.1%}"}
+
+
 def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
-  order = ("loss", "eval_loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu",
-           "step_time_s", "padding_share")
   parts = [f"step {step}/{total}"]
-  for k in order:
-    if k in scalars:
-      v = scalars[k]
-      parts.append(f"{k} {v:.3g}" if abs(v) < 1e4 else f"{k} {v:,.0f}")
+  parts += [fmt.format(scalars[k]) for k, fmt in _FORMATS.items() if k in scalars]
   return " | ".join(parts)
 
 
