@@ -52,6 +52,7 @@ def peak_memory() -> str:
 
 
 def main(argv):
+  console.setup()
   del argv
   config = _CONFIG.value
   config_check.validate(config)

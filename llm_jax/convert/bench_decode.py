@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 import numpy as np
 
+from llm_jax import console
 from llm_jax.convert import hf_import
 from llm_jax.infer import bench
 from llm_jax.model.config import ModelConfig
@@ -82,6 +83,7 @@ def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: i
 
 
 def main(argv):
+  console.setup()
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
@@ -111,4 +113,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("dim", 512, "hidden size (heads of 64)")
   flags.DEFINE_integer("n_layers", 8, "decoder layers")
   # --vocab_size, --prompt_len, --new_tokens and --batch_sizes are llm_jax.infer.bench's flags.
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 
 from configs import data as data_config
+from llm_jax import console
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -30,6 +31,7 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "skip (and count) malfo
 
 
 def main(argv):
+  console.setup()
   del argv
   cfg = data_config.get_config()
   cfg.train, cfg.mode, cfg.packing = _PATH.value, _MODE.value, _PACKING.value
@@ -56,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import models
+from llm_jax import console
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
@@ -64,6 +65,7 @@ def random_params(cfg: ModelConfig, seed: int = 0):
 
 
 def main(argv):
+  console.setup()
   del argv
   overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
   model_cfg = models.get(_MODEL.value)
@@ -80,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=console.parse_flags)
