@@ -63,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
-  Returns the last logged metrics.
+  Returns the last step's metrics and every evaluation (also written to final_metrics.json).
   """
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
@@ -100,9 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   with step_lib.mesh_context(mesh, rules):
     if resuming:
-      start = manager.latest_step()
-      state = checkpoint.restore(manager, start, abstract_state, train_iter)
-      logging.info("Resumed from step %d in %s", start, checkpoint.checkpoint_dir(workdir))
+      state = checkpoint.restore(manager, manager.latest_step(), abstract_state, train_iter)
+      logging.info("Resumed from step %d in %s", int(state["step"]),
+                   checkpoint.checkpoint_dir(workdir))
     else:
       params = None
       if config.init_from:
