@@ -9,7 +9,7 @@ import os
 
 from absl import logging
 
-_OWN = (os.sep + "llm_jax" + os.sep, os.sep + "clu" + os.sep + "metric_writers" + os.sep)
+_OWN = (os.sep + "llm_jax" + os.sep,)
 
 
 # Warnings libraries give for things llm_jax does on purpose (reading a run read-only).

@@ -1,7 +1,6 @@
 """The train step's loss normalisation and gradient accumulation, against independent references."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

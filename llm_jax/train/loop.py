@@ -21,7 +21,7 @@ from llm_jax.data import pipeline
 from llm_jax.eval import lm_eval
 from llm_jax.model import flops
 from llm_jax.train import checkpoint, metrics as metrics_lib, optimizer as opt_lib
-from llm_jax.train import run_setup, state as state_lib, step as step_lib
+from llm_jax.train import run_setup, state as state_lib, step as step_lib, writers
 
 
 class _Preemption:
@@ -120,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
                dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tokens_per_step)
 
-  writer = metrics_lib.create_writer(workdir)
+  writer = writers.create_writer(workdir, tc.steps)
   writer.write_hparams(metrics_lib.flat_hparams(config))
   throughput = metrics_lib.Throughput(tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len),
                                       model_cfg.dtype)
@@ -133,11 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with step_lib.mesh_context(mesh, rules):
       res = lm_eval.evaluate(eval_step, state["params"], batches,
                              lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
-    scalars = {f"eval_{k}": v for k, v in res.items() if k in ("loss", "perplexity", "accuracy")}
+    scalars = {f"eval_{k}": v for k, v in res.items()
+               if k in ("loss", "perplexity", "accuracy", "tokens")}
     writer.write_scalars(step, scalars)
     eval_history.append({"step": step, **scalars})
-    logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
-                 step, res["loss"], res["perplexity"], res["accuracy"], res["tokens"])
     return scalars
 
   history, eval_history = {}, []
@@ -157,7 +156,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if done % tc.log_every == 0 or done == tc.steps:
       scalars.update(throughput.report(done))
       writer.write_scalars(done, scalars)
-      logging.info(metrics_lib.format_line(done, tc.steps, scalars))
     return scalars
 
   step = start

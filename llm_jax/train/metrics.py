@@ -1,4 +1,4 @@
-"""What a user reads while training: clu metric writers (TensorBoard + console), throughput, MFU.
+"""What a user reads while training: throughput, MFU and the console line (writers.py sends them).
 
 MFU = model FLOPs per second / peak FLOPs of the devices in use. Peaks are dense bf16 figures
 from vendor spec sheets; on CPU (no spec sheet) the peak is measured once with a large matmul
@@ -7,13 +7,11 @@ reaches".
 """
 
 import functools
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 # Dense bf16 peak FLOP/s per chip, matched as substrings of `device.device_kind`.
 PEAK_FLOPS = (
@@ -49,18 +47,6 @@ def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
     if key.lower() in dev.device_kind.lower():
       return flops * jax.device_count(), f"{dev.device_kind} bf16 spec x {jax.device_count()}"
   return float("nan"), f"unknown device {dev.device_kind!r}: add it to PEAK_FLOPS"
-
-
-def create_writer(workdir: str):
-  """TensorBoard summaries under workdir/tensorboard (process 0) plus console lines."""
-  # TensorFlow only writes event files here: keep it off the GPU/TPU so it takes no memory
-  # JAX needs (TF grabs all GPU memory by default).
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
-  from clu import metric_writers
-  return metric_writers.create_default_writer(
-      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0,
-      asynchronous=True)
 
 
 class Throughput:

@@ -5,7 +5,6 @@ parameters and then the optimizer moments are built by jits whose `out_shardings
 array on its devices as it is created, so no host ever holds a whole unsharded model.
 """
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
