@@ -54,7 +54,11 @@ class Embed(nn.Module):
         (cfg.vocab_size, cfg.dim), cfg.weight_dtype)
 
   def __call__(self, ids_BxL):
-    return jnp.take(self.embedding, ids_BxL, axis=0).astype(self.cfg.compute_dtype)
+    # Gather the table whole before the lookup (FSDP gathers every weight for use anyway); a
+    # gather from a table sharded over vocab and embed makes XLA replicate the result instead.
+    table_VxD = nn.with_logical_constraint(self.embedding, (None, "act_embed"))
+    x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0).astype(self.cfg.compute_dtype)
+    return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
