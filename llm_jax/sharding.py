@@ -126,17 +126,22 @@ def maybe_initialize_distributed() -> None:
   Safe to call twice. Logs process index/count and local/global device counts.
   """
   env = os.environ
-  if jax.distributed.is_initialized():
-    pass
-  elif "JAX_COORDINATOR_ADDRESS" in env:
-    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
-    if missing:
-      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three "
-                       "(see launch/) or none")
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
-  elif int(env.get("SLURM_NTASKS", "1")) > 1 or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-    jax.distributed.initialize()
+  explicit = "JAX_COORDINATOR_ADDRESS" in env
+  detected = (int(env.get("SLURM_NTASKS", "1")) > 1 or
+              len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+  if (explicit or detected) and not jax.distributed.is_initialized():
+    # CPU processes need a collectives backend to talk to each other (local multi-process runs,
+    # CPU clusters); GPU/TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+      missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+      if missing:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three "
+                         "(see launch/) or none")
+      jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                 num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                 process_id=int(env["JAX_PROCESS_ID"]))
+    else:
+      jax.distributed.initialize()
   logging.info("process %d of %d; %d local devices, %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())

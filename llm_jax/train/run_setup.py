@@ -2,8 +2,11 @@
 
 import os
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from llm_jax.data import pipeline, tokenizer as tok_lib
 from llm_jax.model.config import ModelConfig
@@ -32,11 +35,29 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str) -> No
 
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """Loads (or trains and caches) the tokenizer; records its path in the config."""
-  tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir,
-                              lambda: pipeline.corpus_texts(config.data))
+  corpus = lambda: pipeline.corpus_texts(config.data)
+  if jax.process_count() > 1 and not config.data.tokenizer.path:
+    _tokenizer_from_process_0(config, workdir, corpus)
+  tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus)
   with config.unlocked():
     config.data.tokenizer.path = os.path.abspath(checkpoint.tokenizer_path(workdir, config))
   return tok
+
+
+def _tokenizer_from_process_0(config, workdir: str, corpus) -> None:
+  """Process 0 trains (or finds) the tokenizer and sends its bytes to every process, which caches
+  them in its own workdir. Hosts never train their own copies (which could differ and silently
+  scramble token ids between data shards), and no shared filesystem is needed."""
+  proto = b""
+  if jax.process_index() == 0:
+    tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus)
+    with open(os.path.join(workdir, tok_lib.MODEL_FILE), "rb") as f:
+      proto = f.read()
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(proto))))
+  buf = np.frombuffer(proto, np.uint8) if proto else np.zeros(size, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+  if jax.process_index() != 0:
+    tok_lib.Tokenizer(received).save(workdir)
 
 
 def resolve_model(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
