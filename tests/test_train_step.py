@@ -28,13 +28,14 @@ def _batch(seed=0):
   return b
 
 
-def _step(grad_accum):
+def _step(grad_accum, z_loss=0.0):
   mesh = sharding.make_mesh(MESH_CFG, jax.devices()[:1])
   sgd = optax.sgd(1.0)  # new params = params - grads: the update *is* the gradient
   _, sh = state_lib.state_shardings(CFG, sgd, mesh, RULES)
   state = state_lib.create_state(CFG, sgd, jax.random.key(0), sh, mesh, RULES)
   step = step_lib.jit_train_step(
-      step_lib.make_train_step(CFG, sgd, optax.constant_schedule(1.0), grad_accum=grad_accum),
+      step_lib.make_train_step(CFG, sgd, optax.constant_schedule(1.0), grad_accum=grad_accum,
+                               z_loss=z_loss),
       sh, mesh, RULES)
   params0 = jax.device_get(state["params"])
   new_state, metrics = step(state, step_lib.to_global(_batch(), mesh, RULES))
@@ -42,20 +43,30 @@ def _step(grad_accum):
   return params0, grads, jax.device_get(metrics)
 
 
-def _reference_loss(params, batch):
+def _reference_loss(params, batch, z_loss=0.0):
+  """Weighted mean CE (+ z_loss * log Z^2) in float64 numpy from the model's logits."""
   logits = np.asarray(Decoder(CFG).apply({"params": params}, batch["inputs"], batch["positions"],
                                          batch["segment_ids"]), np.float64)
-  logits -= logits.max(-1, keepdims=True)
-  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  ce = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  ce = log_z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
   w = batch["loss_weights"]
-  return (ce * w).sum() / w.sum()
+  return ((ce + z_loss * log_z ** 2) * w).sum() / w.sum()
 
 
 def test_loss_is_global_token_weighted_mean():
   params0, _, metrics = _step(1)
   np.testing.assert_allclose(metrics["loss"], _reference_loss(params0, _batch()), rtol=1e-5)
   assert metrics["trained_tokens"] == _batch()["loss_weights"].sum()
+
+
+def test_z_loss_adds_weighted_log_z_squared():
+  params0, grads, metrics = _step(1, z_loss=1e-2)
+  total = _reference_loss(params0, _batch(), z_loss=1e-2)
+  ce = _reference_loss(params0, _batch())
+  np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)  # the reported loss stays plain CE
+  np.testing.assert_allclose(metrics["z_loss"], total - ce, rtol=1e-4)
+  _, grads_plain, _ = _step(1)
+  assert not np.allclose(grads["final_norm"]["scale"], grads_plain["final_norm"]["scale"])
 
 
 def test_grad_accumulation_equals_full_batch():
