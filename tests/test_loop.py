@@ -99,6 +99,11 @@ def test_init_from_takes_parameters_only(tmp_path, tokenizer_path):
   assert out["step"] == 1  # a fresh optimizer and step count, not the source's
   p_sft, cfg_sft = checkpoint.load_params(str(tmp_path / "sft"))
   assert cfg_sft.model.dim == 32 and cfg_sft.model.scan_layers
+  # Both runs carry their own copy of the tokenizer, and their configs point at it.
+  for run in ("pre", "sft"):
+    own = str(tmp_path / run / "tokenizer.model")
+    assert checkpoint.read_config(str(tmp_path / run)).data.tokenizer.path == own
+    assert open(own, "rb").read() == open(tokenizer_path, "rb").read()
   # One Adam step moves each weight by about lr; a fresh init would differ by ~init_std.
   for a, b in zip(jax.tree.leaves(p_pre), jax.tree.leaves(p_sft)):
     assert np.max(np.abs(a - b)) < 3e-4

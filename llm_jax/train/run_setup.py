@@ -39,9 +39,20 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_count() > 1 and not config.data.tokenizer.path:
     _tokenizer_from_process_0(config, workdir, corpus)
   tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus)
+  if config.data.tokenizer.path and jax.process_index() == 0:
+    # A run carries its own tokenizer, so it stays usable if the original file moves.
+    own = checkpoint.tokenizer_path(workdir, config)
+    if not os.path.abspath(own).startswith(os.path.abspath(workdir) + os.sep):
+      tok.save(os.path.join(workdir, "tokenizer") if isinstance(tok, _hf_tokenizer_cls())
+               else workdir)
   with config.unlocked():
     config.data.tokenizer.path = os.path.abspath(checkpoint.tokenizer_path(workdir, config))
   return tok
+
+
+def _hf_tokenizer_cls():
+  from llm_jax.data.hf_tokenizer import HFTokenizer  # lazy: most runs never load `tokenizers`
+  return HFTokenizer
 
 
 def _tokenizer_from_process_0(config, workdir: str, corpus) -> None:
