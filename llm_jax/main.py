@@ -5,8 +5,10 @@ Parses flags and calls the job's function; a notebook calls the same functions d
 
 import os
 
-# Before JAX or TensorFlow load: no TF C++ chatter on the console.
+# Before JAX or TensorFlow load: no TF C++ chatter on the console. TensorFlow only writes
+# TensorBoard files here, so its oneDNN kernels (and their start-up banner) are not wanted.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags
 from ml_collections import config_flags
