@@ -92,6 +92,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                z_loss=tc.z_loss), state_sh, mesh, rules)
   eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh, rules)
 
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  # Before the data workers start: on a CPU the peak FLOP/s is measured, and busy workers
+  # would make it read low.
+  throughput = metrics_lib.Throughput(
+      tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -114,7 +119,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                      mesh, rules, params)
   start = int(state["step"])
   counts = flops.param_counts(state["params"])
-  tokens_per_step = config.data.batch_size * config.data.seq_len
   logging.info("Config:\n%s", config)
   logging.info("Model: %s parameters (%s without embeddings); mesh %s over %d devices (%s); "
                "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
@@ -122,8 +126,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   writer = writers.create_writer(workdir, tc.steps)
   writer.write_hparams(metrics_lib.flat_hparams(config))
-  throughput = metrics_lib.Throughput(tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len),
-                                      model_cfg.dtype)
 
   def run_eval(step):
     if not config.data.eval:
