@@ -32,14 +32,16 @@ SHARDING_RULES = (
 )
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(model: str | None = None) -> ml_collections.ConfigDict:
+  """`model`: a preset name from configs/models.py; job files pass on what follows the ':' in
+  `--config=configs/sft.py:minimind-26m`."""
   c = ml_collections.ConfigDict()
   c.job = "sft"  # which job main.py runs: pretrain | sft | eval | tokenizer
   c.seed = 0  # seeds parameter init, dropout-free training and data shuffling
   c.init_from = ""  # start from another run's parameters only (its workdir or a checkpoint dir)
   c.init_step = -1  # with init_from: which step to take; -1 is the latest
 
-  c.model = models.get("tiny")  # decoder shape; see configs/models.py for presets
+  c.model = models.get(model or "tiny")  # decoder shape; see configs/models.py for presets
   c.data = data_config.get_config()  # sources, tokenizer, packing; see configs/data.py
 
   c.train = ml_collections.ConfigDict()

@@ -8,8 +8,8 @@ over documents. `--workdir` is the run to evaluate; results go to <workdir>/eval
 from configs import base
 
 
-def get_config():
-  c = base.get_config()
+def get_config(model=None):
+  c = base.get_config(model)
   c.job = "eval"
   c.data.eval = ""  # "" scores the run's own eval data; or a source spec like data.train's
   return c

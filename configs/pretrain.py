@@ -7,8 +7,8 @@ Default: the embedded fictional encyclopedia's biographies. For your own corpus:
 from configs import base
 
 
-def get_config():
-  c = base.get_config()
+def get_config(model=None):
+  c = base.get_config(model)
   c.job = "pretrain"
   c.data.mode = "pretrain"
   c.data.train = "builtin:bios"

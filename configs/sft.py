@@ -9,8 +9,8 @@ and at a pretrained run with --config.init_from=runs/pretrain.
 from configs import base
 
 
-def get_config():
-  c = base.get_config()
+def get_config(model=None):
+  c = base.get_config(model)
   c.job = "sft"
   c.data.mode = "sft"
   c.data.train = "builtin:bios_qa_train"

@@ -40,6 +40,14 @@ def test_presets_are_valid_models(name):
   assert cfg.n_heads % cfg.n_kv_heads == 0
 
 
+def test_preset_from_the_config_argument():
+  # `--config=configs/sft.py:minimind-26m` calls get_config("minimind-26m").
+  assert sft.get_config("minimind-26m").model.dim == 512
+  assert pretrain.get_config().model.dim == models.get("tiny").dim
+  with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+    sft.get_config("gpt5")
+
+
 def test_minimind_preset_shape():
   m = models.get("minimind-26m")
   assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.tie_embeddings) == (512, 8, 8, 2, True)
