@@ -13,6 +13,7 @@ from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.model.flops import flops_per_token, param_counts
 from tests.model_reference import random_params, reference_logits
+from tests.numerics import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -55,7 +56,7 @@ def test_matches_numpy_reference(cfg):
   ids = np.array([3, 17, 5, 60, 2, 9, 33], np.int32)
   got = _forward(cfg, params, ids[None], np.arange(7)[None], np.ones((1, 7), np.int32))[0]
   want = reference_logits(params, cfg, ids)
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  assert_close(np.asarray(got), want, rel=1e-5)
 
 
 def test_rope_positions_come_from_the_batch():
@@ -65,7 +66,7 @@ def test_rope_positions_come_from_the_batch():
   positions = np.array([0, 5, 6])
   got = _forward(BASE, params, ids, positions[None], np.ones_like(ids))[0]
   want = reference_logits(params, BASE, ids[0], positions)
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  assert_close(np.asarray(got), want, rel=1e-5)
   assert np.abs(want - reference_logits(params, BASE, ids[0])).max() > 1e-3
 
 
@@ -92,7 +93,7 @@ def test_packed_equals_alone(cfg, scan):
   alone = np.asarray(_forward(run_cfg, run_params, alone_ids, alone_pos, alone_seg))
   start = 0
   for i, doc in enumerate(docs):
-    np.testing.assert_allclose(packed[start:start + len(doc)], alone[i, :len(doc)], atol=1e-5, rtol=0)
+    assert_close(packed[start:start + len(doc)], alone[i, :len(doc)], rel=1e-5)
     start += len(doc)
 
 
@@ -102,7 +103,7 @@ def test_scan_equals_unrolled():
   pos, seg = np.arange(6)[None], np.ones_like(ids)
   unrolled = _forward(QWEN3, params, ids, pos, seg)
   scanned = _forward(dataclasses.replace(QWEN3, scan_layers=True), _stack(params, QWEN3.n_layers), ids, pos, seg)
-  np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), atol=1e-6, rtol=0)
+  assert_close(np.asarray(scanned), np.asarray(unrolled), rel=1e-6)
 
 
 @pytest.mark.parametrize("scan,policies", [
@@ -126,7 +127,7 @@ def test_remat_policies_give_identical_gradients(scan, policies):
   want = grads("none")
   for policy in policies:
     got = grads(policy)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), got, want)
+    jax.tree_util.tree_map(lambda a, b: assert_close(a, b, rel=1e-6), got, want)
 
 
 def test_bfloat16_compute_stays_close_and_params_keep_their_dtype():

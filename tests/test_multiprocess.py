@@ -19,6 +19,7 @@ from llm_jax.train import checkpoint, optimizer as opt_lib, state as state_lib, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import multiprocess_worker  # noqa: E402
+from tests.numerics import assert_close
 
 
 def _free_port() -> int:
@@ -85,4 +86,4 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
   np.testing.assert_allclose(float(m["loss"]), float(outs[0][4]), rtol=1e-5)
   params, _ = checkpoint.load_params(workdir, 5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state["params"]))):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_close(a, b, rel=1e-5)

@@ -10,6 +10,7 @@ from llm_jax.bench import synthetic_batch
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
+from tests.numerics import assert_close
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   mlp_dim=64, tie_embeddings=False)
@@ -75,7 +76,7 @@ def test_grad_accumulation_equals_full_batch():
   np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_acc), jax.tree.leaves(g_full)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert_close(a, b, rel=1e-4)
 
 
 def test_gradients_match_finite_differences_of_reference_loss():
