@@ -20,7 +20,7 @@ from llm_jax import sharding
 from llm_jax.data import pipeline
 from llm_jax.eval import lm_eval
 from llm_jax.model import flops
-from llm_jax.train import checkpoint, metrics as metrics_lib, optimizer as opt_lib
+from llm_jax.train import checkpoint, metrics as metrics_lib, objectives, optimizer as opt_lib
 from llm_jax.train import run_setup, state as state_lib, step as step_lib, writers
 
 
@@ -89,7 +89,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
-                               z_loss=tc.z_loss), state_sh, mesh, rules)
+                               objective=objectives.for_config(config, model_cfg)),
+      state_sh, mesh, rules)
   eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh, rules)
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
