@@ -1,5 +1,7 @@
 """KV-cache generation against full recomputation without a cache, plus stopping and streaming."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -97,3 +99,19 @@ def test_callback_receives_exactly_the_returned_tokens(params):
       PROMPTS, SamplingConfig(temperature=0.9, max_new_tokens=20, seed=3), stop_token_ids=[0, 1, 2],
       callback=lambda row, tok: streamed.setdefault(row, []).append(tok))
   assert [streamed.get(i, []) for i in range(len(PROMPTS))] == [g.tokens for g in out]
+
+
+def test_sampling_does_not_depend_on_the_batch(params):
+  """The same prompt and seed give the same sample alone or among other prompts."""
+  cfg = CFG
+  gen = Generator(params, cfg)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
+  s = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+  together = gen.generate(prompts, s)
+  for p, t in zip(prompts, together):
+    assert gen.generate([p], s)[0].tokens == t.tokens
+  same = gen.generate([prompts[0]] * 3, s)
+  assert same[0].tokens == same[1].tokens == same[2].tokens  # same seed, same prompt
+  seeds = gen.generate([prompts[0]] * 2, [s, dataclasses.replace(s, seed=8)])
+  assert seeds[0].tokens == same[0].tokens and seeds[1].tokens != seeds[0].tokens

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.infer.sampling import SamplingConfig, sample
+from llm_jax.infer.sampling import SamplingConfig, row_keys, sample, stack_settings
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder, init_cache
 
@@ -37,7 +37,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(params, tokens_BxP, lengths_B, rng, *, cfg: ModelConfig, cache_len: int):
+def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int):
   batch, length = tokens_BxP.shape
   idx_P = jnp.arange(length, dtype=jnp.int32)
   positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
@@ -48,14 +48,15 @@ def _prefill(params, tokens_BxP, lengths_B, rng, *, cfg: ModelConfig, cache_len:
   rows_Bx1 = jnp.arange(batch)[:, None]
   seen_BxV = jnp.zeros((batch, cfg.vocab_size), jnp.bool_).at[rows_Bx1, tokens_BxP].max(segment_ids_BxP > 0)
   return {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": lengths_B, "seen": seen_BxV,
-          "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32), "rng": rng}
+          "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
+          "generated": jnp.zeros((batch,), jnp.int32)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
 def _step(params, state, settings, *, cfg: ModelConfig):
   """Samples one token per row from the current logits and runs it through the model."""
-  rng, sub = jax.random.split(state["rng"])
-  token_B = sample(sub, state["logits"], state["seen"], state["counts"], settings)
+  keys_B = row_keys(settings["seed"], state["generated"])
+  token_B = sample(keys_B, state["logits"], state["seen"], state["counts"], settings)
   rows_B = jnp.arange(token_B.shape[0])
   logprob_B = jax.nn.log_softmax(state["logits"], axis=-1)[rows_B, token_B]
   positions_B = state["positions"]
@@ -63,7 +64,8 @@ def _step(params, state, settings, *, cfg: ModelConfig):
                                            jnp.ones_like(token_B)[:, None], cache=state["cache"])
   new_state = {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": positions_B + 1,
                "seen": state["seen"].at[rows_B, token_B].set(True),
-               "counts": state["counts"].at[rows_B, token_B].add(1), "rng": rng}
+               "counts": state["counts"].at[rows_B, token_B].add(1),
+               "generated": state["generated"] + 1}
   return new_state, token_B, logprob_B
 
 
@@ -85,7 +87,8 @@ class Generator:
       return _NullContext()
     return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
 
-  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(), *,
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(), *,
                stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                decode_fn: Callable[[list[int]], str] | None = None,
                callback: Callable[[int, int], None] | None = None,
@@ -96,8 +99,15 @@ class Generator:
     stop string (the completing token is returned; `text` is cut before the stop string), or after
     `sampling.max_new_tokens`. `callback(row, token_id)` is called for every returned token, in order,
     as soon as it is known on the host.
+
+    `sampling` is one config for every row or one per prompt. A row's tokens depend only on its
+    prompt and its own settings (seed included), never on the other rows of the batch.
     """
-    sampling.validate()
+    per_row = [sampling] * len(prompts) if isinstance(sampling, SamplingConfig) else list(sampling)
+    if len(per_row) != len(prompts):
+      raise ValueError(f"{len(per_row)} sampling configs for {len(prompts)} prompts")
+    for s in per_row:
+      s.validate()
     if stop_strings and decode_fn is None:
       raise ValueError("stop_strings need decode_fn (the tokenizer's decode) to be checked")
     n_rows = len(prompts)
@@ -110,13 +120,14 @@ class Generator:
         raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={self.cfg.vocab_size})")
     batch = -(-n_rows // self.batch_multiple) * self.batch_multiple
     lengths = [len(p) for p in prompts] + [1] * (batch - n_rows)  # filler rows are dropped at the end
-    max_new = sampling.max_new_tokens
+    row_max_new = [s.max_new_tokens for s in per_row]
+    max_new = max(row_max_new)
     prompt_len = bucket(max(lengths), self.min_bucket)
     cache_len = bucket(max(lengths) + max_new, self.min_bucket)
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    settings = sampling.arrays(batch)
+    settings = stack_settings([s.arrays(1) for s in per_row] + [per_row[0].arrays(batch - n_rows)])
     stop_ids = set(int(t) for t in stop_token_ids)
 
     out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
@@ -138,12 +149,12 @@ class Generator:
         if hits:
           texts[row], reasons[row] = text[:min(hits)], "stop"
           return
-      if len(out_tokens[row]) >= max_new:
+      if len(out_tokens[row]) >= row_max_new[row]:
         reasons[row] = "length"
 
     with self._context():
-      state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), jax.random.key(sampling.seed),
-                       cfg=self.cfg, cache_len=cache_len)
+      state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
+                       cache_len=cache_len)
       state, token_B, logprob_B = _step(self.params, state, settings, cfg=self.cfg)
       for t in range(max_new):
         pending = None

@@ -51,11 +51,17 @@ class SamplingConfig:
     return self
 
   def arrays(self, batch: int) -> dict:
-    """The per-row traced settings the jitted sampler takes."""
+    """The per-row traced settings the jitted sampler takes (every row gets this seed)."""
     f = lambda v, dt=np.float32: np.full((batch,), v, dt)
     return {"temperature": f(self.temperature), "top_k": f(self.top_k, np.int32), "top_p": f(self.top_p),
             "min_p": f(self.min_p), "repetition_penalty": f(self.repetition_penalty),
-            "presence_penalty": f(self.presence_penalty), "frequency_penalty": f(self.frequency_penalty)}
+            "presence_penalty": f(self.presence_penalty), "frequency_penalty": f(self.frequency_penalty),
+            "seed": f(self.seed & 0x7FFFFFFF, np.int32)}
+
+
+def stack_settings(per_row: list[dict]) -> dict:
+  """Row-wise settings of several requests (each `SamplingConfig.arrays(1)`) as one batch."""
+  return {k: np.concatenate([r[k] for r in per_row]) for k in per_row[0]}
 
 
 def apply_penalties(logits_BxV, seen_BxV, counts_BxV, settings):
@@ -103,16 +109,26 @@ def _top_k_top_p_keep(logits_BxV, settings):
   return keep_BxV & (logits_BxV >= pth_Bx1)
 
 
-def sample(rng, logits_BxV, seen_BxV, counts_BxV, settings):
+def row_keys(seeds_B, steps_B):
+  """One PRNG key per row: fold_in(key(seed), step). A row's draws depend only on its own seed
+  and how many tokens it has generated, never on which other rows share the batch."""
+  return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds_B, steps_B)
+
+
+def sample(keys, logits_BxV, seen_BxV, counts_BxV, settings):
   """Next token ids [B] int32: greedy where temperature == 0, else a draw from the filtered logits.
 
+  keys: [B] per-row keys (see `row_keys`), or one key that is split into B.
   When every row is greedy the filtering and the draw are skipped (lax.cond).
   """
+  batch = logits_BxV.shape[0]
+  keys_B = jax.random.split(keys, batch) if keys.ndim == 0 else keys
   penalised_BxV = apply_penalties(logits_BxV.astype(jnp.float32), seen_BxV, counts_BxV, settings)
   greedy_B = jnp.argmax(penalised_BxV, axis=-1).astype(jnp.int32)
 
   def draw(_):
-    drawn_B = jax.random.categorical(rng, filter_logits(penalised_BxV, settings), axis=-1).astype(jnp.int32)
+    filtered_BxV = filter_logits(penalised_BxV, settings)
+    drawn_B = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, filtered_BxV).astype(jnp.int32)
     return jnp.where(settings["temperature"] > 0, drawn_B, greedy_B)
 
   return jax.lax.cond(jnp.all(settings["temperature"] == 0), lambda _: greedy_B, draw, None)
