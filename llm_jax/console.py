@@ -28,8 +28,35 @@ class _OwnInfoOnly(py_logging.Filter):
 
 def setup(verbose: bool = False) -> None:
   logging.set_verbosity(logging.INFO)
-  if not verbose:
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  handler = logging.get_absl_handler()
+  if not verbose and not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+
+
+def verbose() -> bool:
+  """Whether `setup(verbose=True)` (or no setup) left library logs on: then long dumps (the
+  whole config) are worth printing too."""
+  return not any(isinstance(f, _OwnInfoOnly) for f in logging.get_absl_handler().filters)
+
+
+# Errors a user can cause and fix (a bad value, file, path or record; a diverging loss): their
+# messages name the field or file and the fix, so the traceback adds nothing.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def run_reporting_errors(fn, *args, **kwargs):
+  """fn(*args, **kwargs); a user error ends the program with one line `error: ...` on stderr
+  and exit status 1 (`--verbose` shows the traceback instead)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    return fn(*args, **kwargs)
+  except USER_ERRORS as e:
+    if verbose():
+      raise
+    message = str(e).strip() or type(e).__name__
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -7,11 +7,13 @@ from llm_jax import config_check
 JOBS = ("pretrain", "sft", "eval", "tokenizer")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
+def run(config: ml_collections.ConfigDict, workdir: str, explicit=()):
+  """Runs the job `config.job` in `workdir`. `explicit`: the config fields the command line set
+  (see main.explicit_fields)."""
   config_check.validate(config)
   if config.job in ("pretrain", "sft"):
     from llm_jax.train import loop
-    return loop.train_and_evaluate(config, workdir)
+    return loop.train_and_evaluate(config, workdir, explicit=explicit)
   if config.job == "eval":
     from llm_jax.eval import job
     return job.run_eval(config, workdir)

@@ -4,6 +4,7 @@ Parses flags and calls the job's function; a notebook calls the same functions d
 """
 
 import os
+import sys
 
 # Before JAX or TensorFlow load: no TF C++ chatter on the console. TensorFlow only writes
 # TensorBoard files here, so its oneDNN kernels (and their start-up banner) are not wanted.
@@ -23,11 +24,28 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show libraries' INFO logs (
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def explicit_fields(argv: list[str]) -> set[str]:
+  """Config fields the command line sets: `--config.model.dim=256` -> "model.dim"; a model preset
+  (`--config=configs/sft.py:minimind-26m`) sets every model field."""
+  out = set()
+  for arg in argv:
+    if arg.startswith("--config."):
+      out.add(arg[len("--config."):].split("=", 1)[0])
+    elif arg.startswith("--config=") and ":" in arg:
+      from llm_jax.train.run_setup import SHAPE_FIELDS  # pylint: disable=g-import-not-at-top
+      out.update(f"model.{f}" for f in SHAPE_FIELDS)
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(_VERBOSE.value)
-  jobs.run(_CONFIG.value, _WORKDIR.value)
+  result = console.run_reporting_errors(jobs.run, _CONFIG.value, _WORKDIR.value,
+                                        explicit=explicit_fields(sys.argv))
+  if isinstance(result, dict) and result.get("preempted"):
+    from llm_jax.train.loop import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_skip_bad_records_skips_and_logs_count(tmp_path, tok, caplog):
     rows = [b["inputs"][r] for b in _batches(cfg, tok, 6) for r in range(2)]
   texts = {tok.decode(r[r > 0]) for r in rows}
   assert texts == {"good one", "good two"}
-  assert any("skipped bad records" in m and f"{path}:2" in m for m in caplog.messages)
+  assert any("bad records skipped" in m and f"{path}:2" in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -188,3 +188,42 @@ def test_tfds_source_reads_a_locally_prepared_dataset(tmp_path):
   assert sorted(reader[i]["text"] for i in range(len(reader))) == [f"文本 {i}" for i in range(5)]
   with pytest.raises(FileNotFoundError, match="tfds:not_prepared_here:train"):
     pipeline.DocReader("tfds:not_prepared_here:train", cfg)
+
+
+def test_gzip_files_are_read_and_errors_name_the_gz(tmp_path, monkeypatch):
+  import gzip
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  path = tmp_path / "pairs.jsonl.gz"
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write('{"text": "一"}\n{"text": "broken\n{"text": "三"}\n')
+  source = sources.open_file(str(path))
+  assert len(source) == 3 and source[2] == {"text": "三"}
+  with pytest.raises(sources.RecordError, match=rf"{path}:2: malformed JSON"):
+    source[1]
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("gbk.jsonl", '{"text": "中文"}\n'.encode("gbk"), r"gbk.jsonl:1: not UTF-8 text .*iconv"),
+    ("pretty.json", b'{\n  "text": "x"\n}\n', r"pretty.json:1: one JSON object spread over several lines"),
+    ("wrapped.json", b'{"data": [{"text": "x"}]}', r"wrapped.json:1: .*records are under 'data'"),
+])
+def test_bad_files_fail_at_open_with_one_line(tmp_path, name, content, match):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=match):
+    sources.open_file(str(path))
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+  with pytest.raises(ValueError, match=r"is a directory; name the files in it"):
+    sources.open_file(str(tmp_path))
+
+
+def test_skip_bad_records_counts_each_bad_line_once(tmp_path, tok, caplog):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "good one"}\n{"text": "broken\n{"text": "good two"}\n')
+  cfg = _cfg(str(path), mode="pretrain", skip_bad_records=True, packing="none")
+  with caplog.at_level(logging.WARNING):
+    _batches(cfg, tok, 12)  # several epochs over the 3-line file
+  counts = [m for m in caplog.messages if "bad records skipped" in m]
+  assert counts and all("(1 so far)" in m for m in counts)

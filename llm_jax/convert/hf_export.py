@@ -121,20 +121,6 @@ def write_tokenizer(tok_path: str, out_dir: str, max_len: int) -> HFTokenizer:
   return HFTokenizer(out_dir)
 
 
-def _max_position_embeddings(workdir: str, config: ml_collections.ConfigDict) -> int:
-  """The imported model's own limit if the run came from Hugging Face (directly, or one
-  `init_from` away), else the length the run was trained on (RoPE itself has no limit; this is
-  what the model has seen)."""
-  for run in (workdir, config.get("init_from") or ""):
-    source = os.path.join(run, hf_import.SOURCE_CONFIG)
-    if run and os.path.isfile(source):
-      with open(source) as f:
-        value = json.load(f).get("max_position_embeddings")
-      if value:
-        return int(value)
-  return int(config.data.seq_len)
-
-
 def export_hf(workdir: str, out_dir: str, step: int = -1, *,
               transform_params: ParamsTransform | None = None,
               max_shard_bytes: int = 2 << 30) -> str:
@@ -149,7 +135,7 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
   vocab = hf_weights.get_path(params, ("embed", "embedding")).shape[0]
   cfg = ModelConfig.from_config(config.model, vocab_size=vocab)
   os.makedirs(out_dir, exist_ok=True)
-  max_len = _max_position_embeddings(workdir, config)
+  max_len = checkpoint.context_length(workdir, config)
   tok_path = checkpoint.tokenizer_path(workdir, config)
   if not tok_path:
     raise FileNotFoundError(f"{workdir} has no tokenizer (tokenizer.model or tokenizer/) and "

@@ -36,7 +36,7 @@ from llm_jax.train import checkpoint
 # Files a Hugging Face tokenizer may consist of; whichever exist are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
-SOURCE_CONFIG = "hf_config.json"
+SOURCE_CONFIG = checkpoint.HF_SOURCE_CONFIG
 _NP_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
 

@@ -121,12 +121,20 @@ class DocReader(grain.sources.RandomAccessDataSource):
 
 class _Counters:
   """Counts data events and logs them at 1, 2, 4, 8, ... occurrences (never silent, never
-  flooding the log). Lives in whichever process runs the transform."""
+  flooding the log). Lives in whichever process runs the transform.
+
+  With `key` (e.g. a bad record's file:line), an event counts once per key: the same bad line met
+  again in the next epoch is not a new one."""
 
   def __init__(self):
     self._counts: dict[str, int] = {}
+    self._seen: set[tuple[str, str]] = set()
 
-  def add(self, event: str, detail: str) -> None:
+  def add(self, event: str, detail: str, key: str | None = None) -> None:
+    if key is not None:
+      if (event, key) in self._seen:
+        return
+      self._seen.add((event, key))
     n = self._counts.get(event, 0) + 1
     self._counts[event] = n
     if n & (n - 1) == 0:
@@ -157,14 +165,15 @@ class ToExamples(grain.experimental.FlatMapTransform):
 
   def flat_map(self, doc: dict) -> list[dict]:
     if "error" in doc:
-      self.counters.add("skipped bad records (skip_bad_records=True)", doc["error"])
+      self.counters.add("distinct bad records skipped (skip_bad_records=True)", doc["error"],
+                        key=doc["error"])
       return []
     try:
       token_docs = list(self._token_docs(doc))
     except sources.RecordError as e:  # e.g. a chat without an assistant turn
       if not self._skip:
         raise
-      self.counters.add("skipped bad records (skip_bad_records=True)", str(e))
+      self.counters.add("distinct bad records skipped (skip_bad_records=True)", str(e), key=str(e))
       return []
     return [ex for ids, w in token_docs for ex in self._examples(ids, w)]
 

@@ -30,6 +30,7 @@ class _FileSource:
 
   def __init__(self, path: str, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray):
     self.path, self._starts, self._ends, self._lines = path, starts, ends, lines
+    self.shown_path = path  # the name errors use (the .gz a decompressed copy came from)
     self._fd = None
 
   def __len__(self) -> int:
@@ -47,7 +48,7 @@ class _FileSource:
     return os.pread(self._fd, end - start, start)
 
   def where(self, i: int) -> str:
-    return f"{self.path}:{int(self._lines[i])}"
+    return f"{self.shown_path}:{int(self._lines[i])}"
 
   def __del__(self):
     if getattr(self, "_fd", None) is not None:
@@ -162,7 +163,7 @@ class JsonArraySource(_FileSource):
     super().__init__(path, *index_json_array(path))
 
   def where(self, i: int) -> str:
-    return f"{self.path}:{int(self._lines[i])} (record {i} of the array)"
+    return f"{self.shown_path}:{int(self._lines[i])} (record {i} of the array)"
 
   def __getitem__(self, i: int) -> Any:
     try:
@@ -313,14 +314,28 @@ class ConcatSource:
 
 
 def open_file(path: str):
-  """The source for one file, chosen by extension (and, for .json, by its first byte)."""
+  """The source for one file, chosen by extension (and, for .json, by its first byte).
+
+  Checked here, before any work, each with one line naming the file and the fix: a missing
+  path, a directory, text that is not UTF-8, a .json holding one object instead of records.
+  A gzip-compressed file (`.jsonl.gz`, `.json.gz`, `.txt.gz`) is decompressed once into a cache
+  and read from there (random access into gzip would mean decompressing from the start).
+  """
+  check_file(path)
   lower = path.lower()
+  if lower.endswith(".gz"):
+    try:
+      source = open_file(decompressed(path))
+    except ValueError as e:  # name the user's file, not the cache copy
+      raise ValueError(str(e).replace(decompressed(path), path)) from None
+    if hasattr(source, "shown_path"):
+      source.shown_path = path
+    return source
   if lower.endswith(".jsonl"):
     return JsonlSource(path)
   if lower.endswith(".json"):
-    first = first_nonspace_byte(path) if os.path.exists(path) else b"["
     # Some ".json" files are really JSON Lines; a top-level array is indexed by object offsets.
-    return JsonArraySource(path) if first == b"[" else JsonlSource(path)
+    return JsonArraySource(path) if first_nonspace_byte(path) == b"[" else JsonlSource(path)
   if lower.endswith(".parquet"):
     return ParquetSource(path)
   if lower.endswith((".array_record", ".arrayrecord")) or ".array_record-" in lower:
@@ -328,7 +343,112 @@ def open_file(path: str):
   if lower.endswith((".txt", ".text", ".md")):
     return TextLineSource(path)
   raise ValueError(f"data file {path!r}: unknown extension; use .txt, .jsonl, .json, .parquet "
-                   "or .array_record.")
+                   "or .array_record (optionally .gz-compressed).")
+
+
+_EXTENSIONS = (".jsonl", ".json", ".txt", ".text", ".md", ".parquet", ".array_record",
+               ".arrayrecord")
+
+
+def check_file(path: str) -> None:
+  """The checks open_file makes before indexing a file: cheap enough to run on every source
+  before a job starts any work (see train/run_setup.py preflight)."""
+  if os.path.isdir(path):
+    raise ValueError(f"data file {path!r} is a directory; name the files in it, e.g. "
+                     f"{os.path.join(path, '*.jsonl')!r} (a glob), or list them comma-separated.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
+  if not os.access(path, os.R_OK):
+    raise PermissionError(f"data file {path!r} is not readable (check its permissions).")
+  lower = path.lower()
+  if lower.endswith(".gz"):
+    return
+  if not (lower.endswith(_EXTENSIONS) or ".array_record-" in lower):
+    raise ValueError(f"data file {path!r}: unknown extension; use .txt, .jsonl, .json, .parquet "
+                     "or .array_record (optionally .gz-compressed).")
+  if lower.endswith((".jsonl", ".json", ".txt", ".text", ".md")):
+    check_utf8(path)
+  if lower.endswith(".json") and first_nonspace_byte(path) != b"[":
+    check_not_single_object(path)
+
+
+def check_spec_path(path: str) -> None:
+  """check_file for every file a source path names (a file or a glob; tfds: is checked when
+  opened)."""
+  if path.startswith("tfds:"):
+    return
+  if any(ch in path for ch in "*?["):
+    files = sorted(glob.glob(path))
+    if not files:
+      raise FileNotFoundError(f"the pattern {path!r} matches no files.")
+    for f in files:
+      check_file(f)
+    return
+  check_file(path)
+
+
+_SNIFF = 1 << 20
+
+
+def check_utf8(path: str) -> None:
+  """Refuses a text file whose first MiB is not UTF-8 (e.g. GBK-encoded Chinese), naming the
+  line of the first bad byte, instead of failing later as 'malformed JSON' or garbled text."""
+  with open(path, "rb") as f:
+    head = f.read(_SNIFF)
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if e.start >= len(head) - 4 and len(head) == _SNIFF:  # a character cut by the sniff window
+      return
+    line = head[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset "
+                     f"{e.start}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`."
+                     ) from None
+
+
+def check_not_single_object(path: str) -> None:
+  """A .json file that starts with '{' is read as JSON Lines. Refuse one that is instead a single
+  (pretty-printed or wrapping) object, which would otherwise become 'malformed JSON' at line 1
+  or one record with the wrong keys."""
+  with open(path, "rb") as f:
+    first_line = f.readline()
+    more = bool(f.readline().strip())
+  try:
+    record = json.loads(first_line)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise ValueError(f"{path}:1: one JSON object spread over several lines; llm_jax reads a JSON "
+                     "array of records ([{...}, {...}]) or JSON Lines (one object per line).") from None
+  if not more and isinstance(record, dict):
+    lists = [k for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if lists:
+      raise ValueError(f"{path}:1: a single JSON object whose records are under {lists[0]!r}; "
+                       f"write them as a JSON array or JSON Lines (e.g. `jq -c '.{lists[0]}[]' "
+                       f"{os.path.basename(path)} > data.jsonl`).")
+
+
+def decompressed(path: str) -> str:
+  """The decompressed copy of a .gz file in llm_jax's cache (made once; keyed by the file's
+  path, size and modification time; written atomically)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  st = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                       "llm_jax", "decompressed")
+  os.makedirs(cache, exist_ok=True)
+  out = os.path.join(cache, f"{key}-{os.path.basename(path)[:-3]}")
+  if not os.path.exists(out):
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+      with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    except (OSError, EOFError) as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise ValueError(f"{path}: cannot decompress ({e}); is it a complete gzip file?") from None
+    os.replace(tmp, out)
+  return out
 
 
 def open_path(path: str, tfds_data_dir: str = ""):

@@ -27,7 +27,7 @@ from llm_jax.model.decoder import Decoder, init_cache
 class Generation:
   tokens: list[int]  # generated ids; an end token that stopped generation is not included
   text: str | None  # decode_fn(tokens) cut before the first stop string (None without decode_fn)
-  finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens)
+  finish_reason: str  # "stop" (end token or stop string), "length" (max_new_tokens) or "interrupted"
   logprobs: list[float] | None  # log p(token) under the model's unmodified distribution, if asked
 
 
@@ -92,13 +92,15 @@ class Generator:
                stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                decode_fn: Callable[[list[int]], str] | None = None,
                callback: Callable[[int, int], None] | None = None,
-               return_logprobs: bool = False) -> list[Generation]:
+               return_logprobs: bool = False,
+               should_stop: Callable[[], bool] | None = None) -> list[Generation]:
     """Continues each prompt (a list of token ids).
 
     Stops a row at a token in `stop_token_ids` (not returned), when `decode_fn(tokens)` contains a
     stop string (the completing token is returned; `text` is cut before the stop string), or after
     `sampling.max_new_tokens`. `callback(row, token_id)` is called for every returned token, in order,
-    as soon as it is known on the host.
+    as soon as it is known on the host. `should_stop()` is polled after every token; when it returns
+    True the unfinished rows end with finish_reason "interrupted" (Ctrl-C in chat, a client gone).
 
     `sampling` is one config for every row or one per prompt. A row's tokens depend only on its
     prompt and its own settings (seed included), never on the other rows of the batch.
@@ -164,6 +166,8 @@ class Generator:
         for row in range(n_rows):
           if reasons[row] is None:
             accept(row, int(token_np[row]), float(logprob_np[row]))
+        if should_stop is not None and should_stop():
+          reasons = [r or "interrupted" for r in reasons]
         if all(r is not None for r in reasons) or pending is None:
           break
         token_B, logprob_B = pending

@@ -22,6 +22,7 @@ from absl import logging
 STATE = "state"
 DATA = "data"
 CONFIG_FILE = "config.json"
+HF_SOURCE_CONFIG = "hf_config.json"  # an imported model's own config.json (convert/hf_import.py)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -129,28 +130,77 @@ def save_params(workdir: str, params: Any, config: ml_collections.ConfigDict, st
   return workdir
 
 
-def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None
-                ) -> tuple[Any, ml_collections.ConfigDict]:
+def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None, *,
+                with_step: bool = False):
   """Reads only the parameters of a run's checkpoint (no optimizer state).
 
-  `shardings`: a tree of NamedShardings matching the params; None puts them on one device.
-  `dtype`: cast every parameter to it while reading (e.g. bf16 imports trained in float32).
-  Returns (params, the run's config).
+  `step` -1 takes the newest checkpoint that can be read: a damaged newer one is reported and
+  skipped (never deleted). `shardings`: a tree of NamedShardings matching the params; None puts
+  them on one device. `dtype`: cast every parameter to it while reading (e.g. bf16 imports
+  trained in float32). Returns (params, the run's config), or with `with_step` also the step read.
   """
   config = read_config(workdir)
-  step = pick_step(workdir, step)
-  # The data item's handler is registered (though not restored) so Orbax knows the item.
-  with make_manager(workdir, with_data=True, read_only=True) as m:
-    meta = m.item_metadata(step)[STATE]["params"]
-    if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: device, meta)
-    abstract = jax.tree.map(
-        lambda md, s: jax.ShapeDtypeStruct(md.shape, dtype or md.dtype, sharding=s), meta, shardings)
-    restored = m.restore(step, args=ocp.args.Composite(
-        **{STATE: _restore_args({"params": abstract}, partial=True)}))
+
+  def read(s):
+    # The data item's handler is registered (though not restored) so Orbax knows the item.
+    with make_manager(workdir, with_data=True, read_only=True) as m:
+      meta = m.item_metadata(s)[STATE]["params"]
+      sh = shardings
+      if sh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        sh = jax.tree.map(lambda _: device, meta)
+      abstract = jax.tree.map(
+          lambda md, x: jax.ShapeDtypeStruct(md.shape, dtype or md.dtype, sharding=x), meta, sh)
+      return m.restore(s, args=ocp.args.Composite(
+          **{STATE: _restore_args({"params": abstract}, partial=True)}))[STATE]["params"]
+
+  step, params = newest_readable(workdir, step, read)
   logging.info("Loaded parameters of step %d from %s", step, checkpoint_dir(workdir))
-  return restored[STATE]["params"], config
+  return (params, config, step) if with_step else (params, config)
+
+
+def newest_readable(workdir: str, step: int, read):
+  """(step, read(step)) for the given step, or for step -1 the newest checkpoint `read` succeeds
+  on. A checkpoint that fails (truncated or missing files: TensorStore OUT_OF_RANGE / NOT_FOUND)
+  is reported with the reason and skipped; nothing is deleted."""
+  if step >= 0:
+    return step, read(pick_step(workdir, step))
+  available = sorted(steps(workdir), reverse=True)
+  if not available:
+    raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(workdir)}")
+  failures = []
+  for s in available:
+    try:
+      return s, read(s)
+    except Exception as e:  # pylint: disable=broad-except (Orbax/TensorStore raise many types)
+      reason = f"{type(e).__name__}: {_first_line(e)}"
+      failures.append(f"step {s} ({reason})")
+      older = [x for x in available if x < s]
+      logging.warning("checkpoint %d in %s cannot be read (%s); %s", s, checkpoint_dir(workdir),
+                      reason, f"trying step {older[0]}" if older else "no older checkpoint left")
+  raise ValueError(f"no checkpoint under {checkpoint_dir(workdir)} can be read: "
+                   + "; ".join(failures))
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else ""
+
+
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+def set_aside(workdir: str, step: int) -> str:
+  """Moves a damaged checkpoint out of checkpoints/ (so training can write that step again) to
+  workdir/checkpoints_damaged/<step>; it is kept for the user to inspect, never deleted."""
+  src = os.path.join(checkpoint_dir(workdir), str(step))
+  dst_dir = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  os.makedirs(dst_dir, exist_ok=True)
+  dst, k = os.path.join(dst_dir, str(step)), 1
+  while os.path.exists(dst):
+    dst, k = os.path.join(dst_dir, f"{step}.{k}"), k + 1
+  os.replace(src, dst)
+  return dst
 
 
 def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -160,3 +210,42 @@ def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
     if os.path.exists(p):
       return p
   return config.data.tokenizer.path
+
+
+def context_length(workdir: str, config: ml_collections.ConfigDict) -> int:
+  """The longest sequence (prompt + answer) a run is meant to see: an imported model's own
+  max_position_embeddings if the run came from Hugging Face (directly, or one `init_from` away),
+  else the length the run was trained on. RoPE has no hard limit, but positions beyond what a
+  model saw in training produce garbage."""
+  for run in (workdir, config.get("init_from") or ""):
+    source = os.path.join(run, HF_SOURCE_CONFIG)
+    if run and os.path.isfile(source):
+      with open(source) as f:
+        value = json.load(f).get("max_position_embeddings")
+      if value:
+        return int(value)
+  return int(config.data.seq_len)
+
+
+def restore_newest(workdir: str, manager: ocp.CheckpointManager, reopen, abstract_state: Any,
+                   data_iter=None) -> tuple[Any, int, ocp.CheckpointManager]:
+  """Resumes from the newest checkpoint that restores (train state and data iterator).
+
+  Damaged newer checkpoints are reported, then set aside in workdir/checkpoints_damaged/ so the
+  resumed run can write those steps again; nothing is deleted. `reopen()` makes a fresh manager
+  (the old one has cached the step list). Returns (state, step, manager).
+  """
+  step, state = newest_readable(
+      workdir, -1, lambda s: restore(manager, s, abstract_state, data_iter))
+  damaged = [s for s in steps(workdir) if s > step]
+  if damaged:
+    manager.close()
+    if jax.process_index() == 0:
+      for s in damaged:
+        logging.warning("moved the damaged checkpoint of step %d to %s (kept for you to inspect); "
+                        "resuming from step %d", s, set_aside(workdir, s), step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("llm_jax: damaged checkpoints set aside")
+    manager = reopen()
+  return state, step, manager

@@ -9,14 +9,14 @@ import json
 import os
 import signal
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import sharding
+from llm_jax import console, sharding
 from llm_jax.data import pipeline
 from llm_jax.eval import lm_eval
 from llm_jax.model import flops
@@ -58,24 +58,34 @@ def _check_finite(step: int, scalars: dict, last_saved: Optional[int], workdir: 
         "Lower config.train.lr, keep config.train.grad_clip > 0, or add config.train.z_loss.")
 
 
+# Exit status of `python -m llm_jax.main` after SIGTERM (128 + SIGTERM, the shell's convention):
+# the run saved a checkpoint and wants to be resumed; 0 means it finished.
+PREEMPTED_EXIT_CODE = 143
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       batch_hook: Optional[Callable[[int, dict], None]] = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+                       batch_hook: Optional[Callable[[int, dict], None]] = None,
+                       explicit: Sequence[str] = ()) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest readable checkpoint if there is one.
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
-  Returns the last step's metrics and every evaluation (also written to final_metrics.json).
+  explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
+  Returns the last step's metrics, every evaluation and "preempted" (stopped by SIGTERM); also
+  written to final_metrics.json.
   """
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict(config)  # never mutate the caller's config
   tc = config.train
+  run_setup.preflight(config, workdir)
 
   resuming = bool(checkpoint.steps(workdir))
   if resuming:  # the run's own config.json fixes the model it has been training
+    run_setup.check_resumable(config, workdir)
+    _warn_schedule_change(config, workdir)
     run_setup.adopt_source_model(config, workdir)
   elif config.init_from:
-    run_setup.adopt_source_model(config, config.init_from)
+    run_setup.adopt_source_model(config, config.init_from, explicit)
   tok = run_setup.resolve_tokenizer(config, workdir)
   model_cfg = run_setup.resolve_model(config, tok.vocab_size)
   checkpoint.write_config(workdir, config)
@@ -106,7 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   with step_lib.mesh_context(mesh, rules):
     if resuming:
-      state = checkpoint.restore(manager, manager.latest_step(), abstract_state, train_iter)
+      reopen = lambda: checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
+                                               async_save=config.checkpoint.async_save)
+      state, _, manager = checkpoint.restore_newest(workdir, manager, reopen, abstract_state,
+                                                    train_iter)
       logging.info("Resumed from step %d in %s", int(state["step"]),
                    checkpoint.checkpoint_dir(workdir))
     else:
@@ -120,7 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                      mesh, rules, params)
   start = int(state["step"])
   counts = flops.param_counts(state["params"])
-  logging.info("Config:\n%s", config)
+  if console.verbose():
+    logging.info("Config:\n%s", config)
+  logging.info("%s job: %s; the full config is in %s", config.job, _summary(config),
+               os.path.join(workdir, checkpoint.CONFIG_FILE))
   logging.info("Model: %s parameters (%s without embeddings); mesh %s over %d devices (%s); "
                "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
                dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tokens_per_step)
@@ -162,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return scalars
 
   step = start
+  preempted = False
   try:
     with _Preemption() as preempt, step_lib.mesh_context(mesh, rules):
       while step < tc.steps:
@@ -186,10 +203,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpoint.save(manager, step, state, train_iter, force=True)
           last_saved = step
         if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+          if pending is not None:  # report this step's throughput before the eval's time passes
+            last_scalars, pending = consume(pending), None
           history.update(run_eval(step))
           throughput.start(step)  # eval time is not training time
         if stop:
-          logging.warning("Stopped at step %d after SIGTERM; the run resumes from here.", step)
+          logging.warning("Stopped at step %d after SIGTERM; the same command resumes from here.",
+                          step)
+          preempted = True
           break
       if pending is not None:
         last_scalars = consume(pending)
@@ -201,10 +222,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.flush()
     writer.close()
   last_scalars.update(history)
-  result = {"step": step, **last_scalars, "eval_history": eval_history}
+  result = {"step": step, **last_scalars, "eval_history": eval_history, "preempted": preempted}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
   logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
                step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
   return result
+
+
+def _summary(config) -> str:
+  m, d, t = config.model, config.data, config.train
+  return (f"model dim {m.dim} x {m.n_layers} layers ({m.n_heads} heads, {m.n_kv_heads} kv), "
+          f"{t.steps} steps of {d.batch_size} x {d.seq_len} tokens, lr {t.lr:g} ({t.schedule}), "
+          f"train {d.train}" + (f", eval {d.eval}" if d.eval else "")
+          + (f", from {config.init_from}" if config.init_from else ""))
+
+
+def _warn_schedule_change(config, workdir: str) -> None:
+  """Resuming with other schedule settings recomputes the whole schedule: say what the learning
+  rate does at the resume step, instead of jumping silently (e.g. raising train.steps restarts
+  a cosine from a higher LR)."""
+  saved = checkpoint.read_config(workdir).train
+  fields = ("steps", "lr", "schedule", "warmup_steps", "min_lr_ratio")
+  changed = [f for f in fields if f in saved and saved[f] != config.train[f]]
+  if not changed:
+    return
+  at = max(checkpoint.steps(workdir))
+  old_lr = float(opt_lib.make_schedule(ml_collections.ConfigDict(saved))(at))
+  new_lr = float(opt_lib.make_schedule(config.train)(at))
+  logging.warning("resuming with changed %s: the %s schedule is recomputed, so the learning rate "
+                  "at step %d goes from %.3g to %.3g", ", ".join(
+                      f"train.{f} ({saved[f]} -> {config.train[f]})" for f in changed),
+                  config.train.schedule, at, old_lr, new_lr)

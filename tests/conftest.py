@@ -1,0 +1,33 @@
+"""Shared fixtures: small saved runs that tests of the tools built on run directories use."""
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_sft_config(workdir_tokenizer: str = "", steps: int = 80):
+  """A small SFT job on the embedded encyclopedia: trains in seconds on a CPU."""
+  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  c = sft_config.get_config()
+  c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 64, 2, 4, 2
+  c.model.mlp_dim = 128
+  c.data.seq_len, c.data.batch_size = 128, 8
+  c.data.synthetic.n_entities = 60
+  c.data.tokenizer.path = workdir_tokenizer
+  c.data.tokenizer.vocab_size = 600
+  c.train.steps, c.train.warmup_steps, c.train.log_every = steps, 5, 20
+  c.train.lr = 1e-2
+  c.train.eval_every = 0
+  c.checkpoint.every = steps
+  return c
+
+
+@pytest.fixture(scope="session")
+def trained_sft_run(tmp_path_factory) -> str:
+  """A run directory holding a tiny SFT model trained for 80 steps (context 128 tokens)."""
+  from llm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("trained_sft"))
+  loop.train_and_evaluate(tiny_sft_config(), workdir)
+  return workdir
