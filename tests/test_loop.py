@@ -107,3 +107,73 @@ def test_init_from_takes_parameters_only(tmp_path, tokenizer_path):
   # One Adam step moves each weight by about lr; a fresh init would differ by ~init_std.
   for a, b in zip(jax.tree.leaves(p_pre), jax.tree.leaves(p_sft)):
     assert np.max(np.abs(a - b)) < 3e-4
+
+
+def _damage(workdir: str, step: int) -> str:
+  """Truncates the largest array file of a checkpoint, as a full disk or a killed copy would."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", str(step)))
+           for f in fs]
+  victim = max(files, key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  return victim
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, tokenizer_path, caplog):
+  import shutil
+  cfg = small_config(tokenizer_path, steps=15)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  loop.train_and_evaluate(cfg, a)
+  assert checkpoint.steps(a) == [5, 10, 15]
+  shutil.copytree(a, b)
+  shutil.rmtree(os.path.join(b, "checkpoints", "15"))  # b: resumed from 10 by construction
+  _damage(a, 15)  # a: the newest checkpoint is damaged
+
+  more = small_config(tokenizer_path, steps=20)
+  with caplog.at_level("WARNING"):
+    loop.train_and_evaluate(more, a)
+  loop.train_and_evaluate(more, b)
+  log = "\n".join(caplog.messages)
+  assert "checkpoint 15" in log and "cannot be read" in log and "trying step 10" in log
+  # Kept for the user, out of the way of the resumed run (which wrote its own step 15).
+  assert os.path.isdir(os.path.join(a, checkpoint.DAMAGED_DIR, "15"))
+  assert checkpoint.steps(a) == checkpoint.steps(b)
+  pa, _ = checkpoint.load_params(a, 20)
+  pb, _ = checkpoint.load_params(b, 20)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_throughput_after_an_eval_without_checkpoint_is_normal(tmp_path, tokenizer_path, caplog):
+  cfg = small_config(tokenizer_path, steps=30)
+  cfg.train.eval_every, cfg.train.eval_batches, cfg.train.log_every = 10, 2, 10
+  cfg.data.eval = "builtin:bios_qa_heldout"
+  cfg.checkpoint.every = 100  # evals at 10 and 20 fall on steps without a checkpoint
+  with caplog.at_level("INFO"):
+    loop.train_and_evaluate(cfg, str(tmp_path))
+  rates = [float(m.split(" tokens/s")[0].rsplit("| ", 1)[1].replace(",", ""))
+           for m in caplog.messages if " tokens/s" in m]
+  assert len(rates) == 3, caplog.messages
+  assert max(rates) < 10 * min(rates), rates  # was ~1000x after an eval step
+
+
+def test_resume_refuses_a_shape_or_tokenizer_it_cannot_honour(tmp_path, tokenizer_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(small_config("", steps=5), workdir)
+  bigger = small_config("", steps=10)
+  bigger.model.dim = 64
+  with pytest.raises(ValueError, match=r"config.model.dim=64: .* model.dim=32 .*another --workdir"):
+    loop.train_and_evaluate(bigger, workdir)
+  other = tok_lib.train_sentencepiece(pipeline.corpus_texts(small_config("").data), vocab_size=500)
+  other_tok = small_config(other.save(str(tmp_path / "other")), steps=10)
+  with pytest.raises(ValueError, match=r"config.data.tokenizer.path=.*cannot switch tokenizers"):
+    loop.train_and_evaluate(other_tok, workdir)
+  vocab = small_config("", steps=10)
+  vocab.data.tokenizer.vocab_size = 900
+  with pytest.raises(ValueError, match=r"config.data.tokenizer.vocab_size=900"):
+    loop.train_and_evaluate(vocab, workdir)
+  assert checkpoint.steps(workdir) == [5]  # nothing was changed
+  # The same config resumes; vocab_size 0 ("from the tokenizer") is fine too.
+  same = small_config("", steps=6)
+  same.model.vocab_size = 0
+  assert loop.train_and_evaluate(same, workdir)["step"] == 6

@@ -138,3 +138,13 @@ def test_tokenizer_job_and_cli(tmp_path, capsys):
   tok = train_tokenizer.train(f"{text_file},{jsonl}", 450, str(tmp_path / "cli"))
   assert os.path.isfile(tmp_path / "cli" / "tokenizer.model")
   assert tok.decode(tok.encode(MIXED)) == MIXED
+
+
+def test_saved_tokenizer_follows_the_umask(tmp_path):
+  tok = tokenizer_lib.train_sentencepiece([f"line {i} 你好" for i in range(100)], vocab_size=200)
+  old = os.umask(0o022)
+  try:
+    path = tok.save(str(tmp_path))
+  finally:
+    os.umask(old)
+  assert os.stat(path).st_mode & 0o777 == 0o644

@@ -128,6 +128,10 @@ def _atomic_write(path: str, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tok-")
   with os.fdopen(fd, "wb") as f:
     f.write(data)
+  # mkstemp makes the file 0600; a tokenizer is shared like any other output (umask applies).
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
   os.replace(tmp, path)  # readers never see a half-written model
 
 

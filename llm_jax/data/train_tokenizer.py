@@ -43,9 +43,9 @@ def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
 def main(argv):
   console.setup()
   del argv
-  train(_INPUT.value, _VOCAB.value, _OUT.value, model_type=_MODEL_TYPE.value,
-        text_field=_TEXT_FIELD.value, max_sentences=_MAX_SENTENCES.value,
-        skip_bad_records=_SKIP_BAD.value)
+  console.run_reporting_errors(train, _INPUT.value, _VOCAB.value, _OUT.value,
+                               model_type=_MODEL_TYPE.value, text_field=_TEXT_FIELD.value,
+                               max_sentences=_MAX_SENTENCES.value, skip_bad_records=_SKIP_BAD.value)
 
 
 if __name__ == "__main__":
