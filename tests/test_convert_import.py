@@ -203,6 +203,16 @@ def test_unexpected_tensor_is_refused(tmp_path):
   save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(ValueError, match="o_proj.bias"):
     hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def test_missing_safetensors_leaves_no_workdir(tmp_path):
+  family, overrides = CASES["llama_gqa_untied"]
+  build_hf_model(family, overrides, str(tmp_path / "hf"))
+  os.remove(tmp_path / "hf" / "model.safetensors")
+  with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+    hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
 
 
 _MESH_SCRIPT = r"""

@@ -87,10 +87,10 @@ def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  tmp = tempfile.mkdtemp(prefix="bench_decode_")
-  hf_model = build_hf(f.family, f.dim, f.n_layers, f.vocab_size, os.path.join(tmp, "hf"))
-  hf_import.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "run"))
-  params, config = checkpoint.load_params(os.path.join(tmp, "run"))
+  with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:  # removed afterwards
+    hf_model = build_hf(f.family, f.dim, f.n_layers, f.vocab_size, os.path.join(tmp, "hf"))
+    hf_import.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "run"))
+    params, config = checkpoint.load_params(os.path.join(tmp, "run"))
   cfg = ModelConfig.from_config(config.model)
   kw = dict(batch_sizes=tuple(int(b) for b in f.batch_sizes), prompt_len=f.prompt_len, new_tokens=f.new_tokens)
   ours = bench.measure_llm_jax(params, cfg, **kw)

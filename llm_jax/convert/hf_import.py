@@ -152,6 +152,9 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
   if mesh is not None:
     from llm_jax import sharding  # pylint: disable=g-import-not-at-top
     _, shardings = sharding.abstract_params_and_shardings(cfg, mesh, config.sharding_rules)
+  # Everything that can be wrong with the source is checked before the workdir is written,
+  # so a failed import leaves no half-made run directory behind.
+  _check_tensors(hf_weights.SafetensorsDir(hf_dir), cfg)
   config.data.tokenizer.path = copy_tokenizer(hf_dir, workdir)
   params = load_hf_params(hf_dir, cfg, shardings)
   checkpoint.save_params(workdir, params, config)
@@ -169,7 +172,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   scan = None if f.scan_layers is None else f.scan_layers == "true"
-  import_hf(f.hf_dir, f.workdir, dtype=f.dtype, scan_layers=scan)
+  console.run_reporting_errors(import_hf, f.hf_dir, f.workdir, dtype=f.dtype, scan_layers=scan)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Show how records become training examples: the rendered text and which tokens carry the loss.
+
+  python -m llm_jax.data.inspect --config=configs/sft.py --workdir=runs/sft
+  python -m llm_jax.data.inspect --config=configs/sft.py --config.data.train=alpaca.json --n=3
+  python -m llm_jax.data.inspect --config=configs/pretrain.py --workdir=runs/pre --tokens
+
+Reads the first `--n` records of config.data.train (or `--split=eval`) exactly as training does
+(format detection, Alpaca/ShareGPT normalisation, ChatML, cleaning), and prints each with the
+tokens that are trained on (loss weight > 0) highlighted: green in a terminal, «between
+guillemets» otherwise. `--tokens` lists every token with its id and weight. The tokenizer is the
+run's (`--workdir`), config.data.tokenizer.path, or one trained on the data as a job would.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+import numpy as np
+from ml_collections import config_flags
+
+from llm_jax import console
+from llm_jax.data import pipeline, tokenizer as tok_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override fields "
+                                          "with --config.data.train=... etc.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "", "A run directory whose tokenizer to use (optional).")
+_N = flags.DEFINE_integer("n", 2, "Records to show.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which sources: data.train or data.eval.")
+_TOKENS = flags.DEFINE_bool("tokens", False, "Also list every token: position, id, piece, weight.")
+
+
+def render(tok, ids: np.ndarray, weights: np.ndarray, color: bool) -> str:
+  """The decoded example with the runs of trained tokens marked."""
+  on, off = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
+  out, start = [], 0
+  trained = weights > 0
+  for k in range(1, len(ids) + 1):
+    if k == len(ids) or trained[k] != trained[start]:
+      text = tok.decode(ids[start:k].tolist())
+      out.append(f"{on}{text}{off}" if trained[start] else text)
+      start = k
+  return "".join(out)
+
+
+def examples(config, tok, split: str, n: int):
+  """(where, ids, weights) of the first n documents of a split, rendered as training renders them
+  (weights here are per token: the weight of predicting that token)."""
+  data = config.data
+  spec = data.train if split == "train" else data.eval
+  to_examples = pipeline.ToExamples(data, tok, packing="none")
+  shown = 0
+  for s in pipeline.parse_spec(spec, f"config.data.{split}"):
+    reader = pipeline.DocReader(s.path, data)
+    for i in range(len(reader)):
+      doc = reader[i]
+      if "error" in doc:
+        continue
+      for ids, w in to_examples._token_docs(doc):  # pylint: disable=protected-access
+        yield reader.where(i), reader.format, ids, w
+        shown += 1
+        if shown >= n:
+          return
+
+
+def main(argv):
+  console.setup()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.run_reporting_errors(run, _CONFIG.value)
+
+
+def run(config) -> None:
+  tok_cfg = config.data.tokenizer
+  if _WORKDIR.value:
+    from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    run_cfg = checkpoint.read_config(_WORKDIR.value)
+    with tok_cfg.unlocked():
+      tok_cfg.path = checkpoint.tokenizer_path(_WORKDIR.value, run_cfg)
+  tok = tok_lib.get_tokenizer(tok_cfg, None, lambda: pipeline.corpus_texts(config.data))
+  color = sys.stdout.isatty()
+  for k, (where, fmt, ids, w) in enumerate(examples(config, tok, _SPLIT.value, _N.value), 1):
+    print(f"--- record {k}: {where} ({fmt} format, mode {config.data.mode}): {len(ids)} tokens, "
+          f"{int((w > 0).sum())} trained" + (f", seq_len {config.data.seq_len}: longer examples are "
+                                             "cut" if len(ids) > config.data.seq_len + 1 else ""))
+    print(render(tok, ids, w, color))
+    if _TOKENS.value:
+      for pos, (i, wt) in enumerate(zip(ids.tolist(), w.tolist())):
+        print(f"  {pos:5d} {i:7d} {tok.id_to_token(i)!r:24} weight {wt:g}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=console.parse_flags)
