@@ -101,7 +101,7 @@ def test_inspect_marks_exactly_the_trained_tokens(tmp_path):
   data.write_text('{"instruction": "Translate to French", "input": "Good morning", "output": "Bonjour"}\n')
   config = tiny_sft_config()
   config.data.train = str(data)
-  tok = tok_lib.train_sentencepiece(["Translate to French Good morning Bonjour"] * 50, vocab_size=120)
+  tok = tok_lib.train_sentencepiece(["Translate to French Good morning Bonjour"] * 50, vocab_size=300)
   [(where, fmt, ids, w)] = list(inspect.examples(config, tok, "train", 5))
   assert where == f"{data}:1" and fmt == "alpaca"
   # Alpaca: instruction and input joined by a newline in the user turn; the loss on the reply only.
