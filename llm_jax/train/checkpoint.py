@@ -183,8 +183,11 @@ def newest_readable(workdir: str, step: int, read):
 
 
 def _first_line(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return text[0][:300] if text else ""
+  text = str(e).strip().split(". See full TensorStore details")[0].splitlines()
+  cause = e.__cause__ or e.__context__  # TensorStore's own reason (OUT_OF_RANGE, NOT_FOUND, ...)
+  detail = _first_line(cause) if cause is not None and cause is not e else ""
+  line = (text[0] if text else "")[:200]
+  return f"{line} ({detail})" if detail and detail not in line else line
 
 
 DAMAGED_DIR = "checkpoints_damaged"
