@@ -57,6 +57,15 @@ def test_token_budget_uses_the_given_counter():
   assert got == ["甲乙。", "丙丁。", "戊己庚辛壬", "癸。"]
 
 
+def test_token_counter_reads_a_tokenizer_file(tmp_path):
+  from llm_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.train_sentencepiece(["the river flows north.", "河流向北流。"] * 50,
+                                          vocab_size=300)
+  count = documents.token_counter(tok.save(str(tmp_path)))
+  for text in ("the river flows north.", "河流向北流。", "unseen words 未见"):
+    assert count(text) == len(tok.encode(text))
+
+
 def _write_jsonl(path, records):
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
@@ -368,10 +377,14 @@ def test_judge_paraphrases_and_document_split(tmp_path):
 
 def test_user_errors_stop_before_any_request(tmp_path):
   docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": _doc(1)}])
-  with StubServer(models=("other-model",)) as server:
-    with pytest.raises(client_lib.EndpointError, match=r"--model='stub-model' is not served.*other-model"):
+  with StubServer(models=("other-a", "other-b")) as server:
+    with pytest.raises(client_lib.EndpointError, match=r"--model='stub-model' is not served.*other-b"):
       run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url))
     assert not server.counts
+  with StubServer({"DOC01": [{"status": 401}]}) as server:  # a bad key fails every request
+    with pytest.raises(client_lib.EndpointError, match=r"answered 401.*--api_key_env"):
+      run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url))
+    assert dict(server.counts) == {"DOC01": 1}  # not retried
   with pytest.raises(ValueError, match=r"--chunk_overlap=200 must be >= 0 and < --chunk_size=100"):
     _config(docs, tmp_path / "qa.jsonl", "http://x", chunks=documents.ChunkSpec(budget=100)).validate()
   bad = tmp_path / "bad.jsonl"
@@ -384,3 +397,17 @@ def test_user_errors_stop_before_any_request(tmp_path):
   assert out.stderr.strip().count("\n") == 0  # one line
   assert out.stderr.startswith(f"error: {bad}:2: malformed JSON")
   assert not os.path.exists(tmp_path / "q.jsonl")
+
+
+def test_rerun_after_a_document_was_edited_asks_for_that_chunk_only(tmp_path):
+  docs = tmp_path / "docs.txt"  # plain text: one document per line
+  docs.write_text(_doc(1) + "\n" + _doc(2) + "\n")
+  out = tmp_path / "qa.jsonl"
+  with StubServer() as server:
+    run_lib.run(_config(str(docs), out, server.base_url))
+    docs.write_text(_doc(1) + "\n" + _doc(2).replace("18", "19") + "\n")
+    server.counts.clear()
+    summary = run_lib.run(_config(str(docs), out, server.base_url))
+    assert dict(server.counts) == {"DOC02": 1}
+  assert summary.counts["chunks_changed_since_last_run"] == 1 and summary.chunks_before == 1
+  assert "1 chunks differ from the last run" in summary.format()

@@ -21,6 +21,7 @@ import email.utils
 import threading
 import time
 
+from absl import logging
 import openai
 import tenacity
 
@@ -132,9 +133,15 @@ class Endpoint:
                           "environment variable named by --api_key_env.") from None
     except openai.APIStatusError:
       return
-    if served and self.cfg.model not in served:
-      raise EndpointError(f"--model={self.cfg.model!r} is not served at {self.cfg.base_url}; "
-                          f"it serves {served[:10]}.")
+    if not served or self.cfg.model in served:
+      return
+    if len(served) == 1:  # llama.cpp lists its one model under the file name and serves any name
+      logging.warning("synth: %s lists only the model %r, not --model=%r; going on (a server "
+                      "that needs the exact name will answer 404).", self.cfg.base_url, served[0],
+                      self.cfg.model)
+      return
+    raise EndpointError(f"--model={self.cfg.model!r} is not served at {self.cfg.base_url}; "
+                        f"it serves {served[:10]}.")
 
   def _wait(self, state: tenacity.RetryCallState) -> float:
     e = state.outcome.exception()

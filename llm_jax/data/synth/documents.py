@@ -101,7 +101,8 @@ def _hard_cut(sentence: str, budget: int, size: Callable[[str], int]) -> list[st
 
 def chunk_text(text: str, spec: ChunkSpec, size: Callable[[str], int] = len) -> list[str]:
   """Chunks of whole sentences, each of size <= spec.budget, consecutive chunks sharing up to
-  spec.overlap of trailing sentences. `size` measures a string (len, or a token count)."""
+  spec.overlap of trailing sentences. `size` measures a string (len, or a token count; a
+  chunk's size is the sum over its sentences)."""
   sentences = []
   for s in split_sentences(text, spec.sentence_ends):
     sentences += [s] if size(s) <= spec.budget else _hard_cut(s, spec.budget, size)
@@ -115,9 +116,10 @@ def chunk_text(text: str, spec: ChunkSpec, size: Callable[[str], int] = len) -> 
     chunks.append("".join(sentences[i:j]).strip())
     if j >= n:
       break
-    # Step back over trailing sentences that fit in the overlap, but always move forward.
+    # The next chunk starts with this one's trailing sentences that fit in the overlap and
+    # still leave room for the next new sentence (no chunk holds only old text); it always
+    # starts after this one's first sentence.
     k, carried = j, 0
-    # It also leaves room for the next new sentence, so no chunk repeats only old text.
     while (k - 1 > i and carried + sizes[k - 1] <= spec.overlap
            and carried + sizes[k - 1] + sizes[j] <= spec.budget):
       carried += sizes[k - 1]

@@ -308,8 +308,24 @@ def _count_chunks(cfg: SynthConfig, size, summary: Summary) -> list[tuple[str, s
   return ids
 
 
+def _endpoints(cfg: SynthConfig, sleep) -> tuple[client_lib.Endpoint, client_lib.Endpoint]:
+  """(generator, judge); both checked before any work. The judge samples greedily (the same
+  pairs get the same scores) and keeps its own counters."""
+  endpoint = client_lib.Endpoint(cfg.endpoint, sleep=sleep)
+  endpoint.check_model()
+  if not cfg.judge:
+    return endpoint, endpoint
+  judge = client_lib.Endpoint(dataclasses.replace(
+      cfg.endpoint, model=cfg.judge_model or cfg.endpoint.model, temperature=0.0, top_p=1.0),
+                              sleep=sleep)
+  if judge.cfg.model != cfg.endpoint.model:
+    judge.check_model()
+  return endpoint, judge
+
+
 def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
-  """Generates and writes the records; returns the summary (also on Ctrl-C)."""
+  """Generates and writes the records; returns the summary (also on Ctrl-C/SIGTERM, with
+  `interrupted` set). User errors raise before the first request."""
   start = time.time()
   cfg.validate()
   templates = prompts_lib.Templates.load(dict(cfg.prompt_files))
@@ -319,99 +335,90 @@ def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
   summary.chunks_total = len(all_chunks)
   if not all_chunks:
     raise ValueError(f"--docs={','.join(cfg.docs.paths)}: no text to make chunks from.")
-
-  endpoint = client_lib.Endpoint(cfg.endpoint, sleep=sleep)
-  endpoint.check_model()
-  judge = endpoint
-  if cfg.judge:  # a judge samples greedily: the same pairs get the same scores
-    judge = client_lib.Endpoint(dataclasses.replace(
-        cfg.endpoint, model=cfg.judge_model or cfg.endpoint.model, temperature=0.0, top_p=1.0),
-                                sleep=sleep)
-    if judge.cfg.model != cfg.endpoint.model:
-      judge.check_model()
-
+  endpoint, judge = _endpoints(cfg, sleep)
   store = ledger_lib.Store(cfg.out, cfg.splits(), cfg.settings(templates), fsync=cfg.fsync)
-  summary.out = dict(store.outputs)
-  summary.dropped_bytes = store.dropped_bytes
+  summary.out, summary.dropped_bytes = dict(store.outputs), store.dropped_bytes
   if store.dropped_bytes:
     logging.warning("synth: cut %d bytes of uncommitted output left by an interrupted run.",
                     store.dropped_bytes)
-  dedup = _Dedup(store.load_questions())
-  synth = Synthesizer(cfg, endpoint, judge, templates, dedup)
 
-  def pending(chunk: documents.Chunk) -> bool:
-    sha = store.done.get(chunk.chunk_id)
-    if sha is None:
+  def pending(chunk_id: str, sha: str) -> bool:
+    if store.done.get(chunk_id) is None:
       return True
-    if sha != chunk.sha:
-      summary.counts["chunks_changed_since_last_run"] += 1
+    if store.done[chunk_id] != sha:
       return True  # the document was edited: its new text is asked for (old records stay)
-    return cfg.retry_failed and chunk.chunk_id in store.failed
+    return cfg.retry_failed and chunk_id in store.failed
 
-  todo = (c for c in documents.iter_chunks(cfg.docs, cfg.chunks, size) if pending(c))
-  summary.chunks_before = sum(1 for cid, sha in all_chunks
-                              if store.done.get(cid) == sha
-                              and not (cfg.retry_failed and cid in store.failed))
+  changed = sum(1 for cid, sha in all_chunks if store.done.get(cid, sha) != sha)
+  if changed:
+    summary.counts["chunks_changed_since_last_run"] = changed
+    logging.warning("synth: %d chunks changed since the last run (documents edited); they are "
+                    "asked again and their old records stay in the output.", changed)
+  summary.chunks_before = sum(1 for cid, sha in all_chunks if not pending(cid, sha))
   remaining = summary.chunks_total - summary.chunks_before
   logging.info("synth: %d documents, %d chunks (%d finished in earlier runs, %d to do) -> %s",
                summary.documents, summary.chunks_total, summary.chunks_before, remaining,
                ", ".join(store.outputs.values()))
+  todo = (c for c in documents.iter_chunks(cfg.docs, cfg.chunks, size) if pending(c.chunk_id, c.sha))
+  synth = Synthesizer(cfg, endpoint, judge, templates, _Dedup(store.load_questions()))
 
-  pool = _Pool(cfg.concurrency, synth)
-  window = 2 * cfg.concurrency  # chunks queued or in flight: bounded memory, workers never idle
-  in_flight, last_log = 0, time.time()
-
-  def handle(result) -> None:
-    if isinstance(result, BaseException):
-      raise result
+  def commit(result: ChunkResult) -> None:
     summary.counts.update(+result.counts)  # unary + drops zero counts
     summary.invalid.update(+result.invalid)
     chunk = result.chunk
-    if result.status == "gave_up":
+    if result.status != "ok":
+      summary.add_error(f"{chunk.chunk_id} ({chunk.where}): {result.status}: {result.error}")
+    if result.status == "gave_up":  # not on the ledger: a rerun asks again
       summary.chunks_gave_up += 1
-      summary.add_error(f"{chunk.chunk_id} ({chunk.where}): gave up: {result.error}")
       return
-    if result.status == "rejected":
-      summary.chunks_rejected += 1
-      summary.add_error(f"{chunk.chunk_id} ({chunk.where}): rejected: {result.error}")
-    split = split_of(chunk.doc_id, cfg)
-    store.commit(chunk.chunk_id, chunk.sha, {split: result.records}, result.status)
+    summary.chunks_rejected += result.status == "rejected"
+    store.commit(chunk.chunk_id, chunk.sha, {split_of(chunk.doc_id, cfg): result.records},
+                 result.status)
     summary.chunks_done += 1
     summary.records_written += len(result.records)
 
-  def drain_one() -> None:
-    nonlocal in_flight, last_log
-    while True:
-      try:
-        result = pool.results.get(timeout=0.5)
-        break
-      except queue.Empty:
-        pass
-      finally:
-        if time.time() - last_log >= cfg.progress_every:
-          last_log = time.time()
-          _log_progress(summary, remaining, start)
-    in_flight -= 1
-    handle(result)
-
   try:
-    for chunk in todo:
-      while in_flight >= window:
-        drain_one()
-      pool.jobs.put(chunk)
-      in_flight += 1
-    while in_flight:
-      drain_one()
+    _drive(_Pool(cfg.concurrency, synth), todo, commit, cfg.concurrency,
+           lambda: _log_progress(summary, remaining, start), cfg.progress_every)
   except KeyboardInterrupt:
     summary.interrupted = True
   finally:
-    endpoints = [endpoint] if judge is endpoint else [endpoint, judge]
-    summary.add_endpoint_counters(endpoints)
+    summary.add_endpoint_counters([endpoint] if judge is endpoint else [endpoint, judge])
     summary.records_in_files = dict(store.records)
     summary.seconds = round(time.time() - start, 2)
     store.close()
     summary.save(store.summary_path)
   return summary
+
+
+def _drive(pool: _Pool, todo, commit, concurrency: int, log, log_every: float) -> None:
+  """Feeds chunks to the pool, at most 2 x concurrency queued or in flight (bounded memory,
+  workers never idle), and commits each result in this thread as it arrives."""
+  in_flight, last_log = 0, time.time()
+
+  def take_one() -> None:
+    nonlocal in_flight, last_log
+    while True:
+      if time.time() - last_log >= log_every:
+        last_log = time.time()
+        log()
+      try:
+        result = pool.results.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
+        break
+      except queue.Empty:
+        continue
+    in_flight -= 1
+    if isinstance(result, BaseException):  # EndpointError (bad key...) from a worker
+      raise result
+    commit(result)
+
+  for chunk in todo:
+    while in_flight >= 2 * concurrency:
+      take_one()
+    pool.jobs.put(chunk)
+    in_flight += 1
+  while in_flight:
+    take_one()
 
 
 def _log_progress(summary: Summary, remaining: int, start: float) -> None:

@@ -104,6 +104,9 @@ class Summary:
     lines.append(f"  tokens     {p:,} prompt + {q:,} completion = {p + q:,}")
     if self.skipped_records:
       lines.append(f"  skipped    {self.skipped_records} bad document records")
+    if c["chunks_changed_since_last_run"]:
+      lines.append(f"  changed    {c['chunks_changed_since_last_run']} chunks differ from the "
+                   "last run's text (documents edited): asked again, old records kept")
     if self.dropped_bytes:
       lines.append(f"  resumed    cut {self.dropped_bytes:,} bytes of uncommitted output")
     for e in self.errors[:5]:
