@@ -6,6 +6,7 @@ import dataclasses
 import email.utils
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -382,9 +383,23 @@ def test_user_errors_stop_before_any_request(tmp_path):
       run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url))
     assert not server.counts
   with StubServer({"DOC01": [{"status": 401}]}) as server:  # a bad key fails every request
-    with pytest.raises(client_lib.EndpointError, match=r"answered 401.*--api_key_env"):
-      run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url))
+    summary = run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url))
     assert dict(server.counts) == {"DOC01": 1}  # not retried
+  assert re.search(r"answered 401.*--api_key_env", summary.stopped)
+  assert "stopped early" in summary.format()
+
+
+def test_a_server_that_keeps_failing_stops_the_run(tmp_path):
+  docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": _doc(n)} for n in range(1, 21)])
+  with StubServer({f"DOC{n:02d}": [{"status": 503}] for n in range(1, 21)}) as server:
+    summary = run_lib.run(_config(docs, tmp_path / "qa.jsonl", server.base_url, concurrency=2))
+    time.sleep(0.2)  # requests already in flight end; nothing queued is sent after the stop
+    sent = sum(server.counts.values())
+  assert "4 chunks in a row failed after all retries" in summary.stopped
+  assert summary.chunks_gave_up == 4 and summary.chunks_done == 0
+  # 3 attempts per chunk; besides the 4 that gave up, at most 2 x concurrency chunks were
+  # queued or in flight, and the queued ones are never sent.
+  assert 3 * 4 <= sent <= 3 * (4 + 2 * 2)
   with pytest.raises(ValueError, match=r"--chunk_overlap=200 must be >= 0 and < --chunk_size=100"):
     _config(docs, tmp_path / "qa.jsonl", "http://x", chunks=documents.ChunkSpec(budget=100)).validate()
   bad = tmp_path / "bad.jsonl"

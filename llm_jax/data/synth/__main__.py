@@ -133,6 +133,9 @@ def main(argv):
     sys.stderr.write("interrupted before any request was sent\n")
     sys.exit(130)
   print(summary.format(), flush=True)
+  if summary.stopped:
+    sys.stderr.write(f"error: {summary.stopped}\n")
+    sys.exit(2)
   if summary.interrupted:
     sys.stderr.flush()
     os._exit(130)  # worker threads may still wait on the network; their answers are dropped

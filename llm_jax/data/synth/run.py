@@ -281,16 +281,26 @@ class _Pool:
   def __init__(self, n: int, fn):
     self.jobs: queue.Queue = queue.Queue()
     self.results: queue.Queue = queue.Queue()
+    self._n = n
     for _ in range(n):
       threading.Thread(target=self._work, args=(fn,), daemon=True).start()
 
   def _work(self, fn):
-    while True:
-      job = self.jobs.get()
+    while (job := self.jobs.get()) is not None:
       try:
         self.results.put(fn(job))
       except BaseException as e:  # pylint: disable=broad-except  # the main thread re-raises
         self.results.put(e)
+
+  def stop(self) -> None:
+    """Drops the queued chunks (never sent) and lets each thread end after its request."""
+    try:
+      while True:
+        self.jobs.get_nowait()
+    except queue.Empty:
+      pass
+    for _ in range(self._n):
+      self.jobs.put(None)
 
 
 def _count_chunks(cfg: SynthConfig, size, summary: Summary) -> list[tuple[str, str]]:
@@ -324,8 +334,9 @@ def _endpoints(cfg: SynthConfig, sleep) -> tuple[client_lib.Endpoint, client_lib
 
 
 def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
-  """Generates and writes the records; returns the summary (also on Ctrl-C/SIGTERM, with
-  `interrupted` set). User errors raise before the first request."""
+  """Generates and writes the records; returns the summary, also when interrupted (Ctrl-C,
+  SIGTERM: `interrupted`) or stopped by the endpoint (bad key, server gone: `stopped`). User
+  errors raise before the first request."""
   start = time.time()
   cfg.validate()
   templates = prompts_lib.Templates.load(dict(cfg.prompt_files))
@@ -362,14 +373,24 @@ def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
   todo = (c for c in documents.iter_chunks(cfg.docs, cfg.chunks, size) if pending(c.chunk_id, c.sha))
   synth = Synthesizer(cfg, endpoint, judge, templates, _Dedup(store.load_questions()))
 
+  gave_up_in_a_row = 0
+  # A server that went away fails every chunk after minutes of retries each: stop instead.
+  max_gave_up_in_a_row = max(4, 2 * cfg.concurrency)
+
   def commit(result: ChunkResult) -> None:
+    nonlocal gave_up_in_a_row
     summary.counts.update(+result.counts)  # unary + drops zero counts
     summary.invalid.update(+result.invalid)
     chunk = result.chunk
     if result.status != "ok":
       summary.add_error(f"{chunk.chunk_id} ({chunk.where}): {result.status}: {result.error}")
+    gave_up_in_a_row = gave_up_in_a_row + 1 if result.status == "gave_up" else 0
     if result.status == "gave_up":  # not on the ledger: a rerun asks again
       summary.chunks_gave_up += 1
+      if gave_up_in_a_row >= max_gave_up_in_a_row:
+        raise client_lib.EndpointError(
+            f"{gave_up_in_a_row} chunks in a row failed after all retries (last: {result.error}); "
+            f"is {cfg.endpoint.base_url} up? Rerun the same command to continue.")
       return
     summary.chunks_rejected += result.status == "rejected"
     store.commit(chunk.chunk_id, chunk.sha, {split_of(chunk.doc_id, cfg): result.records},
@@ -377,12 +398,16 @@ def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
     summary.chunks_done += 1
     summary.records_written += len(result.records)
 
+  pool = _Pool(cfg.concurrency, synth)
   try:
-    _drive(_Pool(cfg.concurrency, synth), todo, commit, cfg.concurrency,
+    _drive(pool, todo, commit, cfg.concurrency,
            lambda: _log_progress(summary, remaining, start), cfg.progress_every)
   except KeyboardInterrupt:
     summary.interrupted = True
+  except client_lib.EndpointError as e:  # raised by a worker (401...) or by commit above
+    summary.stopped = str(e)
   finally:
+    pool.stop()
     summary.add_endpoint_counters([endpoint] if judge is endpoint else [endpoint, judge])
     summary.records_in_files = dict(store.records)
     summary.seconds = round(time.time() - start, 2)

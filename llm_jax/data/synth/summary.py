@@ -33,6 +33,7 @@ class Summary:
   dropped_bytes: int = 0  # uncommitted output of an interrupted run, cut off at start
   errors: list = dataclasses.field(default_factory=list)
   interrupted: bool = False
+  stopped: str = ""  # why the endpoint made the run stop early ("" = it did not)
   seconds: float = 0.0
 
   def add_error(self, text: str) -> None:
@@ -63,7 +64,8 @@ class Summary:
 
   def format(self) -> str:
     c = self.counts
-    state = "interrupted (rerun the same command to continue)" if self.interrupted else "finished"
+    state = ("interrupted (rerun the same command to continue)" if self.interrupted else
+             "stopped early (see the error below)" if self.stopped else "finished")
     lines = [f"synth: {state} in {self.seconds:.1f} s -> {', '.join(self.out.values())}"]
     chunk_line = (f"{self.documents:,} documents, {self.chunks_total:,} chunks: "
                   f"{self.chunks_done:,} done now, {self.chunks_before:,} in earlier runs")
