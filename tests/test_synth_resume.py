@@ -3,7 +3,6 @@ run's (as a set of pairs), with no duplicate and no torn line, and at most the r
 flight are asked again."""
 
 import collections
-import dataclasses
 import json
 import os
 import signal

@@ -23,61 +23,99 @@ from llm_jax.data.synth import run as run_lib
 from llm_jax.data.synth import validate
 
 # Documents and chunks
-_DOCS = flags.DEFINE_list("docs", None, "Document files (comma separated; globs allowed): .txt lines, "
-                          "{text} JSONL/JSON/Parquet, as the training readers read them.")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in JSON/Parquet records.")
-_DOC_ID_FIELD = flags.DEFINE_string("doc_id_field", "", "Field naming a record's document (e.g. title): "
-                                    "records sharing it are one document for --split_by; "
-                                    "'' = each record is a document.")
+_DOCS = flags.DEFINE_list("docs", None,
+                          "Document files (comma separated; globs allowed): .txt lines, {text} "
+                          "JSONL/JSON/Parquet, as the training readers read them.")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text",
+                                  "Field holding the text in JSON/Parquet records.")
+_DOC_ID_FIELD = flags.DEFINE_string("doc_id_field", "",
+                                    "Field naming a record's document (e.g. title): records "
+                                    "sharing it are one document for --split_by; '' = each record "
+                                    "is a document.")
 _CLEAN = flags.DEFINE_bool("clean", True, "Drop wiki/HTML markup and empty brackets (clean_text).")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) malformed records instead of stopping.")
-_MAX_DOCS = flags.DEFINE_integer("max_docs", 0, "Use only the first N documents (try a small run first); 0 = all.")
-_CHUNK_UNIT = flags.DEFINE_enum("chunk_unit", "chars", ["chars", "tokens"], "Unit of --chunk_size/--chunk_overlap.")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 2000, "Largest chunk, in --chunk_unit (chunks end at sentence ends).")
-_CHUNK_OVERLAP = flags.DEFINE_integer("chunk_overlap", 200, "Trailing sentences repeated at the start of the next chunk, in --chunk_unit.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
+                              "Skip (and count) malformed records instead of stopping.")
+_MAX_DOCS = flags.DEFINE_integer("max_docs", 0,
+                                 "Use only the first N documents (try a small run first); 0 = all.")
+_CHUNK_UNIT = flags.DEFINE_enum("chunk_unit", "chars", ["chars", "tokens"],
+                                "Unit of --chunk_size/--chunk_overlap.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 2000,
+                                   "Largest chunk, in --chunk_unit (chunks end at sentence ends).")
+_CHUNK_OVERLAP = flags.DEFINE_integer("chunk_overlap", 200,
+                                      "Trailing sentences repeated at the start of the next chunk,"
+                                      " in --chunk_unit.")
 _SENTENCE_ENDS = flags.DEFINE_string("sentence_ends", "。！？.!?", "Characters a sentence ends with.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "With --chunk_unit=tokens: a .model, a tokenizer.json or a directory with one.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "",
+                                 "With --chunk_unit=tokens: a .model, a tokenizer.json or a "
+                                 "directory with one.")
 # Endpoint
-_BASE_URL = flags.DEFINE_string("base_url", None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+_BASE_URL = flags.DEFINE_string("base_url", None,
+                                "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
 _MODEL = flags.DEFINE_string("model", None, "Model name the server serves.")
-_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key "
-                                   "(local servers usually need none).")
+_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY",
+                                   "Environment variable holding the API key (local servers "
+                                   "usually need none).")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Requests in flight at once.")
-_TIMEOUT = flags.DEFINE_float("timeout", 120.0, "Seconds before a request times out (then it is retried).")
-_MAX_RETRIES = flags.DEFINE_integer("max_retries", 5, "Retries of a request after timeouts, 429 and 5xx (never 400).")
-_BACKOFF = flags.DEFINE_float("backoff", 1.0, "First retry waits about this many seconds, doubling each time, plus jitter.")
-_MAX_BACKOFF = flags.DEFINE_float("max_backoff", 60.0, "Longest wait between retries (Retry-After included).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature of the generating model.")
+_TIMEOUT = flags.DEFINE_float("timeout", 120.0,
+                              "Seconds before a request times out (then it is retried).")
+_MAX_RETRIES = flags.DEFINE_integer("max_retries", 5,
+                                    "Retries of a request after timeouts, 429 and 5xx (never 400).")
+_BACKOFF = flags.DEFINE_float("backoff", 1.0,
+                              "First retry waits about this many seconds, doubling each time, plus"
+                              " jitter.")
+_MAX_BACKOFF = flags.DEFINE_float("max_backoff", 60.0,
+                                  "Longest wait between retries (Retry-After included).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7,
+                                  "Sampling temperature of the generating model.")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 2048, "Longest reply in tokens.")
-_SEED = flags.DEFINE_integer("seed", -1, "Sampling seed sent to the server (vLLM, llama.cpp); -1 = none.")
+_SEED = flags.DEFINE_integer("seed", -1,
+                             "Sampling seed sent to the server (vLLM, llama.cpp); -1 = none.")
 # What to ask and what to keep
-_LANG = flags.DEFINE_enum("lang", "auto", ["auto", "zh", "en"], "Prompt language; auto picks per chunk from its text.")
+_LANG = flags.DEFINE_enum("lang", "auto", ["auto", "zh", "en"],
+                          "Prompt language; auto picks per chunk from its text.")
 _PAIRS = flags.DEFINE_integer("pairs_per_chunk", 5, "Question-answer pairs asked for per chunk.")
-_QA_PROMPT = flags.DEFINE_string("qa_prompt", "", "Template file for the QA request ({lang} in the name = one "
-                                 "file per language); needs {chunk} and {n}. '' = built-in.")
-_PARA_PROMPT = flags.DEFINE_string("paraphrase_prompt", "", "Template file for rephrasings; needs {questions} and {k}.")
-_JUDGE_PROMPT = flags.DEFINE_string("judge_prompt", "", "Template file for the judge; needs {chunk} and {pairs}.")
-_PARSE_RETRIES = flags.DEFINE_integer("parse_retries", 1, "Ask again this many times when a reply is not readable JSON.")
-_MIN_GROUNDING = flags.DEFINE_float("min_grounding", 0.6, "Keep an answer only if this share of its words "
-                                    "(CJK: character pairs) occurs in the chunk.")
+_QA_PROMPT = flags.DEFINE_string("qa_prompt", "",
+                                 "Template file for the QA request ({lang} in the name = one file "
+                                 "per language); needs {chunk} and {n}. '' = built-in.")
+_PARA_PROMPT = flags.DEFINE_string("paraphrase_prompt", "",
+                                   "Template file for rephrasings; needs {questions} and {k}.")
+_JUDGE_PROMPT = flags.DEFINE_string("judge_prompt", "",
+                                    "Template file for the judge; needs {chunk} and {pairs}.")
+_PARSE_RETRIES = flags.DEFINE_integer("parse_retries", 1,
+                                      "Ask again this many times when a reply is not readable "
+                                      "JSON.")
+_MIN_GROUNDING = flags.DEFINE_float("min_grounding", 0.6,
+                                    "Keep an answer only if this share of its words (CJK: "
+                                    "character pairs) occurs in the chunk.")
 _MIN_Q = flags.DEFINE_integer("min_question_chars", 4, "Shortest question kept, in characters.")
 _MAX_Q = flags.DEFINE_integer("max_question_chars", 300, "Longest question kept, in characters.")
 _MIN_A = flags.DEFINE_integer("min_answer_chars", 1, "Shortest answer kept, in characters.")
 _MAX_A = flags.DEFINE_integer("max_answer_chars", 1000, "Longest answer kept, in characters.")
-_JUDGE = flags.DEFINE_bool("judge", False, "Ask an LLM judge to score each pair 1-10 and keep those >= --judge_threshold.")
-_JUDGE_MODEL = flags.DEFINE_string("judge_model", "", "Judge model on the same endpoint; '' = --model.")
+_JUDGE = flags.DEFINE_bool("judge", False,
+                           "Ask an LLM judge to score each pair 1-10 and keep those >= "
+                           "--judge_threshold.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", "",
+                                   "Judge model on the same endpoint; '' = --model.")
 _JUDGE_THRESHOLD = flags.DEFINE_float("judge_threshold", 7.0, "Lowest judge score kept.")
-_PARAPHRASES = flags.DEFINE_integer("paraphrases", 0, "Rephrasings asked for per kept question (same answer).")
+_PARAPHRASES = flags.DEFINE_integer("paraphrases", 0,
+                                    "Rephrasings asked for per kept question (same answer).")
 # Output
-_OUT = flags.DEFINE_string("out", None, "Output JSONL (with --split_by=document: OUT.train.jsonl and OUT.val.jsonl).")
-_SPLIT_BY = flags.DEFINE_enum("split_by", "none", ["none", "document"], "document: train/val files, "
-                              "every document's questions in one of them only.")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.1, "Share of documents in the val file (by a hash of the document id).")
+_OUT = flags.DEFINE_string("out", None,
+                           "Output JSONL (with --split_by=document: OUT.train.jsonl and "
+                           "OUT.val.jsonl).")
+_SPLIT_BY = flags.DEFINE_enum("split_by", "none", ["none", "document"],
+                              "document: train/val files, every document's questions in one of "
+                              "them only.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.1,
+                                   "Share of documents in the val file (by a hash of the document "
+                                   "id).")
 _SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the train/val document hash.")
 _SYSTEM = flags.DEFINE_string("system", "", "System turn opening every written chat; '' = none.")
-_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Also ask again for chunks the endpoint rejected (400) before.")
-_FSYNC = flags.DEFINE_bool("fsync", True, "fsync the output before each ledger line (safe against power cuts).")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False,
+                                  "Also ask again for chunks the endpoint rejected (400) before.")
+_FSYNC = flags.DEFINE_bool("fsync", True,
+                           "fsync the output before each ledger line (safe against power cuts).")
 flags.mark_flags_as_required(["docs", "base_url", "model", "out"])
 
 _USER_ERRORS = (ValueError, FileNotFoundError, documents.DocumentError, ledger.LedgerError,

@@ -79,9 +79,9 @@ class Store:
       size = os.fstat(fd).st_size
       if size < ends[split]:
         os.close(fd)
-        raise LedgerError(f"{path} holds {size} bytes but its ledger {self.ledger_path} recorded "
-                          f"{ends[split]}; the output was edited or truncated. Restore it, or start "
-                          "over with another --out.")
+        raise LedgerError(f"{path} holds {size} bytes but its ledger {self.ledger_path} "
+                          f"recorded {ends[split]}; the output was edited or truncated. Restore "
+                          "it, or start over with another --out.")
       if size > ends[split]:
         self.dropped_bytes += size - ends[split]
         os.ftruncate(fd, ends[split])

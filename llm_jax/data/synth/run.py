@@ -25,8 +25,8 @@ from llm_jax.data.synth import client as client_lib
 from llm_jax.data.synth import documents
 from llm_jax.data.synth import ledger as ledger_lib
 from llm_jax.data.synth import prompts as prompts_lib
-from llm_jax.data.synth.summary import Summary
 from llm_jax.data.synth import validate
+from llm_jax.data.synth.summary import Summary
 
 SPLITS = ("none", "document")
 
@@ -64,15 +64,18 @@ class SynthConfig:
     need(self.docs.paths, "--docs is empty; name at least one document file.")
     need(self.out, "--out is empty; name the output JSONL file.")
     need(self.endpoint.model, "--model is empty; name the model the server serves.")
-    need(self.chunk_unit in ("chars", "tokens"), f"--chunk_unit={self.chunk_unit!r}; use chars or tokens.")
+    need(self.chunk_unit in ("chars", "tokens"),
+         f"--chunk_unit={self.chunk_unit!r}; use chars or tokens.")
     need(self.chunk_unit == "chars" or self.tokenizer,
          "--chunk_unit=tokens needs --tokenizer (a .model, tokenizer.json, or a run directory).")
     need(self.chunks.budget > 0, f"--chunk_size={self.chunks.budget} must be > 0.")
     need(0 <= self.chunks.overlap < self.chunks.budget,
-         f"--chunk_overlap={self.chunks.overlap} must be >= 0 and < --chunk_size={self.chunks.budget}.")
+         f"--chunk_overlap={self.chunks.overlap} must be >= 0 and < "
+         f"--chunk_size={self.chunks.budget}.")
     need(self.lang in ("auto", *prompts_lib.LANGS), f"--lang={self.lang!r}; use auto, zh or en.")
     need(1 <= self.pairs_per_chunk <= 50, f"--pairs_per_chunk={self.pairs_per_chunk}; use 1..50.")
-    need(0 <= self.limits.min_grounding <= 1, f"--min_grounding={self.limits.min_grounding}; use 0..1.")
+    need(0 <= self.limits.min_grounding <= 1,
+         f"--min_grounding={self.limits.min_grounding}; use 0..1.")
     need(1 <= self.judge_threshold <= 10, f"--judge_threshold={self.judge_threshold}; use 1..10.")
     need(0 <= self.paraphrases <= 10, f"--paraphrases={self.paraphrases}; use 0..10.")
     need(self.split_by in SPLITS, f"--split_by={self.split_by!r}; use one of {SPLITS}.")
@@ -83,7 +86,8 @@ class SynthConfig:
     e = self.endpoint
     need(e.timeout > 0, f"--timeout={e.timeout} must be > 0 seconds.")
     need(e.max_retries >= 0, f"--max_retries={e.max_retries} must be >= 0.")
-    need(0 <= e.backoff <= e.max_backoff, f"--backoff={e.backoff} must be in [0, --max_backoff={e.max_backoff}].")
+    need(0 <= e.backoff <= e.max_backoff,
+         f"--backoff={e.backoff} must be in [0, --max_backoff={e.max_backoff}].")
     need(e.max_tokens > 0, f"--max_tokens={e.max_tokens} must be > 0.")
     lim = self.limits
     need(0 <= lim.min_question_chars <= lim.max_question_chars,
@@ -94,7 +98,8 @@ class SynthConfig:
 
   def tasks(self) -> tuple[str, ...]:
     """The prompt templates this run uses."""
-    return ("qa",) + (("judge",) if self.judge else ()) + (("paraphrase",) if self.paraphrases else ())
+    return (("qa",) + (("judge",) if self.judge else ()) +
+            (("paraphrase",) if self.paraphrases else ()))
 
   def splits(self) -> tuple[str, ...]:
     return ("all",) if self.split_by == "none" else ("train", "val")
@@ -192,8 +197,8 @@ class Synthesizer:
   def _run(self, chunk: documents.Chunk, result: ChunkResult) -> None:
     cfg = self.cfg
     lang = cfg.lang if cfg.lang != "auto" else prompts_lib.detect_lang(chunk.text)
-    items = self._ask_json(self.endpoint, "qa", self.templates.qa(lang, chunk.text, cfg.pairs_per_chunk),
-                           result, lambda v: validate.as_items(v))
+    prompt = self.templates.qa(lang, chunk.text, cfg.pairs_per_chunk)
+    items = self._ask_json(self.endpoint, "qa", prompt, result, validate.as_items)
     if items is None:
       result.invalid["unparseable"] += 1
       return
@@ -213,8 +218,9 @@ class Synthesizer:
 
     if cfg.judge and pairs:
       shown = [{"question": p["question"], "answer": p["answer"]} for p in pairs]
-      scores = self._ask_json(self.judge_endpoint, "judge", self.templates.judge(lang, chunk.text, shown),
-                              result, lambda v: validate.parse_scores(v, len(pairs)))
+      prompt = self.templates.judge(lang, chunk.text, shown)
+      scores = self._ask_json(self.judge_endpoint, "judge", prompt, result,
+                              lambda v: validate.parse_scores(v, len(pairs)))
       if scores is None:
         result.invalid["judge_unreadable"] += len(pairs)
         pairs = []
@@ -232,7 +238,8 @@ class Synthesizer:
       else:
         result.invalid["duplicate"] += 1
     result.counts["pairs_kept"] += len(kept)
-    variants = self._paraphrase(lang, kept, result) if cfg.paraphrases and kept else [[]] * len(kept)
+    variants = (self._paraphrase(lang, kept, result) if cfg.paraphrases and kept else
+                [[] for _ in kept])
     for p, extra in zip(kept, variants):
       result.records.append(self._record(chunk, p["question"], p, None))
       for q in extra:
@@ -370,7 +377,8 @@ def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
   logging.info("synth: %d documents, %d chunks (%d finished in earlier runs, %d to do) -> %s",
                summary.documents, summary.chunks_total, summary.chunks_before, remaining,
                ", ".join(store.outputs.values()))
-  todo = (c for c in documents.iter_chunks(cfg.docs, cfg.chunks, size) if pending(c.chunk_id, c.sha))
+  todo = (c for c in documents.iter_chunks(cfg.docs, cfg.chunks, size)
+          if pending(c.chunk_id, c.sha))
   synth = Synthesizer(cfg, endpoint, judge, templates, _Dedup(store.load_questions()))
 
   gave_up_in_a_row = 0
