@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import precision
 from llm_jax.model.attention import Attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
@@ -63,8 +64,7 @@ class Embed(nn.Module):
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype))
 
 
 class DecoderLayer(nn.Module):
