@@ -51,6 +51,16 @@ def peak_memory() -> str:
   return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (host peak RSS)"
 
 
+def compiled_memory(compiled) -> str:
+  """Per-device bytes XLA's buffer assignment gives the step: arguments (state and batch) and
+  temporaries (activations kept for the backward pass, logits, workspace), on any backend."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return "n/a"
+  return (f"{m.argument_size_in_bytes / 2**30:.3f} GiB arguments + "
+          f"{m.temp_size_in_bytes / 2**30:.3f} GiB temporaries (per device)")
+
+
 def main(argv):
   console.setup()
   del argv
@@ -98,6 +108,7 @@ def main(argv):
       ("model TFLOP/s", f"{fpt * tok_s / 1e12:.3f}"),
       ("MFU", f"{100 * fpt * tok_s / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source})"),
       ("peak memory", peak_memory()),
+      ("XLA buffers", compiled_memory(compiled)),
       ("final loss", f"{float(m['loss']):.4f}"),
   ]
   for k, v in rows:

@@ -8,6 +8,10 @@ just enough length for 2 x 2 tiles (splash tiles are multiples of 128 lanes).
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,7 @@ from tests.model_reference import random_params
 from tests.numerics import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiles per kernel: 2 x 2 forward tiles, and more in the backward pass for pallas_gpu.
 CASES = {"splash": dict(length=256, tiles=(128, 128, 128, 128)),
@@ -77,7 +82,7 @@ def test_kernel_equals_xla_attention_with_gradients(impl, head_dim):
     assert_close(g, w, rel=1e-5, err_msg=f"d{name}")
 
 
-BASE = ModelConfig(vocab_size=53, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+BASE = ModelConfig(vocab_size=56, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                    mlp_dim=96, init_std=0.2, scan_layers=True)
 
 
@@ -86,24 +91,33 @@ def _forward(cfg, params, ids, pos, seg):
   return Decoder(cfg).apply({"params": params}, ids, pos, seg)
 
 
-@pytest.mark.parametrize("attention", ["splash", "pallas_gpu", "auto"])
-def test_model_forward_with_each_attention_equals_xla(attention):
-  length = CASES.get(attention, CASES["pallas_gpu"])["length"]
-  seg_np = packed_segment_ids(length)
-  pos_np = np.zeros_like(seg_np)
-  for r in range(2):  # positions restart at 0 in every document (padding counts on)
-    for s in np.unique(seg_np[r]):
-      idx = np.where(seg_np[r] == s)[0]
-      pos_np[r, idx] = np.arange(len(idx))
-  ids = np.random.default_rng(1).integers(0, BASE.vocab_size, seg_np.shape).astype(np.int32)
+def test_model_forward_auto_is_the_xla_path_on_cpu():
+  length = CASES["pallas_gpu"]["length"]
+  seg = packed_segment_ids(length)
+  pos = np.tile(np.arange(length, dtype=np.int32), (2, 1))
+  ids = np.random.default_rng(1).integers(0, BASE.vocab_size, seg.shape).astype(np.int32)
   xla_cfg = dataclasses.replace(BASE, attention="xla")
-  cfg = dataclasses.replace(BASE, attention=attention, attention_interpret=True).validate()
-  params = random_params(xla_cfg, 0)  # scanned layout: one stacked "layers" tree
-  got = _forward(cfg, params, ids, pos_np, seg_np)
-  want = _forward(xla_cfg, params, ids, pos_np, seg_np)
-  assert_close(got, want, rel=1e-5)
-  if attention == "auto":
-    assert kernels.fused_impl(cfg, length) is None  # on a CPU, auto is the XLA path
+  cfg = dataclasses.replace(BASE, attention="auto").validate()
+  assert kernels.fused_impl(cfg, length) is None
+  params = random_params(xla_cfg, 0)
+  program = lambda c: str(jax.make_jaxpr(lambda p: Decoder(c).apply({"params": p}, ids, pos, seg))(params))
+  assert program(cfg) == program(xla_cfg)  # the very same computation
+
+
+def test_sharded_model_forward_and_gradients_equal_xla():
+  """8 virtual devices: the model forward with attention=splash / pallas_gpu (under shard_map
+  on a 2x2x2 mesh) equals the one-device XLA forward; pallas_gpu's gradients too on a 1x2x4
+  mesh, where the 2 kv heads do not split 4 ways (see kernels_sharded_check.py)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT,
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kernels_sharded_check.py")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  for impl in ("splash", "pallas_gpu"):
+    assert res[f"{impl}_shard_map"], res  # really the sharded path
+    assert res[f"{impl}_model_2x2x2"] <= 1e-5, res
+  assert all(e <= 1e-5 for e in res["pallas_gpu_grads_1x2x4"].values()), res
 
 
 def test_tiles_fit_the_sequence():
