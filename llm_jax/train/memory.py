@@ -95,15 +95,15 @@ def _saved_per_token(cfg: ModelConfig, layout: Layout, fused_attention: bool) ->
 
   a = bytes of the compute dtype. Per layer, without remat: the layer input and the two norm
   outputs and residual (4 D), q/k/v ((N + 2K) H), the attention output (N H), gate, up and
-  their product (3 F); the XLA attention adds its float32 softmax and its compute-dtype copy
-  per key (N L (4 + a)) and the [L, L] mask (L bytes); a fused kernel adds its log-sum-exp (N
-  float32 values).
+  their product (3 F); the XLA attention adds, per key, its float32 scores and softmax and the
+  softmax's compute-dtype copy (N L (8 + a)) and the [L, L] mask (L bytes); a fused kernel adds
+  its log-sum-exp (N float32 values).
   """
   a = jnp.dtype(cfg.compute_dtype).itemsize
   t = layout.tensor
   n, k, f = _split(cfg.n_heads, t), _split(cfg.n_kv_heads, t), _split(cfg.mlp_dim, t)
   h, d, length = cfg.head_dim, cfg.dim, layout.seq_len
-  attn_scores = 4 * n if fused_attention else n * length * (4 + a) + length
+  attn_scores = 4 * n if fused_attention else n * length * (8 + a) + length
   return {
       "input": d * a,
       "norms_residual": 3 * d * a,
@@ -118,7 +118,7 @@ def _saved_per_token(cfg: ModelConfig, layout: Layout, fused_attention: bool) ->
 
 def activation_bytes(cfg: ModelConfig, layout: Layout, policy: str, fused_attention: bool) -> float:
   """Estimated activation bytes per device for a remat policy (config.model.remat_policy):
-  what every layer keeps, plus one layer recomputed whole during its backward pass."""
+  what every layer keeps, plus the rest of one layer, recomputed during its backward pass."""
   s = _saved_per_token(cfg, layout, fused_attention)
   whole = s["input"] + s["norms_residual"] + s["qkv"] + s["attn_out"] + s["scores"] + s["mlp"]
   kept = {
@@ -128,7 +128,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, policy: str, fused_attent
       "dots_with_no_batch_dims": s["input"] + s["qkv"] + s["proj_out"] + 2 / 3 * s["mlp"],
       "dots": s["input"] + s["qkv"] + s["proj_out"] + 2 / 3 * s["mlp"] + s["attn_out"] + s["score_dot"],
   }[policy]
-  recompute = 0 if policy == "none" else whole
+  recompute = whole - kept  # one layer's other activations, rebuilt during its backward pass
   tokens = layout.rows * layout.seq_len
   embed_and_final_norm = 2 * cfg.dim * jnp.dtype(cfg.compute_dtype).itemsize
   return tokens * (cfg.n_layers * kept + recompute + embed_and_final_norm)
