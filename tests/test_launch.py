@@ -187,9 +187,9 @@ def test_tpu_pod_dry_run_prints_every_command_and_runs_nothing(fakes):
 
 
 def test_tpu_pod_creates_a_missing_tpu(fakes):
-  env, log, _ = fakes
+  env, log, tmp = fakes
   env.update(FAKE_WORKERS="2", FAKE_RUN_S="0")
-  out = _tpu(env, "--tpu=t3", "--zone=z", "--type=v4-16", "--no_install", *JOB[:1],
+  out = _tpu(env, "--tpu=t3", "--zone=z", "--type=v4-16", "--no_install", f"--log_dir={tmp}/logs", *JOB[:1],
              "--config=configs/pretrain.py", "--workdir=/shared/run")
   assert out.returncode == 0, out.stderr
   create = [c for c in _calls(log) if "create" in c]

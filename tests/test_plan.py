@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from configs import pretrain
-from llm_jax import devices as devices_lib, plan
+from llm_jax import devices as devices_lib, planner
 from llm_jax.model.config import REMAT_POLICIES
 from llm_jax.train import memory
 
@@ -55,34 +55,34 @@ def _config(preset, vocab, seq_len, batch, **model):
 
 
 def test_estimates_order_policies_and_kernels():
-  cfg = plan.model_config(_config("llama-1b", 128256, 8192, 32))
+  cfg = planner.model_config(_config("llama-1b", 128256, 8192, 32))
   layout = memory.Layout(rows=4, seq_len=8192, tensor=1)
   for fused in (True, False):
-    acts = [memory.activation_bytes(cfg, layout, p, fused) for p in plan.POLICY_ORDER]
+    acts = [memory.activation_bytes(cfg, layout, p, fused) for p in planner.POLICY_ORDER]
     assert acts == sorted(acts, reverse=True), acts  # each policy keeps less than the one before
   # XLA attention keeps [L, L] scores per head: at 8k it dwarfs everything else.
   assert memory.activation_bytes(cfg, layout, "none", False) > 5 * memory.activation_bytes(cfg, layout, "none", True)
-  assert set(plan.POLICY_ORDER) == set(REMAT_POLICIES)
+  assert set(planner.POLICY_ORDER) == set(REMAT_POLICIES)
   chunked = dataclasses.replace(cfg, loss_chunk_len=512)
   assert memory.logits_bytes(chunked, layout) < memory.logits_bytes(cfg, layout) / 8
 
 
 def test_plan_prefers_plain_data_parallel_and_shards_when_needed():
   small = _config("tiny", 4096, 256, 64)
-  best, policy, _ = plan.plan(small, devices_lib.parse("8xH100"))
+  best, policy, _ = planner.plan(small, devices_lib.parse("8xH100"))
   assert (best.mesh, policy, best.loss_chunk_len) == ({"data": 8, "fsdp": 1, "tensor": 1}, "none", 0)
 
   big = _config("llama-1b", 128256, 4096, 64)
   gpus = devices_lib.parse("8xL4")  # 24 GB each: the replicated state alone does not fit
-  best, policy, tried = plan.plan(big, gpus)
+  best, policy, tried = planner.plan(big, gpus)
   budget = 0.9 * gpus.hbm_bytes
   assert best.total(policy) <= budget
   assert best.mesh["fsdp"] > 1 and best.mesh["tensor"] == 1
   assert best.loss_chunk_len > 0  # a 128k vocabulary: the chunked loss is chosen before remat
   # Nothing earlier in the preference order fits: no faster policy on this tensor size.
-  faster = plan.POLICY_ORDER[:plan.POLICY_ORDER.index(policy)]
+  faster = planner.POLICY_ORDER[:planner.POLICY_ORDER.index(policy)]
   assert not any(o.total(p) <= budget for o in tried if o.mesh["tensor"] == 1 for p in faster)
-  assert plan.plan(big, devices_lib.parse("L4"))[0] is None  # one 24 GB GPU: nothing fits
+  assert planner.plan(big, devices_lib.parse("L4"))[0] is None  # one 24 GB GPU: nothing fits
 
 
 def test_cli_prints_the_plan_and_refuses_unknown_devices():
