@@ -26,6 +26,8 @@ from llm_jax.train import state as state_lib, step as step_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compile step and one warm-up).")
 _DOCS = flags.DEFINE_integer("docs_per_row", 4, "Documents packed per row of the synthetic batch.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile, print XLA's buffer sizes, run no "
+                                  "step (memory of configs too slow or too big to run here).")
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict:
@@ -86,6 +88,10 @@ def main(argv):
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    if _COMPILE_ONLY.value:
+      print(f"{'compile time':>14}: {compile_s:.2f} s")
+      print(f"{'XLA buffers':>14}: {compiled_memory(compiled)}")
+      return
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
     t = time.perf_counter()
