@@ -22,7 +22,13 @@ def _model(**kw) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # parameter (and optimizer state) dtype
   c.scan_layers = True  # stack layers under nn.scan: one compiled block, faster compiles
   c.remat_policy = "none"  # activation recompute: none | full | dots | dots_with_no_batch_dims | save_attn_out
-  c.attention = "xla"  # attention kernel: xla (any device) | cudnn (GPU flash attention, bf16)
+  c.attention = "auto"  # attention kernel: auto (splash on TPU, pallas_gpu on GPU, else xla) | xla | splash | pallas_gpu | cudnn (dense mask, bf16)
+  c.attention_block_q = 0  # fused-kernel query tile, forward; 0 = kernel default (splash 512, pallas_gpu 128)
+  c.attention_block_kv = 0  # fused-kernel key/value tile, forward; 0 = kernel default (splash 512, pallas_gpu 128)
+  c.attention_block_q_bwd = 0  # query tile of the backward pass; 0 = kernel default (splash 512, pallas_gpu 32)
+  c.attention_block_kv_bwd = 0  # key/value tile of the backward pass; 0 = kernel default (splash 512, pallas_gpu 32)
+  c.attention_interpret = False  # run the Pallas kernels in interpret mode on any device (slow; tests, debugging)
+  c.loss_chunk_len = 0  # > 0: cross-entropy this many positions at a time; the [B, L, V] logits never exist (big vocabularies)
   c.init_std = 0.02  # stddev of the normal initialiser
   c.update(kw)
   return c

@@ -26,6 +26,8 @@ from llm_jax.train import state as state_lib, step as step_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compile step and one warm-up).")
 _DOCS = flags.DEFINE_integer("docs_per_row", 4, "Documents packed per row of the synthetic batch.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile, print XLA's buffer sizes, run no "
+                                  "step (memory of configs too slow or too big to run here).")
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict:
@@ -49,6 +51,16 @@ def peak_memory() -> str:
   if "peak_bytes_in_use" in stats:
     return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB (device 0)"
   return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (host peak RSS)"
+
+
+def compiled_memory(compiled) -> str:
+  """Per-device bytes XLA's buffer assignment gives the step: arguments (state and batch) and
+  temporaries (activations kept for the backward pass, logits, workspace), on any backend."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return "n/a"
+  return (f"{m.argument_size_in_bytes / 2**30:.3f} GiB arguments + "
+          f"{m.temp_size_in_bytes / 2**30:.3f} GiB temporaries (per device)")
 
 
 def main(argv):
@@ -76,6 +88,10 @@ def main(argv):
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    if _COMPILE_ONLY.value:
+      print(f"{'compile time':>14}: {compile_s:.2f} s")
+      print(f"{'XLA buffers':>14}: {compiled_memory(compiled)}")
+      return
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
     t = time.perf_counter()
@@ -98,6 +114,7 @@ def main(argv):
       ("model TFLOP/s", f"{fpt * tok_s / 1e12:.3f}"),
       ("MFU", f"{100 * fpt * tok_s / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source})"),
       ("peak memory", peak_memory()),
+      ("XLA buffers", compiled_memory(compiled)),
       ("final loss", f"{float(m['loss']):.4f}"),
   ]
   for k, v in rows:

@@ -46,3 +46,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = c.mesh[axis]
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
+  _validate_accel(c)
+
+
+def _validate_accel(c: ml_collections.ConfigDict) -> None:
+  """Fused attention kernels and the chunked loss (llm_jax/model/kernels, train/chunked_loss.py)."""
+  m = c.model
+  if m.get("loss_chunk_len", 0) < 0:
+    _fail("model.loss_chunk_len", m.loss_chunk_len, "must be >= 0 (0: full logits)")
+  if m.get("attention") in ("splash", "pallas_gpu"):
+    from llm_jax.model.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    _, why = dispatch.blocks(m, m.attention, c.data.seq_len)
+    if why:
+      _fail("data.seq_len", c.data.seq_len, f"config.model.attention={m.attention!r}: {why}; change "
+            "the length or use --config.model.attention=auto")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llm_jax.model import kernels
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, apply_rope
 
@@ -101,6 +102,9 @@ class Attention(nn.Module):
       out_BxLxNxH = xla_attention(q_BxLxNxH, k_cache, v_cache, mask_BxLxS, cfg.compute_dtype)
     elif cfg.attention == "cudnn":
       out_BxLxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
+    elif not self.is_initializing() and kernels.fused_impl(cfg, q_BxLxNxH.shape[1]):
+      # splash (TPU) / pallas_gpu, explicit or by `auto`; init's 1-token dummy takes the XLA path.
+      out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, cfg)
     else:
       out_BxLxNxH = xla_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_causal_mask(segment_ids_BxL),
                                   cfg.compute_dtype)

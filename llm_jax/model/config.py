@@ -7,6 +7,10 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out")
+# xla: plain jnp (any device); cudnn: jax.nn.dot_product_attention with a dense segment mask (GPU);
+# splash: Pallas TPU splash attention; pallas_gpu: Pallas (Triton) flash attention for GPUs;
+# auto: splash on TPU, pallas_gpu on GPU, xla elsewhere (see llm_jax/model/kernels/).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,13 @@ class ModelConfig:
   remat_policy: str = "none"
   attention: str = "xla"
   init_std: float = 0.02
+  # Fused-kernel tile sizes (splash, pallas_gpu); 0 takes the kernel's default for the platform.
+  attention_block_q: int = 0
+  attention_block_kv: int = 0
+  attention_block_q_bwd: int = 0
+  attention_block_kv_bwd: int = 0
+  attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests, debugging)
+  loss_chunk_len: int = 0  # > 0: cross-entropy over this many positions at a time (no [B, L, V] logits)
 
   @property
   def compute_dtype(self) -> Any:
@@ -51,8 +62,19 @@ class ModelConfig:
         bad(f, f"must be one of {sorted(_DTYPES)}")
     if self.remat_policy not in REMAT_POLICIES:
       bad("remat_policy", f"must be one of {REMAT_POLICIES}")
-    if self.attention not in ("xla", "cudnn"):
-      bad("attention", "must be 'xla' or 'cudnn'")
+    if self.attention not in ATTENTION_IMPLS:
+      bad("attention", f"must be one of {ATTENTION_IMPLS}")
+    for f in ("attention_block_q", "attention_block_kv", "attention_block_q_bwd",
+              "attention_block_kv_bwd"):
+      b = getattr(self, f)
+      if b < 0:
+        bad(f, "must be >= 0 (0 takes the kernel's default)")
+      if b and self.attention == "splash" and b % 128:
+        bad(f, "splash attention tiles are multiples of 128 (TPU lanes); use 128, 256, 512, ...")
+      if b and self.attention == "pallas_gpu" and (b < 16 or b & (b - 1)):
+        bad(f, "pallas_gpu tiles are powers of two >= 16 (Triton); use 32, 64, 128, ...")
+    if self.loss_chunk_len < 0:
+      bad("loss_chunk_len", "must be >= 0 (0 computes the full [batch, length, vocab] logits)")
     if self.attention == "cudnn":
       # cuDNN's fused attention kernels take half-precision inputs and head sizes <= 128, multiple of 8.
       if self.dtype not in ("bfloat16", "float16"):

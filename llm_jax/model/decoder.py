@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import precision
 from llm_jax.model.attention import Attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
@@ -63,8 +64,7 @@ class Embed(nn.Module):
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -89,11 +89,14 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None, logits_at_BxK=None):
+  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None, logits_at_BxK=None,
+               return_hidden=False):
     """Logits [B, L, V] float32 (and the new cache when `cache` is given).
 
     logits_at_BxK: optional sequence indices; then only those K positions get logits ([B, K, V]),
     e.g. the last prompt token in prefill, which saves a [B, L, V] matmul over the vocabulary.
+    return_hidden: return the final-normed hidden states [B, L, D] (compute dtype) instead of
+    the logits; `output_weights` gives the matrix that maps them to logits (chunked losses).
     """
     cfg = self.cfg
     embed = Embed(cfg, name="embed")
@@ -123,6 +126,9 @@ class Decoder(nn.Module):
     if logits_at_BxK is not None:
       x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxK[:, :, None], axis=1)
     x_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x_BxLxD)
+    if return_hidden and not self.is_initializing():  # init still creates the output projection
+      x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+      return x_BxLxD if cache is None else (x_BxLxD, new_cache)
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
@@ -133,3 +139,11 @@ class Decoder(nn.Module):
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, new_cache
+
+
+def output_weights(params, cfg: ModelConfig) -> tuple[jax.Array, str]:
+  """(the output projection's parameter, its einsum from hidden [b, l, d] to logits): the tied
+  embedding [V, D] or the lm_head kernel [D, V]; logits = einsum(eq, hidden, w)."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"], "bld,vd->blv"
+  return params["lm_head"]["kernel"], "bld,dv->blv"

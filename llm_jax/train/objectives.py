@@ -24,7 +24,9 @@ import jax.numpy as jnp
 
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
+from llm_jax.model.decoder import output_weights  # chunked loss
 from llm_jax.train import loss as loss_lib
+from llm_jax.train import chunked_loss
 
 Sums = dict[str, jax.Array]
 
@@ -46,6 +48,13 @@ def language_model(model_cfg: ModelConfig, *, z_loss: float = 0.0) -> Objective:
 
   def sums(params, frozen, batch, rng):
     del frozen, rng
+    if model_cfg.loss_chunk_len:  # the [B, L, V] logits never exist (chunked_loss.py)
+      hidden_BxLxD = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                 batch["segment_ids"], return_hidden=True)
+      w, eq = output_weights(params, model_cfg)
+      return chunked_loss.chunked_cross_entropy_sums(
+          hidden_BxLxD, w, batch["targets"], batch["loss_weights"], eq=eq,
+          chunk_len=model_cfg.loss_chunk_len, z_loss=z_loss, dtype=model_cfg.compute_dtype)
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                batch["segment_ids"])
     return loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"],

@@ -18,7 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
+from llm_jax.model.decoder import output_weights  # chunked loss
 from llm_jax.train import loss as loss_lib, objectives
+from llm_jax.train import chunked_loss
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
@@ -101,6 +103,12 @@ def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
   model = Decoder(model_cfg)
 
   def eval_step(params, batch):
+    if model_cfg.loss_chunk_len:  # no [B, L, V] logits (chunked_loss.py)
+      hidden_BxLxD = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                 batch["segment_ids"], return_hidden=True)
+      w, eq = output_weights(params, model_cfg)
+      return chunked_loss.eval_sums(hidden_BxLxD, w, batch, eq=eq, chunk_len=model_cfg.loss_chunk_len,
+                                    dtype=model_cfg.compute_dtype, per_document=per_document)
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                batch["segment_ids"])
     sums = loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"])
