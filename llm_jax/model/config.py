@@ -29,6 +29,9 @@ class ModelConfig:
   remat_policy: str = "none"
   attention: str = "xla"
   init_std: float = 0.02
+  # A model/lora.LoraConfig: adapters on the chosen projections (None: no LoRA). Not read from
+  # config.model; set by lora.with_lora from config.lora.
+  lora: Any = None
 
   @property
   def compute_dtype(self) -> Any:

@@ -3,7 +3,8 @@
 A run directory holds:
   config.json              the run's full config
   tokenizer.model | tokenizer/   the tokenizer the run trained or was given
-  checkpoints/<step>/state  {"step", "params", "opt_state"} (params-only for imported models)
+  checkpoints/<step>/state  {"step", "params", "opt_state"} (params-only for imported models;
+                           a LoRA run's "params" are its adapters, see load_params)
   checkpoints/<step>/data   the Grain iterator state, so a resumed run sees the same batches
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 mid-save never leaves a half-written checkpoint that looks valid.
@@ -20,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 STATE = "state"
+FROZEN = "frozen"  # the train state's never-trained parameters (not checkpointed)
 DATA = "data"
 CONFIG_FILE = "config.json"
 
@@ -51,7 +53,11 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
          force: bool = False) -> bool:
-  """Starts saving `state` (and the data iterator's position); returns whether it saved."""
+  """Starts saving `state` (and the data iterator's position); returns whether it saved.
+
+  A state's "frozen" entry (a LoRA base) is not saved: it is the `init_from` model, which the
+  job reads again when it resumes."""
+  state = {k: v for k, v in state.items() if k != FROZEN}
   args = {STATE: ocp.args.PyTreeSave(state)}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointSave(data_iter)
@@ -60,7 +66,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:
   """Restores the train state into the shardings of `abstract_state` (ShapeDtypeStructs with
-  .sharding) and, if given, moves `data_iter` to where the checkpointed run stopped."""
+  .sharding) and, if given, moves `data_iter` to where the checkpointed run stopped. A "frozen"
+  entry of `abstract_state` is not in the checkpoint (see `save`) and not restored."""
+  abstract_state = {k: v for k, v in abstract_state.items() if k != FROZEN}
   args = {STATE: _restore_args(abstract_state)}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -129,15 +137,21 @@ def save_params(workdir: str, params: Any, config: ml_collections.ConfigDict, st
   return workdir
 
 
-def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None
-                ) -> tuple[Any, ml_collections.ConfigDict]:
+def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None,
+                merge_lora: bool = True) -> tuple[Any, ml_collections.ConfigDict]:
   """Reads only the parameters of a run's checkpoint (no optimizer state).
 
   `shardings`: a tree of NamedShardings matching the params; None puts them on one device.
   `dtype`: cast every parameter to it while reading (e.g. bf16 imports trained in float32).
+  A LoRA run (config.lora.rank > 0) stores adapters only: its parameters are its base's with the
+  adapters merged in (float32), so every tool reads it like any run; `merge_lora=False` returns
+  the adapters as stored.
   Returns (params, the run's config).
   """
   config = read_config(workdir)
+  if merge_lora and config.get("lora") and config.lora.get("rank", 0) > 0:
+    from llm_jax.convert import merge_lora as merge_lib  # pylint: disable=g-import-not-at-top (cycle)
+    return merge_lib.load_merged_params(workdir, step, shardings, dtype), config
   step = pick_step(workdir, step)
   # The data item's handler is registered (though not restored) so Orbax knows the item.
   with make_manager(workdir, with_data=True, read_only=True) as m:

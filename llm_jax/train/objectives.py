@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import loss as loss_lib
@@ -45,9 +46,10 @@ def language_model(model_cfg: ModelConfig, *, z_loss: float = 0.0) -> Objective:
   model = Decoder(model_cfg)
 
   def sums(params, frozen, batch, rng):
-    del frozen, rng
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                               batch["segment_ids"])
+    # With LoRA, params are the adapters and frozen the base (lora.variables); rng: their dropout.
+    logits_BxLxV = model.apply(lora.variables(model_cfg, params, frozen), batch["inputs"],
+                               batch["positions"], batch["segment_ids"],
+                               rngs=lora.rngs(model_cfg, rng))
     return loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"],
                                        z_loss)
 

@@ -101,7 +101,10 @@ def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
   model = Decoder(model_cfg)
 
   def eval_step(params, batch):
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
+    # A LoRA model (model_cfg.lora) is evaluated on {"params": base, "lora": adapters}
+    # (lora_state.eval_params); any other on its params.
+    variables = params if model_cfg.lora is not None else {"params": params}
+    logits_BxLxV = model.apply(variables, batch["inputs"], batch["positions"],
                                batch["segment_ids"])
     sums = loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"])
     if per_document:
