@@ -61,6 +61,6 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
   if lc.init not in lora.INITS:
     _fail("lora.init", lc.init, f"must be one of {lora.INITS}")
   lora.parse_targets(lc.targets)  # raises naming config.lora.targets
-  if lc.rank > 0 and c.job in ("pretrain", "sft") and not c.init_from:
+  if lc.rank > 0 and c.job not in ("eval", "tokenizer") and not c.init_from:
     _fail("init_from", c.init_from, "LoRA (config.lora.rank > 0) adapts a base model: set it to "
           "the base's run directory (a training run, or llm_jax.convert.hf_import's output)")

@@ -34,8 +34,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def lora_config(config: ml_collections.ConfigDict, workdir: str) -> lora.LoraConfig:
   """The run's LoraConfig; refuses a directory that is not (or no longer) a LoRA run."""
-  rank = config.get("lora", {}).get("rank", 0) if config.get("lora") else 0
-  if not rank:
+  if not (config.get("lora") and config.lora.get("rank", 0)):
     merged = os.path.join(workdir, MERGE_FILE)
     if os.path.isfile(merged):
       with open(merged) as f:
@@ -65,9 +64,10 @@ def load_merged_params(workdir: str, step: int = -1, shardings: Any = None, dtyp
                             "a directory: a LoRA run needs its base to be read (move it back, or "
                             "edit init_from in its config.json)")
   base, _ = checkpoint.load_params(config.init_from, config.init_step, shardings=shardings)
-  adapters, _ = checkpoint.load_params(workdir, step, merge_lora=False)
-  first = jax.tree.leaves(base)[0].sharding
-  adapters = jax.device_put(adapters, _replicated_like(first))
+  # The (small) adapters are read replicated over the base's devices (multi-host safe).
+  adapters, _ = checkpoint.load_params(
+      workdir, step, shardings=_replicated_like(jax.tree.leaves(base)[0].sharding),
+      merge_lora=False)
   out_sh = shardings if shardings is not None else jax.tree.map(lambda x: x.sharding, base)
   merged = jax.jit(lambda b, a: lora.merge(b, a, lora_cfg, dtype), out_shardings=out_sh)(
       base, adapters)

@@ -22,7 +22,8 @@ N(0, 1/rank) ("gaussian"), and B = 0; for the embedding PEFT swaps the roles (A 
 and so do we. Either way the adapted model starts exactly at the base. Adapters are float32
 whatever the base's dtype (PEFT's autocast_adapter_dtype): they are small, and bf16 would drown
 their updates. Dropout (training only: it is applied when the caller passes a "dropout" rng) acts
-on the adapter's input, never on the base path. The embedding adapter has none (as in PEFT).
+on the adapter's input, never on the base path. The embedding lookup has none (as in PEFT); a
+tied head's use of the embedding adapter has it, like PEFT's tied lm_head adapter.
 
 Embedding and head: "embed" adapts the input table E [V, D] by A [V, r] @ B [r, D]; with tied
 embeddings that same adapted table is the output projection too, so merging stays exact (PEFT's
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 COLLECTION = "lora"
-# config.lora.targets names -> the module names in the decoder (and, for export, in HF).
+# config.lora.targets names -> the names of the modules they adapt in the decoder.
 TARGET_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                   "up": "up_proj", "down": "down_proj", "embed": "embed", "lm_head": "lm_head"}
 TARGETS = tuple(TARGET_MODULES)

@@ -141,7 +141,8 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any 
                 merge_lora: bool = True) -> tuple[Any, ml_collections.ConfigDict]:
   """Reads only the parameters of a run's checkpoint (no optimizer state).
 
-  `shardings`: a tree of NamedShardings matching the params; None puts them on one device.
+  `shardings`: a tree of NamedShardings matching the params, or one Sharding for all of them;
+  None puts them on one device.
   `dtype`: cast every parameter to it while reading (e.g. bf16 imports trained in float32).
   A LoRA run (config.lora.rank > 0) stores adapters only: its parameters are its base's with the
   adapters merged in (float32), so every tool reads it like any run; `merge_lora=False` returns
@@ -157,8 +158,10 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any 
   with make_manager(workdir, with_data=True, read_only=True) as m:
     meta = m.item_metadata(step)[STATE]["params"]
     if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: device, meta)
+      shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):  # one sharding for every parameter
+      one = shardings
+      shardings = jax.tree.map(lambda _: one, meta)
     abstract = jax.tree.map(
         lambda md, s: jax.ShapeDtypeStruct(md.shape, dtype or md.dtype, sharding=s), meta, shardings)
     restored = m.restore(step, args=ocp.args.Composite(
