@@ -120,21 +120,21 @@ def export_peft(workdir: str, out: str, step: int = -1, max_shard_bytes: int = 2
   config = checkpoint.read_config(workdir)
   lora_cfg = merge_lora.lora_config(config, workdir)
   adapters, _ = checkpoint.load_params(workdir, step, merge_lora=False)
-  base_dir, adapter_dir = os.path.join(out, "base"), os.path.join(out, "adapter")
-  hf_export.export_hf(config.init_from, base_dir, config.init_step,
-                      max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(base_dir, "config.json")) as f:
-    vocab = json.load(f)["vocab_size"]
-  cfg = ModelConfig.from_config(config.model, vocab_size=vocab)
-  if cfg.vocab_size != vocab:
-    raise ValueError(f"{workdir}: config.model.vocab_size={cfg.vocab_size} but its base has "
-                     f"{vocab} rows")
+  cfg = ModelConfig.from_config(config.model)
   tensors = adapter_tensors(cfg, adapters)
   n_found = sum(math.prod(x.shape) for x in tensors.values())
   n_saved = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(adapters))
   if n_found != n_saved:  # every stored adapter has a PEFT name, none is dropped
     raise ValueError(f"{workdir}: {n_saved} adapter parameters stored but {n_found} exported")
   tensors.update(tied_head_tensors(cfg, tensors))
+  base_dir, adapter_dir = os.path.join(out, "base"), os.path.join(out, "adapter")
+  hf_export.export_hf(config.init_from, base_dir, config.init_step,
+                      max_shard_bytes=max_shard_bytes)
+  with open(os.path.join(base_dir, "config.json")) as f:
+    vocab = json.load(f)["vocab_size"]
+  if cfg.vocab_size != vocab:
+    raise ValueError(f"{workdir}: config.model.vocab_size={cfg.vocab_size} but its base "
+                     f"{config.init_from} has {vocab} rows")
   os.makedirs(adapter_dir, exist_ok=True)
   save_file(tensors, os.path.join(adapter_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(adapter_dir, ADAPTER_CONFIG), "w") as f:

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llm_jax import sharding
 from llm_jax.model import lora
 
-# The fields a run's adapters are shaped by (and what they adapt): fixed at the run's first start.
+# A run's LoRA settings, fixed at its first start: a resumed run goes on training the same way.
 _RUN_FIELDS = ("rank", "alpha", "dropout", "targets", "init")
 
 
