@@ -1,4 +1,4 @@
-"""Sharded LoRA training equals one device: 4 steps with dropout, 8 virtual devices vs 1. The
+"""Sharded LoRA training equals one device: 3 steps with dropout, 8 virtual devices vs 1. The
 base stays bit-identical and every adapter tensor moves."""
 
 import json
