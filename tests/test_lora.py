@@ -112,6 +112,17 @@ def test_adapted_forward_matches_numpy_reference(cfg):
     assert_close(_forward(cfg, {"params": merged}), want, rel=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [UNTIED, TIED], ids=["untied", "tied"])
+def test_output_weight_delta_is_the_merged_head_minus_the_base(cfg):
+  lcfg = lora.with_lora(cfg, lora.LoraConfig(rank=3, alpha=6.0, targets=_all(cfg)))
+  params, adapters = random_params(cfg, std=0.3), _adapters(lcfg)
+  merged = _numpy_merged(params, adapters, 2.0)
+  path = ("embed", "embedding") if cfg.tie_embeddings else ("lm_head", "kernel")
+  want = merged[path[0]][path[1]] - np.asarray(params[path[0]][path[1]], np.float64)
+  assert_close(lora.output_weight_delta(lcfg, adapters), want, rel=1e-5)
+  assert lora.output_weight_delta(cfg, adapters) is None
+
+
 def test_zero_b_is_the_base_and_dropout_never_touches_it():
   lcfg = lora.with_lora(UNTIED, lora.LoraConfig(rank=3, alpha=6.0, dropout=0.5,
                                                 targets=_all(UNTIED)))

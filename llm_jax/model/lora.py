@@ -316,3 +316,17 @@ def merge(base: Any, adapters: Any, lora_cfg: LoraConfig, dtype=None) -> Any:
   if dtype is not None:
     out = {k: v.astype(dtype) for k, v in out.items()}
   return traverse_util.unflatten_dict(out)
+
+
+def output_weight_delta(model_cfg, adapters):
+  """scale * A @ B in the layout of the output projection's weight (the tied embedding [V, D],
+  or the lm_head kernel [D, V]), float32; None when the head has no adapter. For losses computed
+  from hidden states and that weight rather than from the logits: base weight + this delta is
+  the adapted head (without the adapter's dropout, which acts on the head's input)."""
+  if model_cfg.lora is None:
+    return None
+  node = adapters.get("embed" if model_cfg.tie_embeddings else "lm_head")
+  if node is None:
+    return None
+  a, b = node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32)
+  return model_cfg.lora.scale * jnp.einsum("ir,ro->io", a, b)
