@@ -68,6 +68,13 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
   c.checkpoint.enabled = True  # False: write none (benchmarks)
 
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # LoRA adapter rank; 0 trains every parameter, > 0 only adapters (needs init_from)
+  c.lora.alpha = 16.0  # adapter output scale is alpha / rank
+  c.lora.dropout = 0.0  # dropout on the adapters' input, training only
+  c.lora.targets = "q,k,v,o,gate,up,down"  # adapted layers, comma-separated; also embed, lm_head
+  c.lora.init = "kaiming"  # A's init as in PEFT: kaiming (uniform) | gaussian (N(0, 1/rank))
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel replicas; -1 takes the devices left over
   c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style)

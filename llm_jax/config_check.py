@@ -6,6 +6,7 @@ typed); these catch values of the right type that cannot work.
 
 import ml_collections
 
+from llm_jax.model import lora
 from llm_jax.train.optimizer import SCHEDULES
 
 
@@ -47,6 +48,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
   _validate_accel(c)
+  _validate_lora(c)
+
+
+def _validate_lora(c: ml_collections.ConfigDict) -> None:
+  lc = c.lora
+  if lc.rank < 0:
+    _fail("lora.rank", lc.rank, "must be >= 0 (0 turns LoRA off)")
+  if not lc.alpha > 0:
+    _fail("lora.alpha", lc.alpha, "must be > 0 (the adapters are scaled by alpha / rank)")
+  if not 0 <= lc.dropout < 1:
+    _fail("lora.dropout", lc.dropout, "must be in [0, 1)")
+  if lc.init not in lora.INITS:
+    _fail("lora.init", lc.init, f"must be one of {lora.INITS}")
+  lora.parse_targets(lc.targets)  # raises naming config.lora.targets
+  if lc.rank > 0 and c.job not in ("eval", "tokenizer") and not c.init_from:
+    _fail("init_from", c.init_from, "LoRA (config.lora.rank > 0) adapts a base model: set it to "
+          "the base's run directory (a training run, or llm_jax.convert.hf_import's output)")
 
 
 def _validate_accel(c: ml_collections.ConfigDict) -> None:

@@ -40,6 +40,9 @@ class ModelConfig:
   attention_block_kv_bwd: int = 0
   attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests, debugging)
   loss_chunk_len: int = 0  # > 0: cross-entropy over this many positions at a time (no [B, L, V] logits)
+  # A model/lora.LoraConfig: adapters on the chosen projections (None: no LoRA). Not read from
+  # config.model; set by lora.with_lora from config.lora.
+  lora: Any = None
 
   @property
   def compute_dtype(self) -> Any:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.model import precision
+from llm_jax.model import lora as lora_lib
 from llm_jax.model.attention import Attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
@@ -53,18 +54,25 @@ class Embed(nn.Module):
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
         (cfg.vocab_size, cfg.dim), cfg.weight_dtype)
+    self.lora_ab = lora_lib.embed_adapter(self) if cfg.lora is not None else None
 
   def __call__(self, ids_BxL):
     # Gather the table whole before the lookup (FSDP gathers every weight for use anyway); a
     # gather from a table sharded over vocab and embed makes XLA replicate the result instead.
     table_VxD = nn.with_logical_constraint(self.embedding, (None, "act_embed"))
     x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0).astype(self.cfg.compute_dtype)
+    if self.lora_ab is not None:  # LoRA on the table (config.lora.targets has "embed")
+      x_BxLxD = x_BxLxD + lora_lib.embed_lookup_delta(self, self.lora_ab, ids_BxL)
     return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    return precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype))
+    logits_BxLxV = precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype),
+                                            self.embedding.astype(dtype))
+    if self.lora_ab is not None:  # the adapted table is the tied head too (merge stays exact)
+      logits_BxLxV = logits_BxLxV + lora_lib.embed_attend_delta(self, self.lora_ab, x_BxLxD)
+    return logits_BxLxV
 
 
 class DecoderLayer(nn.Module):
@@ -108,7 +116,9 @@ class Decoder(nn.Module):
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(cfg.remat_policy),
                            prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      # LoRA adapters ("lora") stack like the weights; each layer draws its own dropout masks.
+      stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, new_cache = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 
 
@@ -26,7 +27,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
   with N = `matmul_params(cfg)`. The attention term counts the full L x L score and value matmuls
   (no discount for causality or packing), as PaLM and MaxText do.
+
+  With LoRA the frozen weights get no weight gradients, so they cost 4 * N (forward, and the
+  backward to their inputs), and each adapter parameter the full 6.
   """
+  if cfg.lora is not None:
+    return float(4 * matmul_params(cfg) + 6 * lora.trainable_count(cfg)
+                 + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len)
   return float(6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len)
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.model import precision
+from llm_jax.model import lora as lora_lib
 from llm_jax.model.config import ModelConfig
 
 
@@ -60,6 +61,8 @@ class Projection(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
                         bias_shape, cfg.weight_dtype)
       y = y + bias.astype(cfg.compute_dtype)
+    if cfg.lora is not None:  # + scale * (x @ A) @ B where config.lora targets this layer
+      y = lora_lib.adapt_projection(self, x, y)
     return y
 
 

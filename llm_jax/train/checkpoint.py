@@ -3,7 +3,8 @@
 A run directory holds:
   config.json              the run's full config
   tokenizer.model | tokenizer/   the tokenizer the run trained or was given
-  checkpoints/<step>/state  {"step", "params", "opt_state"} (params-only for imported models)
+  checkpoints/<step>/state  {"step", "params", "opt_state"} (params-only for imported models;
+                           a LoRA run's "params" are its adapters, see load_params)
   checkpoints/<step>/data   the Grain iterator state, so a resumed run sees the same batches
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 mid-save never leaves a half-written checkpoint that looks valid.
@@ -20,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 STATE = "state"
+FROZEN = "frozen"  # the train state's never-trained parameters (not checkpointed)
 DATA = "data"
 CONFIG_FILE = "config.json"
 HF_SOURCE_CONFIG = "hf_config.json"  # an imported model's own config.json (convert/hf_import.py)
@@ -52,7 +54,11 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
          force: bool = False) -> bool:
-  """Starts saving `state` (and the data iterator's position); returns whether it saved."""
+  """Starts saving `state` (and the data iterator's position); returns whether it saved.
+
+  A state's "frozen" entry (a LoRA base) is not saved: it is the `init_from` model, which the
+  job reads again when it resumes."""
+  state = {k: v for k, v in state.items() if k != FROZEN}
   args = {STATE: ocp.args.PyTreeSave(state)}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointSave(data_iter)
@@ -61,7 +67,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:
   """Restores the train state into the shardings of `abstract_state` (ShapeDtypeStructs with
-  .sharding) and, if given, moves `data_iter` to where the checkpointed run stopped."""
+  .sharding) and, if given, moves `data_iter` to where the checkpointed run stopped. A "frozen"
+  entry of `abstract_state` is not in the checkpoint (see `save`) and not restored."""
+  abstract_state = {k: v for k, v in abstract_state.items() if k != FROZEN}
   args = {STATE: _restore_args(abstract_state)}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -131,15 +139,24 @@ def save_params(workdir: str, params: Any, config: ml_collections.ConfigDict, st
 
 
 def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None, *,
-                with_step: bool = False):
+                merge_lora: bool = True, with_step: bool = False):
   """Reads only the parameters of a run's checkpoint (no optimizer state).
 
   `step` -1 takes the newest checkpoint that can be read: a damaged newer one is reported and
-  skipped (never deleted). `shardings`: a tree of NamedShardings matching the params; None puts
-  them on one device. `dtype`: cast every parameter to it while reading (e.g. bf16 imports
-  trained in float32). Returns (params, the run's config), or with `with_step` also the step read.
+  skipped (never deleted). `shardings`: a tree of NamedShardings matching the params, or one
+  Sharding for all of them; None puts them on one device. `dtype`: cast every parameter to it
+  while reading (e.g. bf16 imports trained in float32).
+  A LoRA run (config.lora.rank > 0) stores adapters only: its parameters are its base's with the
+  adapters merged in (float32), so every tool reads it like any run; `merge_lora=False` returns
+  the adapters as stored.
+  Returns (params, the run's config), or with `with_step` also the step read.
   """
   config = read_config(workdir)
+  if merge_lora and config.get("lora") and config.lora.get("rank", 0) > 0:
+    from llm_jax.convert import merge_lora as merge_lib  # pylint: disable=g-import-not-at-top (cycle)
+    step = pick_step(workdir, step)
+    params = merge_lib.load_merged_params(workdir, step, shardings, dtype)
+    return (params, config, step) if with_step else (params, config)
 
   def read(s):
     # The data item's handler is registered (though not restored) so Orbax knows the item.
@@ -147,8 +164,10 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any 
       meta = m.item_metadata(s)[STATE]["params"]
       sh = shardings
       if sh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        sh = jax.tree.map(lambda _: device, meta)
+        sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      if isinstance(sh, jax.sharding.Sharding):  # one sharding for every parameter
+        one = sh
+        sh = jax.tree.map(lambda _: one, meta)
       abstract = jax.tree.map(
           lambda md, x: jax.ShapeDtypeStruct(md.shape, dtype or md.dtype, sharding=x), meta, sh)
       return m.restore(s, args=ocp.args.Composite(

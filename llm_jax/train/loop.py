@@ -21,7 +21,7 @@ from llm_jax.data import pipeline
 from llm_jax.eval import lm_eval
 from llm_jax.model import flops
 from llm_jax.train import checkpoint, metrics as metrics_lib, objectives, optimizer as opt_lib
-from llm_jax.train import run_setup, state as state_lib, step as step_lib, writers
+from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
 
 
 class _Preemption:
@@ -88,6 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run_setup.adopt_source_model(config, config.init_from, explicit)
   tok = run_setup.resolve_tokenizer(config, workdir)
   model_cfg = run_setup.resolve_model(config, tok.vocab_size)
+  model_cfg = lora_state.prepare(config, model_cfg, workdir, resuming)  # adapters if config.lora.rank
   checkpoint.write_config(workdir, config)
 
   mesh = sharding.make_mesh(config.mesh)
@@ -101,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
                                objective=objectives.for_config(config, model_cfg)),
       state_sh, mesh, rules)
-  eval_step = step_lib.make_eval_step(model_cfg, state_sh["params"], mesh, rules)
+  eval_step = step_lib.make_eval_step(model_cfg, lora_state.eval_params(model_cfg, state_sh),
+                                      mesh, rules)
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
   # Before the data workers start: on a CPU the peak FLOP/s is measured, and busy workers
@@ -120,19 +122,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                async_save=config.checkpoint.async_save)
       state, _, manager = checkpoint.restore_newest(workdir, manager, reopen, abstract_state,
                                                     train_iter)
+      if "frozen" in abstract_state:  # never checkpointed: the base is read again from init_from
+        state["frozen"], _ = checkpoint.load_params(config.init_from, config.init_step,
+                                                    shardings=state_sh["frozen"],
+                                                    dtype=model_cfg.weight_dtype)
       logging.info("Resumed from step %d in %s", int(state["step"]),
                    checkpoint.checkpoint_dir(workdir))
     else:
       params = None
       if config.init_from:
         params, _ = checkpoint.load_params(config.init_from, config.init_step,
-                                           shardings=state_sh["params"],
+                                           shardings=state_sh.get("frozen", state_sh["params"]),
                                            dtype=model_cfg.weight_dtype)
         logging.info("Starting from the parameters of %s", config.init_from)
       state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
                                      mesh, rules, params)
   start = int(state["step"])
-  counts = flops.param_counts(state["params"])
+  counts = flops.param_counts(state["frozen"] if model_cfg.lora else state["params"])
   if console.verbose():
     logging.info("Config:\n%s", config)
   logging.info("%s job: %s; the full config is in %s", config.job, _summary(config),
@@ -140,6 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Model: %s parameters (%s without embeddings); mesh %s over %d devices (%s); "
                "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
                dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tokens_per_step)
+  if model_cfg.lora is not None:
+    logging.info("%s", lora_state.summary(model_cfg, optimizer, abstract_state))
 
   writer = writers.create_writer(workdir, tc.steps)
   writer.write_hparams(metrics_lib.flat_hparams(config))
@@ -150,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     with step_lib.mesh_context(mesh, rules):
-      res = lm_eval.evaluate(eval_step, state["params"], batches,
+      res = lm_eval.evaluate(eval_step, lora_state.eval_params(model_cfg, state), batches,
                              lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
     scalars = {f"eval_{k}": v for k, v in res.items()
                if k in ("loss", "perplexity", "accuracy", "tokens")}

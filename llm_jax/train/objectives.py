@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.model.decoder import output_weights  # chunked loss
@@ -47,16 +48,20 @@ def language_model(model_cfg: ModelConfig, *, z_loss: float = 0.0) -> Objective:
   model = Decoder(model_cfg)
 
   def sums(params, frozen, batch, rng):
-    del frozen, rng
+    # With LoRA, params are the adapters and frozen the base (lora.variables); rng: their dropout.
+    variables, rngs = lora.variables(model_cfg, params, frozen), lora.rngs(model_cfg, rng)
     if model_cfg.loss_chunk_len:  # the [B, L, V] logits never exist (chunked_loss.py)
-      hidden_BxLxD = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                 batch["segment_ids"], return_hidden=True)
-      w, eq = output_weights(params, model_cfg)
+      hidden_BxLxD = model.apply(variables, batch["inputs"], batch["positions"],
+                                 batch["segment_ids"], return_hidden=True, rngs=rngs)
+      w, eq = output_weights(variables["params"], model_cfg)
+      delta = lora.output_weight_delta(model_cfg, params) if model_cfg.lora is not None else None
+      if delta is not None:  # an adapter on the head: the adapted weight (no head dropout here)
+        w = w.astype(jnp.float32) + delta
       return chunked_loss.chunked_cross_entropy_sums(
           hidden_BxLxD, w, batch["targets"], batch["loss_weights"], eq=eq,
           chunk_len=model_cfg.loss_chunk_len, z_loss=z_loss, dtype=model_cfg.compute_dtype)
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                               batch["segment_ids"])
+    logits_BxLxV = model.apply(variables, batch["inputs"], batch["positions"],
+                               batch["segment_ids"], rngs=rngs)
     return loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"],
                                        z_loss)
 

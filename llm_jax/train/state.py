@@ -13,11 +13,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
+from llm_jax.train import lora_state
 
 
 def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules):
   """(abstract state of ShapeDtypeStructs with .sharding, sharding tree). Optimizer moments
-  follow their parameter's sharding; scalars (step, counts) are replicated."""
+  follow their parameter's sharding; scalars (step, counts) are replicated. With LoRA
+  (model_cfg.lora) the params are the adapters and the base is "frozen" (lora_state.py)."""
+  if model_cfg.lora is not None:
+    return lora_state.state_shardings(model_cfg, optimizer, mesh, rules)
   abstract_params, p_shard = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, P())
@@ -34,7 +38,10 @@ def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
 
 def create_state(model_cfg: ModelConfig, optimizer, rng, shardings, mesh, rules, params=None):
   """Initialises the state on its devices. With `params` (already sharded, e.g. from
-  `config.init_from`), only the optimizer state is fresh."""
+  `config.init_from`), only the optimizer state is fresh. With LoRA, `params` is the base: the
+  adapters and their optimizer state are fresh."""
+  if model_cfg.lora is not None:
+    return lora_state.create_state(model_cfg, optimizer, rng, shardings, mesh, rules, params)
   if params is None:
     params = sharding.init_params(model_cfg, rng, mesh, rules)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)

@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
+from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.model.decoder import output_weights  # chunked loss
@@ -103,13 +104,19 @@ def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
   model = Decoder(model_cfg)
 
   def eval_step(params, batch):
+    # A LoRA model (model_cfg.lora) is evaluated on {"params": base, "lora": adapters}
+    # (lora_state.eval_params); any other on its params.
+    variables = params if model_cfg.lora is not None else {"params": params}
     if model_cfg.loss_chunk_len:  # no [B, L, V] logits (chunked_loss.py)
-      hidden_BxLxD = model.apply({"params": params}, batch["inputs"], batch["positions"],
+      hidden_BxLxD = model.apply(variables, batch["inputs"], batch["positions"],
                                  batch["segment_ids"], return_hidden=True)
-      w, eq = output_weights(params, model_cfg)
+      w, eq = output_weights(variables["params"], model_cfg)
+      if model_cfg.lora is not None:
+        delta = lora.output_weight_delta(model_cfg, variables[lora.COLLECTION])
+        w = w if delta is None else w.astype(jnp.float32) + delta
       return chunked_loss.eval_sums(hidden_BxLxD, w, batch, eq=eq, chunk_len=model_cfg.loss_chunk_len,
                                     dtype=model_cfg.compute_dtype, per_document=per_document)
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
+    logits_BxLxV = model.apply(variables, batch["inputs"], batch["positions"],
                                batch["segment_ids"])
     sums = loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"])
     if per_document:
