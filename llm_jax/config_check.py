@@ -9,8 +9,12 @@ import ml_collections
 from llm_jax.train.optimizer import SCHEDULES
 
 
+class ConfigError(ValueError):
+  """A config value or override the job cannot use; main.py prints its one line and exits 2."""
+
+
 def _fail(field: str, value, why: str):
-  raise ValueError(f"config.{field}={value!r}: {why}")
+  raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -4,6 +4,7 @@ Parses flags and calls the job's function; a notebook calls the same functions d
 """
 
 import os
+import sys
 
 # Before JAX or TensorFlow load: no TF C++ chatter on the console. TensorFlow only writes
 # TensorBoard files here, so its oneDNN kernels (and their start-up banner) are not wanted.
@@ -13,7 +14,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import console, jobs
+from llm_jax import config_check, console, jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override "
                                           "fields with --config.train.steps=100 etc.",
@@ -27,7 +28,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(_VERBOSE.value)
-  jobs.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    jobs.run(_CONFIG.value, _WORKDIR.value)
+  except config_check.ConfigError as e:  # a user's config mistake: one line, no traceback
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

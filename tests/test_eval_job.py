@@ -16,7 +16,7 @@ from configs import sft as sft_config
 from llm_jax.data import pipeline, synthetic_bios
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import choice as choice_lib
-from llm_jax.eval import job, model_io, run_config, tasks as tasks_lib
+from llm_jax.eval import job, model_io, plots, run_config, tasks as tasks_lib
 from llm_jax.infer.generate import Generation
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
@@ -98,6 +98,8 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
   assert "| 30 |" in md and "knowledge.qa_heldout.contains" in md and "Pearson" in md
   for task in ("loss", "rouge", "repetition", "knowledge", "choice"):
     _is_png(os.path.join(out, "plots", f"{task}.png"))
+  if os.path.isdir("/usr/share/fonts/opentype/noto"):  # fonts-noto-cjk (.ci/run installs it)
+    assert plots.cjk_font(), "a CJK font is installed but the plots do not use it"
   side = open(os.path.join(out, "samples", "chat_prompts.md"), encoding="utf-8").read()
   assert "## 李白是谁？" in side and all(f"| {s} |" in side for s in STEPS)
 

@@ -17,6 +17,7 @@ import ml_collections
 from absl import flags, logging
 
 from llm_jax import sharding
+from llm_jax.config_check import ConfigError
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model.config import ModelConfig
@@ -50,11 +51,11 @@ def select_steps(workdir: str, spec: str, single: int) -> list[int]:
   try:
     wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
   except ValueError:
-    raise ValueError(f"config.eval.steps={spec!r}: use all, latest or a comma list of steps; "
+    raise ConfigError(f"config.eval.steps={spec!r}: use all, latest or a comma list of steps; "
                      f"available: {available}") from None
   missing = [s for s in wanted if s not in available]
   if missing or not wanted:
-    raise ValueError(f"config.eval.steps={spec!r}: no checkpoint for step(s) {missing}; "
+    raise ConfigError(f"config.eval.steps={spec!r}: no checkpoint for step(s) {missing}; "
                      f"available: {available}")
   return wanted
 

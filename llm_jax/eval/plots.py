@@ -39,6 +39,11 @@ def cjk_font() -> str | None:
   return _state["cjk"]
 
 
+def _integer_locator():
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  return MaxNLocator(integer=True, nbins=6)
+
+
 def _warn_if_cjk(texts: Sequence[str]) -> None:
   if cjk_font() is None and any(_CJK_RE.search(t or "") for t in texts) and not _state.get("warned"):
     _state["warned"] = True
@@ -56,6 +61,7 @@ def metric_grid(series: dict, path: str, title: str = "", xlabel: str = "step") 
   fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
   for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
     ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5)
+    ax.xaxis.set_major_locator(_integer_locator())
     ax.set_title(name, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(labelsize=7)
@@ -77,6 +83,7 @@ def twin(xs, left: tuple[str, Sequence[float]], right: tuple[str, Sequence[float
   _warn_if_cjk([title, left[0], right[0]])
   fig, ax = plt.subplots(figsize=(5.6, 3.4))
   ax.plot(xs, left[1], marker="o", markersize=3, color="tab:blue", label=left[0])
+  ax.xaxis.set_major_locator(_integer_locator())
   ax.set_xlabel(xlabel)
   ax.set_ylabel(left[0], color="tab:blue")
   ax2 = ax.twinx()

@@ -15,6 +15,7 @@ from typing import Iterable
 import ml_collections
 
 from configs import eval as eval_config
+from llm_jax.config_check import ConfigError
 from llm_jax.train import checkpoint
 
 # Runtime choices of config.model the eval job may change (parameters are cast to param_dtype).
@@ -67,13 +68,13 @@ def refuse_unhonoured(fields: Iterable[str]) -> None:
     if field.startswith("model."):
       name = field.split(".", 1)[1]
       if name not in MODEL_RUNTIME:
-        raise ValueError(f"config.{field}: the eval job takes the model's shape from the run's "
+        raise ConfigError(f"config.{field}: the eval job takes the model's shape from the run's "
                          f"config.json; remove this override (only {', '.join(MODEL_RUNTIME)} "
                          "may change)")
       continue
     for prefix, why in _NOT_FOR_EVAL.items():
       if field == prefix or field.startswith(prefix + "."):
-        raise ValueError(f"config.{field}: {why}; remove this override")
+        raise ConfigError(f"config.{field}: {why}; remove this override")
 
 
 def resolve(config: ml_collections.ConfigDict, workdir: str,
@@ -96,7 +97,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str,
     if config.eval.split == "train":
       data.eval = data.train
     elif config.eval.split != "eval":
-      raise ValueError(f"config.eval.split={config.eval.split!r}: use eval or train")
+      raise ConfigError(f"config.eval.split={config.eval.split!r}: use eval or train")
   merged.data = data
   model = ml_collections.ConfigDict(run.model.to_dict())
   for path in fields:
