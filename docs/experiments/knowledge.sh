@@ -17,7 +17,7 @@ COMMON="$S --config.data.seq_len=128 --config.data.batch_size=16 --config.train.
 # itself an augmentation); "single" = one fixed-order biography per person (augment=single,
 # Physics of LM's bioS single). Try multi5+permute the same way.
 AUG_default=""; AUG_single="--config.data.synthetic.augment=single"
-PRE_STEPS=400; SFT_STEPS=80; MIX_STEPS=400
+PRE_STEPS=400; SFT_STEPS=60; MIX_STEPS=320
 trained() { [[ -d $1/checkpoints/$2 ]]; }
 
 if [[ $PHASE == train || $PHASE == all ]]; then
