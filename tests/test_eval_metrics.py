@@ -127,6 +127,7 @@ def test_seq_rep_n_known_values():
   assert repetition.seq_rep_n([7] * 10, 4) == pytest.approx(1 - 1 / 7)
   assert repetition.seq_rep_n([1, 2, 3], 4) is None
   assert repetition.mean_seq_rep_n([[1, 2] * 4, [1, 2, 3, 4, 5], [1]], 4) == pytest.approx(0.3)
+  assert repetition.mean_seq_rep_n([[1], [], [2, 3]], 4) is None  # undefined, not "no repetition"
 
 
 def test_distinct_and_loops():

@@ -23,6 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "llm_jax run directory")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "the same run exported with llm_jax.convert.hf_export")
 _OUT = flags.DEFINE_string("out", "/tmp/lm_eval_parity", "scratch directory")
 _N = flags.DEFINE_integer("n", 60, "questions from builtin:bios_choice")
+_BASE_URL = flags.DEFINE_string(
+    "base_url", "", "Score through an OpenAI-style completions server instead of the hf backend "
+    "(e.g. http://127.0.0.1:8000/v1/completions): lm-eval's local-completions model, which needs "
+    "echo + logprobs on prompt tokens (max_tokens=0). Not yet run: the server has not landed.")
 
 TEMPLATES = {
     "letters": ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
@@ -57,8 +61,13 @@ def main(argv):
               "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
     import lm_eval  # pylint: disable=g-import-not-at-top
     from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+    if _BASE_URL.value:
+      model, model_args = "local-completions", (f"base_url={_BASE_URL.value},model=llm_jax,"
+                                                f"tokenizer={_HF_DIR.value},tokenized_requests=True")
+    else:
+      model, model_args = "hf", f"pretrained={_HF_DIR.value},dtype=float32"
     res = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={_HF_DIR.value},dtype=float32", device="cpu",
+        model=model, model_args=model_args, device="cpu",
         tasks=[f"llm_jax_parity_{fmt}"], task_manager=TaskManager(include_path=task_dir),
         num_fewshot=0, batch_size=8, log_samples=True)
     name = f"llm_jax_parity_{fmt}"

@@ -21,7 +21,9 @@ if [[ $PHASE == eval || $PHASE == all ]]; then
   nice -n 10 python - "$R" <<'PY'
 import sys
 from llm_jax.eval import plots, summary
-rows = summary.load_results(sys.argv[1])
+# Checkpoints whose greedy answers are all shorter than 4 tokens have no seq-rep-4 (null).
+rows = [r for r in summary.load_results(sys.argv[1])
+        if r["tasks"]["repetition"]["greedy"]["seq_rep_4"] is not None]
 steps = [r["step"] for r in rows]
 loss = [r["tasks"]["loss"]["loss"] for r in rows]
 rep = [r["tasks"]["repetition"]["greedy"]["seq_rep_4"] for r in rows]

@@ -2,7 +2,8 @@
 training") plus distinct-n and loop detection. Pure functions over token id sequences.
 
   seq-rep-n   per continuation: 1 - |unique n-grams| / |n-grams|, averaged over continuations
-              (a continuation shorter than n has no n-grams and is left out of the mean)
+              (a continuation shorter than n has no n-grams and is left out of the mean; with
+              none left the figure is undefined, null in the JSON, and left out of tables)
   rep/l       teacher-forced on ground-truth text: the share of positions t whose next-token
               argmax prediction occurs among the previous l ground-truth tokens x[t-l+1..t]
   wrep/l      the same, counting only wrong predictions (argmax != x[t+1])
@@ -30,9 +31,11 @@ def seq_rep_n(tokens: Sequence[int], n: int = 4) -> float | None:
   return 1.0 - len(set(grams)) / len(grams)
 
 
-def mean_seq_rep_n(sequences: Sequence[Sequence[int]], n: int = 4) -> float:
+def mean_seq_rep_n(sequences: Sequence[Sequence[int]], n: int = 4) -> float | None:
+  """The mean over sequences that have n-grams; None (undefined, not 0) when none has: a model
+  that answers with a token or two neither repeats nor avoids repeating."""
   values = [v for v in (seq_rep_n(s, n) for s in sequences) if v is not None]
-  return float(np.mean(values)) if values else 0.0
+  return float(np.mean(values)) if values else None
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -88,6 +91,7 @@ def continuation_metrics(sequences: Sequence[Sequence[int]], finished: Sequence[
   `finished[i]`: the continuation stopped on its own (end token), so it is not a loop."""
   loops = [not f and ends_in_loop(s, loop_window) for s, f in zip(sequences, finished)]
   return {f"seq_rep_{n}": mean_seq_rep_n(sequences, n),
+          f"seq_rep_{n}_count": sum(len(s) >= n for s in sequences),
           "distinct_1": distinct_n(sequences, 1), "distinct_2": distinct_n(sequences, 2),
           "loop_share": float(np.mean(loops)) if loops else 0.0,
           "mean_length": float(np.mean([len(s) for s in sequences])) if sequences else 0.0,

@@ -189,7 +189,7 @@ class Repetition:
     if not data.eval:
       raise ValueError("repetition: set config.data.eval to held-out data")
     tok = ctx.tok
-    self.prompts, self.rows, self.mode = [], [], None
+    self.prompts, self.rows, self.mode, self.shown = [], [], None, []
     readers = [pipeline.DocReader(s.path, data)
                for s in pipeline.parse_spec(data.eval, "config.data.eval")]
     for reader in readers:
@@ -206,6 +206,7 @@ class Repetition:
             continue
           ids, w = chat_template.encode_chat(tok, turns[:last + 1], where=doc["where"])
           self.prompts.append(prompt_ids(tok, turns[:last]))
+          self.shown.append(turns[last - 1]["content"])
           self.mode = self.mode or "chat answers"
         else:
           ids = np.asarray(tok.encode(doc["text"]) + [tok.eos_id], np.int32)
@@ -213,6 +214,7 @@ class Repetition:
           if len(ids) <= e.rep_prefix:
             continue
           self.prompts.append(ids[:e.rep_prefix].tolist())
+          self.shown.append(tok.decode(self.prompts[-1]))
           self.mode = self.mode or "text continuations"
         n = data.seq_len + 1
         self.rows.append((ids[:n].tolist(), w[:n].tolist()))
@@ -238,10 +240,10 @@ class Repetition:
       toks = [g.tokens for g in gens]
       res[kind] = rep_lib.continuation_metrics(
           toks, [g.finish_reason == "stop" for g in gens], n=e.rep_n, loop_window=e.loop_window)
-      samples += [{"kind": kind, "prompt": c.tok.decode(p[-e.rep_prefix:]),
-                   "continuation": c.tok.decode(g.tokens), "finish_reason": g.finish_reason,
+      samples += [{"kind": kind, "prompt": shown, "continuation": c.tok.decode(g.tokens),
+                   "finish_reason": g.finish_reason,
                    f"seq_rep_{e.rep_n}": rep_lib.seq_rep_n(g.tokens, e.rep_n)}
-                  for p, g in list(zip(self.prompts, gens))[:_SAMPLES_PER_KIND]]
+                  for shown, g in list(zip(self.shown, gens))[:_SAMPLES_PER_KIND]]
     counts: dict = {}
     for (ids, w), s in zip(self.rows, runner.score(self.rows, desc="repetition rep/l")):
       row = rep_lib.rep_l(s.argmax[None], np.asarray(ids[:-1])[None], np.asarray(ids[1:])[None],
