@@ -49,6 +49,6 @@ if [[ $PHASE == eval || $PHASE == all ]]; then
   done
   nice -n 10 python -m llm_jax.eval.compare --runs=$R/a_pre_sft_single,$R/a_pre_sft_default,$R/b_sft_only,$R/c_mixed_default \
     --labels="(a) pretrain[single]+SFT,(a) pretrain[default]+SFT,(b) SFT only,(c) mixed[default]" \
-    --metrics=knowledge.qa_heldout+bio_seen.contains,knowledge.qa_heldout+bio_seen.exact,knowledge.qa_trained+bio_seen.contains,knowledge.bio_unseen.contains,choice.acc \
+    --metrics=knowledge.qa_heldout+bio_seen.contains,knowledge.qa_heldout+bio_seen.exact,knowledge.qa_trained+bio_seen.contains,knowledge.qa_heldout+bio_unseen.contains,choice.acc \
     --out=docs/experiments/knowledge --title="Held-out people's QA accuracy (knowledge task)"
 fi

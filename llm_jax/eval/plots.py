@@ -102,7 +102,7 @@ def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel
   """Grouped bars: one group per label, one bar per series (= {name: values per label})."""
   plt = pyplot()
   _warn_if_cjk([title, ylabel, *labels, *series])
-  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 2), 3.6))
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2), 3.4 + 0.25 * len(series)))
   width = 0.8 / max(len(series), 1)
   for k, (name, values) in enumerate(series.items()):
     xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
@@ -112,7 +112,10 @@ def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel
   ax.set_xticks(range(len(labels)))
   ax.set_xticklabels(labels, fontsize=8)
   ax.set_ylabel(ylabel)
-  ax.legend(fontsize=8)
+  top = max((v for values in series.values() for v in values), default=1.0)
+  ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
+  # Below the axes, so the legend never hides a bar.
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
   ax.grid(axis="y", alpha=0.3)
   if title:
     ax.set_title(title, fontsize=10)

@@ -79,7 +79,10 @@ def load_results(json_dir: str) -> list[dict]:
     m = re.fullmatch(r"eval_(\d+)\.json", name)
     if m:
       with open(os.path.join(json_dir, name), encoding="utf-8") as f:
-        out.append(json.load(f))
+        res = json.load(f)
+      if "tasks" not in res and "loss" in res:  # written by the eval job before tasks existed
+        res["tasks"] = {"loss": {k: v for k, v in res.items() if k not in ("step", "data")}}
+      out.append(res)
   return sorted(out, key=lambda r: r["step"])
 
 

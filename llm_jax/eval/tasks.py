@@ -20,6 +20,7 @@ from llm_jax.eval import lm_eval
 from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
+from llm_jax.eval.progress import Progress
 from llm_jax.infer.chat import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.train import checkpoint, step as step_lib
@@ -65,6 +66,7 @@ class Loss:
     c = self.ctx
     batches = pipeline.make_eval_iterator(c.cfg.data, c.tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
+    batches = _counted(batches, c.cfg.eval.max_batches)
     with step_lib.mesh_context(c.mesh, c.rules):
       res = lm_eval.evaluate(self.eval_step, runner.params, batches,
                              lambda b: step_lib.to_global(b, c.mesh, c.rules),
@@ -72,6 +74,17 @@ class Loss:
     res.update(data=c.cfg.data.eval, packing=c.cfg.data.packing, seq_len=c.cfg.data.seq_len,
                batch_size=c.cfg.data.batch_size)
     return res, []
+
+
+def _counted(batches, max_batches: int):
+  """The eval batches with progress: a bar when their number is known, else a line per 20."""
+  bar = Progress(max_batches, "loss") if max_batches else None
+  for n, batch in enumerate(batches, 1):
+    yield batch
+    if bar:
+      bar.update(1)
+    elif n % 20 == 0:
+      logging.info("loss: %d batches", n)
 
 
 def _raw_records(spec: str, data_cfg, field: str):
