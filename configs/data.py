@@ -47,5 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.synthetic.multi_turn_per_entity = 1  # multi-turn QA chats per person and language (plus one single-turn chat per attribute)
   c.synthetic.system_prompt_prob = 0.3  # share of QA chats that open with a system turn
   c.synthetic.languages = "zh,en"  # languages to write: zh, en or both
+  c.synthetic.augment = ""  # "" = the biographies above | single | multiN[+permute], e.g. multi5+permute (replaces bios_per_entity; Physics of LM 3.1)
+  c.synthetic.unseen_fraction = 0.0  # share of people whose biographies are left out of builtin:bios (their QA is kept)
   c.synthetic.seed = 1234  # the encyclopedia's seed (the same seed always yields the same data)
   return c

@@ -46,7 +46,8 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 def run_reporting_errors(fn, *args, **kwargs):
   """fn(*args, **kwargs); a user error ends the program with one line `error: ...` on stderr
-  and exit status 1 (`--verbose` shows the traceback instead)."""
+  and exit status 1, or the error's `exit_code` (2 for a bad config value, see
+  config_check.ConfigError); `--verbose` shows the traceback instead."""
   import sys  # pylint: disable=g-import-not-at-top
   try:
     return fn(*args, **kwargs)
@@ -56,7 +57,7 @@ def run_reporting_errors(fn, *args, **kwargs):
     message = str(e).strip() or type(e).__name__
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
-    sys.exit(1)
+    sys.exit(getattr(e, "exit_code", 1))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

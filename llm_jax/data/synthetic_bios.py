@@ -8,6 +8,16 @@ chats ask about single attributes (single-turn) or several (multi-turn). People 
 about the held-out people is never trained on, so evaluating on it measures whether a model
 can extract knowledge it only read in biographies (pretrain on all bios, SFT on training QA).
 
+Augmentation (`augment`, as in Physics of LM 3.1): "multiN" writes N biographies per person and
+language, each with fresh template draws, in the canonical attribute order; "+permute" shuffles the
+sentence order of each one; "single" is multi1 (bioS single). The paper found that extraction of
+held-out people's facts after pretrain-then-finetune needs such variety. With augment "" the
+biographies are the default ones above (`bios_per_entity` variants, shuffled order).
+
+`unseen_fraction` leaves some people's biographies out of `bios` (and `bios_eval`) while their QA
+stays where the held-out split puts it, so a knowledge eval can compare people seen in pretraining
+with people never described there.
+
 Everything is generated from `seed` with Python's `random.Random` (stable across platforms and
 versions), in memory, with no downloads; the same config always yields the same records.
 """
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import types
 
 SURNAMES = [
@@ -208,6 +219,41 @@ def _biography(person: dict, lang: str, n_templates: int, rng: random.Random) ->
       for a in order)
 
 
+def _canonical_biography(person: dict, lang: str, n_templates: int, permute: bool,
+                         rng: random.Random) -> str:
+  """One augmented biography: fresh template draws, canonical order unless `permute`."""
+  order = list(ATTRIBUTES)
+  if permute:
+    rng.shuffle(order)
+  return _SEPARATOR[lang].join(
+      _sentence(person, a, lang, rng.choice(BIO_TEMPLATES[lang][a][:n_templates]))
+      for a in order)
+
+
+def parse_augment(augment: str) -> tuple[int, bool] | None:
+  """"" -> None (default biographies); "single" -> (1, False); "multi5+permute" -> (5, True)."""
+  spec = augment.strip().lower()
+  if not spec:
+    return None
+  parts = [p.strip() for p in spec.replace(",", "+").split("+") if p.strip()]
+  n, permute = None, False
+  for part in parts:
+    m = re.fullmatch(r"multi(\d+)", part)
+    if part == "single" and n is None:
+      n = 1
+    elif m and n is None and 1 <= int(m.group(1)) <= 100:
+      n = int(m.group(1))
+    elif part == "permute" and not permute:
+      permute = True
+    else:
+      raise ValueError(f"config.data.synthetic.augment={augment!r}: cannot read {part!r}; write "
+                       "single, multiN (1 <= N <= 100) or either with +permute, e.g. multi5+permute")
+  if n is None:
+    raise ValueError(f"config.data.synthetic.augment={augment!r}: name the number of biographies "
+                     "per person (single or multiN), e.g. multi5+permute")
+  return n, permute
+
+
 def _qa_chats(person: dict, lang: str, cfg, rng: random.Random) -> list[dict]:
   n_templates = min(cfg.templates_per_attribute, len(QUESTIONS[lang]["major"]))
 
@@ -239,7 +285,8 @@ def _languages(cfg) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _generate(n_entities, bios_per_entity, templates_per_attribute, heldout_fraction,
-              multi_turn_per_entity, system_prompt_prob, languages, seed) -> dict:
+              multi_turn_per_entity, system_prompt_prob, languages, seed, augment="",
+              unseen_fraction=0.0) -> dict:
   cfg = types.SimpleNamespace(templates_per_attribute=templates_per_attribute,
                               multi_turn_per_entity=multi_turn_per_entity,
                               system_prompt_prob=system_prompt_prob, languages=languages)
@@ -248,22 +295,38 @@ def _generate(n_entities, bios_per_entity, templates_per_attribute, heldout_frac
                      "use 1..5 (the number of sentence templates written per attribute).")
   if not 0.0 <= heldout_fraction < 1.0:
     raise ValueError(f"config.data.synthetic.heldout_fraction={heldout_fraction}; use [0, 1).")
+  if not 0.0 <= unseen_fraction < 1.0:
+    raise ValueError(f"config.data.synthetic.unseen_fraction={unseen_fraction}; use [0, 1).")
+  augmented = parse_augment(augment)
   langs = _languages(cfg)
   # Independent streams, so changing one size never reshuffles the others' draws.
   people = _make_people(n_entities, random.Random(f"{seed}-people"))
   order = list(range(n_entities))
   random.Random(f"{seed}-split").shuffle(order)
   heldout = set(order[:round(n_entities * heldout_fraction)])
+  # Its own stream: unseen people are drawn across both QA groups, the QA split is unchanged.
+  unseen_order = list(range(n_entities))
+  random.Random(f"{seed}-unseen").shuffle(unseen_order)
+  unseen = set(unseen_order[:round(n_entities * unseen_fraction)])
   bio_rng, eval_rng = random.Random(f"{seed}-bios"), random.Random(f"{seed}-bios-eval")
+  aug_rng = random.Random(f"{seed}-bios-{augment}")
   qa_rng = random.Random(f"{seed}-qa")
-  out = {"people": people, "heldout": sorted(heldout), "bios": [], "bios_eval": [],
-         "qa_train": [], "qa_heldout": []}
+  out = {"people": people, "heldout": sorted(heldout), "unseen": sorted(unseen), "bios": [],
+         "bios_eval": [], "qa_train": [], "qa_heldout": []}
   for k, person in enumerate(people):
     for lang in langs:
-      for _ in range(bios_per_entity):
-        out["bios"].append({"text": _biography(person, lang, templates_per_attribute, bio_rng)})
-      out["bios_eval"].append(
-          {"text": _biography(person, lang, templates_per_attribute, eval_rng)})
+      if k not in unseen:
+        if augmented is None:
+          for _ in range(bios_per_entity):
+            out["bios"].append(
+                {"text": _biography(person, lang, templates_per_attribute, bio_rng)})
+        else:
+          n_bios, permute = augmented
+          out["bios"].extend(
+              {"text": _canonical_biography(person, lang, templates_per_attribute, permute,
+                                            aug_rng)} for _ in range(n_bios))
+        out["bios_eval"].append(
+            {"text": _biography(person, lang, templates_per_attribute, eval_rng)})
       chats = _qa_chats(person, lang, cfg, qa_rng)
       out["qa_heldout" if k in heldout else "qa_train"].extend(chats)
   return out
@@ -273,9 +336,11 @@ SPLITS = ("bios", "bios_eval", "qa_train", "qa_heldout")
 
 
 def generate(synthetic_cfg) -> dict:
-  """All splits of the encyclopedia for a config: {"people", "heldout", "bios", "bios_eval",
-  "qa_train", "qa_heldout"}; records are {"text"} or {"messages"} dicts. Cached per config."""
+  """All splits of the encyclopedia for a config: {"people", "heldout", "unseen", "bios",
+  "bios_eval", "qa_train", "qa_heldout"}; records are {"text"} or {"messages"} dicts; "heldout"
+  and "unseen" are indices into "people". Cached per config."""
   c = synthetic_cfg
   return _generate(int(c.n_entities), int(c.bios_per_entity), int(c.templates_per_attribute),
                    float(c.heldout_fraction), int(c.multi_turn_per_entity),
-                   float(c.system_prompt_prob), str(c.languages), int(c.seed))
+                   float(c.system_prompt_prob), str(c.languages), int(c.seed),
+                   str(c.get("augment", "")), float(c.get("unseen_fraction", 0.0)))

@@ -1,56 +1,137 @@
-"""The eval job: score a run's checkpoint on a dataset, print it and write it as JSON."""
+"""The eval job: runs the chosen tasks on each chosen checkpoint of a run, writes one JSON per
+checkpoint, then the summary table, CSV and plots over every checkpoint evaluated so far.
+
+Task data is read and checked before the first checkpoint is loaded, so a malformed file fails
+at once. A checkpoint's JSON keeps the results of tasks run earlier (an eval with
+tasks=rouge adds to the JSON a loss eval wrote). Only process 0 writes files.
+"""
+
+from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
-from absl import logging
+from absl import flags, logging
 
 from llm_jax import sharding
-from llm_jax.data import pipeline
+from llm_jax.config_check import ConfigError
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.eval import lm_eval
+from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint, step as step_lib
 
+LOSS_KEYS = ("loss", "perplexity", "accuracy", "tokens", "batches", "documents", "doc_mean_loss",
+             "doc_perplexity_geomean", "doc_perplexity_mean", "data")
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+
+def flag_overrides() -> list[str]:
+  """Fields named as --config.<path>=... on the command line (none outside an absl app)."""
+  try:
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    flag = flags.FLAGS["config"]
+    return list(config_flags.get_override_values(flag)) if flags.FLAGS.is_parsed() else []
+  except (KeyError, TypeError, AttributeError):
+    return []
+
+
+def select_steps(workdir: str, spec: str, single: int) -> list[int]:
+  available = checkpoint.steps(workdir)
+  if not available:
+    raise FileNotFoundError(f"no checkpoints under {checkpoint.checkpoint_dir(workdir)}")
+  spec = str(spec).strip()
+  if not spec:
+    return [checkpoint.pick_step(workdir, single)]
+  if spec == "latest":
+    return [available[-1]]
+  if spec == "all":
+    return available
+  try:
+    wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
+  except ValueError:
+    raise ConfigError(f"config.eval.steps={spec!r}: use all, latest or a comma list of steps; "
+                     f"available: {available}") from None
+  missing = [s for s in wanted if s not in available]
+  if missing or not wanted:
+    raise ConfigError(f"config.eval.steps={spec!r}: no checkpoint for step(s) {missing}; "
+                     f"available: {available}")
+  return wanted
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str, overrides=None) -> dict:
+  """Evaluates `workdir`'s checkpoints; returns {step: that checkpoint's JSON}.
+  `overrides`: dotted config fields the user set (default: those named on the command line)."""
   sharding.maybe_initialize_distributed()
-  run_cfg = checkpoint.read_config(workdir)
-  model_cfg = ModelConfig.from_config(run_cfg.model)
-  data_cfg = ml_collections.ConfigDict(run_cfg.data)
-  with data_cfg.unlocked():
-    data_cfg.tokenizer.path = checkpoint.tokenizer_path(workdir, run_cfg)
-    if config.eval.split == "train":
-      data_cfg.eval = data_cfg.train
-    elif config.data.eval:
-      data_cfg.eval = config.data.eval
-      data_cfg.format = config.data.format
-    if not data_cfg.eval:
-      raise ValueError(f"nothing to evaluate: {workdir}'s run has no eval data; set "
-                       "config.data.eval to a source (a file path or builtin:...)")
-  tok = tok_lib.get_tokenizer(data_cfg.tokenizer, workdir, corpus_fn=None)
+  workdir = os.path.abspath(workdir)
+  cfg = run_config.resolve(config, workdir, flag_overrides() if overrides is None else overrides)
+  e = cfg.eval
+  names = tasks_lib.parse_tasks(e.tasks)
+  steps = select_steps(workdir, e.steps, e.step)
+  json_dir = os.path.abspath(e.out_dir) if e.out_dir else workdir
+  out_dir = os.path.abspath(e.out_dir) if e.out_dir else os.path.join(workdir, "eval")
+  writer = jax.process_index() == 0
 
-  mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
+  tok = tok_lib.get_tokenizer(cfg.data.tokenizer, workdir, corpus_fn=None)
+  model_cfg = ModelConfig.from_config(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = tuple(tuple(r) for r in cfg.sharding_rules)
   _, param_sh = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
-  with step_lib.mesh_context(mesh, rules):
-    params, _ = checkpoint.load_params(workdir, config.eval.step, shardings=param_sh)
-    step = checkpoint.pick_step(workdir, config.eval.step)
-    eval_step = step_lib.make_eval_step(model_cfg, param_sh, mesh, rules, per_document=True)
-    batches = pipeline.make_eval_iterator(data_cfg, tok, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    res = lm_eval.evaluate(eval_step, params, batches, lambda b: step_lib.to_global(b, mesh, rules),
-                           config.eval.max_batches)
-  res.update(step=step, data=data_cfg.eval)
-  path = os.path.join(workdir, f"eval_{step}.json")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(res, f, indent=2, ensure_ascii=False)
-  logging.info("eval of %s step %d on %s: loss %.4f | perplexity %.2f | accuracy %.3f | "
-               "per-document mean loss %.4f over %d documents; written to %s",
-               workdir, step, data_cfg.eval, res["loss"], res["perplexity"], res["accuracy"],
-               res.get("doc_mean_loss", float("nan")), res.get("documents", 0), path)
-  print(json.dumps(res, indent=2, ensure_ascii=False))
-  return res
+  ctx = tasks_lib.Context(cfg, workdir, tok, model_cfg, mesh, rules, param_sh)
+  task_objs = {name: tasks_lib.REGISTRY[name](ctx) for name in names}  # reads and checks data
+  score_fn = model_io.make_score_fn(model_cfg, param_sh, mesh, rules)
+  logging.info("eval of %s: tasks %s on steps %s", workdir, ",".join(names), steps)
+
+  results = {}
+  for step in steps:
+    t0 = time.perf_counter()
+    with step_lib.mesh_context(mesh, rules):
+      params, _ = checkpoint.load_params(workdir, step, shardings=param_sh,
+                                         dtype=model_cfg.weight_dtype)
+    runner = model_io.ModelRunner(params, model_cfg, mesh, rules, score_fn, batch_size=e.batch_size)
+    path = os.path.join(json_dir, f"eval_{step}.json")
+    res = {}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    res.update(step=step, workdir=workdir)
+    res.setdefault("tasks", {})
+    for name, task in task_objs.items():
+      t_task = time.perf_counter()
+      metrics, samples = task.run(runner)
+      metrics["seconds"] = round(time.perf_counter() - t_task, 2)
+      res["tasks"][name] = metrics
+      if name == "loss":  # the loss figures also at the top level, as before this sweep existed
+        res.update({k: metrics[k] for k in LOSS_KEYS if k in metrics})
+      if writer and samples:
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        with open(os.path.join(out_dir, "samples", f"step_{step}_{name}.jsonl"), "w",
+                  encoding="utf-8") as f:
+          f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+      logging.info("step %d %s: %s", step, name, _brief(name, metrics))
+    if writer:
+      os.makedirs(json_dir, exist_ok=True)
+      _write_json(path, res)
+    logging.info("step %d done in %.1f s; written to %s", step, time.perf_counter() - t0, path)
+    results[step] = res
+
+  if writer:
+    everything = summary.load_results(json_dir)
+    out = summary.write(everything, out_dir, draw=e.plots, title=os.path.basename(workdir))
+    print(out["markdown"])
+    logging.info("summary: %s", ", ".join(out["files"]))
+  return results
+
+
+def _brief(name: str, metrics: dict) -> str:
+  flat = summary.flatten({name: metrics})
+  keys = [k for k in summary.headline_keys([flat])]
+  return " | ".join(f"{k.split('.', 1)[1]} {flat[k]:.4g}" for k in keys) or "done"

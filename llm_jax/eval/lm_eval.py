@@ -1,7 +1,14 @@
-"""Loss, perplexity and token accuracy over a finite stream of batches.
+"""Loss, perplexity and token accuracy over a finite stream of batches (the `loss` eval task).
 
-Token-weighted figures divide sums over all weighted tokens; the per-document mean averages
-each packed document's own mean loss, so long documents do not dominate it.
+Token-weighted (every weighted token counts once; long documents weigh more):
+  loss        sum(w * ce) / sum(w)
+  perplexity  exp(loss)
+  accuracy    share of weighted targets that are the argmax
+Per document (each packed document counts once, whatever its length):
+  doc_mean_loss           mean over documents of the document's own mean loss
+  doc_perplexity_geomean  exp(doc_mean_loss): the geometric mean of the documents' perplexities
+  doc_perplexity_mean     arithmetic mean of the documents' perplexities exp(doc loss); always
+                          >= the geometric mean, and dominated by the worst documents
 """
 
 import math
@@ -35,5 +42,6 @@ def evaluate(eval_step, params, batches: Iterable[dict], to_global, max_batches:
   if doc_losses:
     out["documents"] = len(doc_losses)
     out["doc_mean_loss"] = float(np.mean(doc_losses))
-    out["doc_mean_perplexity"] = float(np.mean(np.exp(np.minimum(doc_losses, 700.0))))
+    out["doc_perplexity_geomean"] = math.exp(min(out["doc_mean_loss"], 700.0))
+    out["doc_perplexity_mean"] = float(np.mean(np.exp(np.minimum(doc_losses, 700.0))))
   return out

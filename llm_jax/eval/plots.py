@@ -1,0 +1,125 @@
+"""PNG plots of eval metrics: matplotlib's Agg backend (no display needed), a CJK font when the
+system has one so Chinese titles and labels render (Debian/Ubuntu: apt-get install fonts-noto-cjk),
+and one warning naming the fix when it has none."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from absl import logging
+
+_CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Serif CJK SC", "Source Han Sans SC",
+                 "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei",
+                 "PingFang SC", "Heiti SC", "AR PL UMing CN")
+_CJK_RE = re.compile(r"[\u3400-\u9fff]")
+_state: dict = {}
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend, with a CJK-capable sans-serif font first if found."""
+  if "plt" not in _state:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import font_manager  # pylint: disable=g-import-not-at-top
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = next((f for f in _CJK_FAMILIES if f in installed), None)
+    if cjk:
+      matplotlib.rcParams["font.sans-serif"] = [cjk, "DejaVu Sans"]
+      matplotlib.rcParams["font.family"] = "sans-serif"
+    matplotlib.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack U+2212
+    _state.update(plt=plt, cjk=cjk)
+  return _state["plt"]
+
+
+def cjk_font() -> str | None:
+  pyplot()
+  return _state["cjk"]
+
+
+def _integer_locator():
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  return MaxNLocator(integer=True, nbins=6)
+
+
+def _warn_if_cjk(texts: Sequence[str]) -> None:
+  if cjk_font() is None and any(_CJK_RE.search(t or "") for t in texts) and not _state.get("warned"):
+    _state["warned"] = True
+    logging.warning("no CJK font found: Chinese labels in the plots will show as boxes; install "
+                    "one (Debian/Ubuntu: apt-get install fonts-noto-cjk)")
+
+
+def metric_grid(series: dict, path: str, title: str = "", xlabel: str = "step") -> str:
+  """One small panel per metric: series = {name: (xs, ys)}; written to `path` (PNG)."""
+  plt = pyplot()
+  _warn_if_cjk([title, *series])
+  n = max(len(series), 1)
+  cols = min(n, 3)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+  for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
+    ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(series):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def twin(xs, left: tuple[str, Sequence[float]], right: tuple[str, Sequence[float]], path: str,
+         title: str = "", xlabel: str = "step") -> str:
+  """Two metrics against the same x on two y axes (e.g. eval loss and seq-rep-4)."""
+  plt = pyplot()
+  _warn_if_cjk([title, left[0], right[0]])
+  fig, ax = plt.subplots(figsize=(5.6, 3.4))
+  ax.plot(xs, left[1], marker="o", markersize=3, color="tab:blue", label=left[0])
+  ax.xaxis.set_major_locator(_integer_locator())
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(left[0], color="tab:blue")
+  ax2 = ax.twinx()
+  ax2.plot(xs, right[1], marker="s", markersize=3, color="tab:red", label=right[0])
+  ax2.set_ylabel(right[0], color="tab:red")
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel: str = "") -> str:
+  """Grouped bars: one group per label, one bar per series (= {name: values per label})."""
+  plt = pyplot()
+  _warn_if_cjk([title, ylabel, *labels, *series])
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2), 3.4 + 0.25 * len(series)))
+  width = 0.8 / max(len(series), 1)
+  for k, (name, values) in enumerate(series.items()):
+    xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+    ax.bar(xs, values, width=width, label=name)
+    for x, v in zip(xs, values):
+      ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+  ax.set_xticks(range(len(labels)))
+  ax.set_xticklabels(labels, fontsize=8)
+  ax.set_ylabel(ylabel)
+  top = max((v for values in series.values() for v in values), default=1.0)
+  ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
+  # Below the axes, so the legend never hides a bar.
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+  ax.grid(axis="y", alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

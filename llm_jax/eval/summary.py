@@ -1,0 +1,168 @@
+"""From per-checkpoint results to what a person reads: a Markdown table of headline metrics by
+step (with each metric's correlation with the eval loss), a CSV of every numeric figure, PNG
+plots of every headline metric against the step, and the fixed chat prompts' answers side by
+side across checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from llm_jax.eval import plots
+
+# Headline figures per task (flattened paths); those present in the results are shown.
+HEADLINE = {
+    "loss": ["loss", "perplexity", "accuracy", "doc_mean_loss"],
+    "rouge": ["rouge1", "rouge2", "rougeL", "bleu4"],
+    "repetition": [r"greedy.seq_rep_\d+", r"sampled.seq_rep_\d+", "greedy.loop_share",
+                   "greedy.distinct_2", "greedy.mean_length", r"rep_\d+",
+                   r"chat_prompts.seq_rep_\d+", "chat_prompts.loop_share"],
+    "knowledge": ["all.exact", "all.contains", "qa_trained.contains", "qa_heldout.contains",
+                  "bio_unseen.contains", "qa_heldout+bio_seen.contains"],
+    "choice": ["acc", "acc_norm"],
+}
+
+
+def flatten(tree, prefix: str = "") -> dict:
+  """Numeric leaves of a nested dict as {"a.b.c": float}."""
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, path + "."))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+      out[path] = float(v)
+  return out
+
+
+def headline_keys(flat_rows: Sequence[dict]) -> list[str]:
+  present = set().union(*flat_rows) if flat_rows else set()
+  keys = []
+  for task, patterns in HEADLINE.items():
+    for pattern in patterns:
+      keys += sorted((k for k in present
+                      if re.fullmatch(f"{re.escape(task)}\\.{pattern}", k) and k not in keys),
+                     key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
+  return keys
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 3 or x.std() == 0 or y.std() == 0:
+    return None
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+  rank = lambda v: np.argsort(np.argsort(np.asarray(v), kind="stable"), kind="stable")
+  return pearson(rank(x), rank(y)) if len(x) >= 3 else None
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return ""
+  if abs(v) >= 1000 or v == int(v):
+    return f"{v:.0f}"
+  return f"{v:.4f}"
+
+
+def load_results(json_dir: str) -> list[dict]:
+  """Every eval_<step>.json in a directory, by step."""
+  out = []
+  for name in os.listdir(json_dir):
+    m = re.fullmatch(r"eval_(\d+)\.json", name)
+    if m:
+      with open(os.path.join(json_dir, name), encoding="utf-8") as f:
+        res = json.load(f)
+      if "tasks" not in res and "loss" in res:  # written by the eval job before tasks existed
+        res["tasks"] = {"loss": {k: v for k, v in res.items() if k not in ("step", "data")}}
+      out.append(res)
+  return sorted(out, key=lambda r: r["step"])
+
+
+def write(results: Sequence[dict], out_dir: str, *, draw: bool = True, title: str = "") -> dict:
+  """summary.md, summary.csv, plots/*.png and samples/chat_prompts.md under out_dir.
+  Returns {"markdown": text, "files": [paths]}."""
+  os.makedirs(out_dir, exist_ok=True)
+  steps = [r["step"] for r in results]
+  flat = [flatten(r.get("tasks", {})) for r in results]
+  keys = headline_keys(flat)
+  files = []
+
+  all_keys = sorted(set().union(*flat)) if flat else []
+  csv_path = os.path.join(out_dir, "summary.csv")
+  with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["step", *all_keys])
+    for s, row in zip(steps, flat):
+      w.writerow([s, *[row.get(k, "") for k in all_keys]])
+  files.append(csv_path)
+
+  lines = [f"# {title or 'Evaluation'}", "", "| step | " + " | ".join(keys) + " |",
+           "|---:|" + "---:|" * len(keys)]
+  for s, row in zip(steps, flat):
+    lines.append(f"| {s} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+  if "loss.loss" in keys and len(steps) >= 3:
+    lines += ["", "Correlation with the eval loss across checkpoints (Pearson r / Spearman rho):",
+              ""]
+    for k in keys:
+      if k == "loss.loss":
+        continue
+      pairs = [(row["loss.loss"], row[k]) for row in flat if k in row and "loss.loss" in row]
+      r = pearson(*zip(*pairs)) if len(pairs) >= 3 else None
+      rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
+      if r is not None:
+        lines.append(f"- {k}: r = {r:+.3f}, rho = {rho:+.3f} ({len(pairs)} checkpoints)")
+  markdown = "\n".join(lines) + "\n"
+  md_path = os.path.join(out_dir, "summary.md")
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(markdown)
+  files.append(md_path)
+
+  if draw and keys:
+    plot_dir = os.path.join(out_dir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    by_task: dict[str, dict] = {}
+    for k in keys:
+      pts = [(s, row[k]) for s, row in zip(steps, flat) if k in row]
+      by_task.setdefault(k.split(".")[0], {})[k.split(".", 1)[1]] = tuple(zip(*pts))
+    for task, series in by_task.items():
+      files.append(plots.metric_grid(series, os.path.join(plot_dir, f"{task}.png"),
+                                     title=f"{title} {task}".strip()))
+  chat = chat_prompts_markdown(out_dir, steps)
+  if chat:
+    files.append(chat)
+  return {"markdown": markdown, "files": files}
+
+
+def chat_prompts_markdown(out_dir: str, steps: Sequence[int]) -> str | None:
+  """samples/chat_prompts.md: each fixed prompt's answer at every checkpoint, side by side."""
+  answers: dict[str, dict[int, str]] = {}
+  for s in steps:
+    path = os.path.join(out_dir, "samples", f"step_{s}_repetition.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec.get("kind") == "chat_prompt":
+          answers.setdefault(rec["prompt"], {})[s] = rec["answer"]
+  if not answers:
+    return None
+  lines = ["# Fixed prompts across checkpoints (greedy)", ""]
+  for prompt, by_step in answers.items():
+    lines += [f"## {prompt}", "", "| step | answer |", "|---:|---|"]
+    for s in sorted(by_step):
+      text = by_step[s].replace("|", "\\|").replace("\n", " ⏎ ")
+      lines.append(f"| {s} | {text} |")
+    lines.append("")
+  path = os.path.join(out_dir, "samples", "chat_prompts.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+  return path
