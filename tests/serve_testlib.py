@@ -110,3 +110,37 @@ def make_runs(root: str) -> dict:
     out[name + "_loss"] = loss
   _CACHE[root] = out
   return out
+
+
+API_KEY = "test-key"
+_SERVER: dict = {}
+
+
+def session_server(tmp_path_factory) -> dict:
+  """One in-process server for the whole session: the trained run as "sft", the weak one as
+  "weak", every prefill/decode shape compiled before the first test (so tests can assert that no
+  request compiles anything). {"url", "runs", "app", "server"}."""
+  if "url" in _SERVER:
+    return _SERVER
+  from llm_jax.serve import server  # pylint: disable=g-import-not-at-top
+  from llm_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.getbasetemp() / "serve")
+  runs = make_runs(root)
+  # Chunks of 64 tokens (prompts longer than that are prefilled in pieces) and attention windows
+  # of 64 and 128: few shapes, so compiling them all takes seconds.
+  models = [server.load_model(runs["sft"], prefill_chunk=64, min_bucket=64),
+            server.load_model(runs["weak"], prefill_chunk=64, min_bucket=64)]
+  for m in models:
+    m.engine.warmup(logprobs=True)
+  app = create_app(models, api_key=API_KEY, db_path=os.path.join(root, "arena.sqlite"),
+                   max_body_bytes=1 << 20, arena_seed=0)
+  srv = server.BackgroundServer(app).start()
+  _SERVER.update(url=srv.url, runs=runs, app=app, server=srv)
+  return _SERVER
+
+
+def stop_session_server() -> None:
+  srv = _SERVER.pop("server", None)
+  _SERVER.clear()
+  if srv is not None:
+    srv.stop()

@@ -72,7 +72,8 @@ def _error_response(e: ApiError) -> JSONResponse:
 class _Choice:
   """What one choice has produced so far (the non-streaming response is built from it)."""
 
-  def __init__(self):
+  def __init__(self, chat: bool):
+    self.chat = chat
     self.text, self.tokens, self.logprobs, self.tops, self.offsets = [], [], [], [], []
     self.prompt_logprobs = self.prompt_tops = None
     self.finish_reason, self.completion_tokens, self.error = None, 0, None
@@ -97,12 +98,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
 
   # ---- plumbing: status counting, errors, auth, body ------------------------------------------
 
-  @app.middleware("http")
-  async def count_status(request: Request, call_next):
-    response = await call_next(request)
-    key = (request.url.path if request.url.path in routes else "other", response.status_code)
-    http_counts[key] = http_counts.get(key, 0) + 1
-    return response
+  app.add_middleware(_CountStatus, counts=http_counts, routes=routes)
 
   @app.exception_handler(ApiError)
   async def api_error(_, e: ApiError):
@@ -188,7 +184,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
       raise ApiError(429, "the server's queue is full; retry later", None, "server_busy", code="queue_full")
     rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    choices = [_Choice() for _ in seqs]
+    choices = [_Choice(req.kind == "chat") for _ in seqs]
     prompt_tokens = sum(len(p) for p in req.prompts)
     fmt = _Formatter(req, served, shown_name, rid, created, echo_texts)
 
@@ -349,10 +345,33 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
   return app
 
 
+class _CountStatus:
+  """Pure ASGI middleware counting responses by path and status (a BaseHTTPMiddleware would sit
+  between streaming responses and the client's disconnect)."""
+
+  def __init__(self, app, counts: dict, routes: set):
+    self.app, self.counts, self.routes = app, counts, routes
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    path = scope.get("path", "")
+
+    async def send_counted(message):
+      if message["type"] == "http.response.start":
+        key = (path if path in self.routes else "other", message["status"])
+        self.counts[key] = self.counts.get(key, 0) + 1
+      await send(message)
+
+    return await self.app(scope, receive, send_counted)
+
+
 def _apply(c: _Choice, ev: dict) -> int:
   """Adds an engine event to a choice; returns 1 when the choice is over."""
   kind = ev["type"]
   if kind == "delta":
+    if ev.get("stop_token") and c.chat:
+      return 0  # chat log-probs cover the message only (OpenAI); completions keep the end token
     c.text.append(ev["text"])
     c.tokens += ev["tokens"]
     c.offsets += ev["offsets"]
@@ -487,6 +506,8 @@ class _Formatter:
     if kind == "prompt":
       return None  # sent with the first completion chunk (below)
     if self.chat:
+      if ev.get("stop_token"):
+        return None
       if kind == "done":
         return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
       want_lp = self.req.logprobs is not None and ev["tokens"]

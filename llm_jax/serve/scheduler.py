@@ -65,7 +65,7 @@ class Engine:
   """Owns the batched KV cache of one model and the thread that decodes it."""
 
   def __init__(self, params, cfg, tok, *, name: str, n_slots: int = 16, context: int = 256,
-               prefill_chunk: int = 256, prefill_budget: int = 512, min_bucket: int = 16,
+               prefill_chunk: int = 256, prefill_budget: int = 512, min_bucket: int = 32,
                max_waiting: int = 1024):
     self.params, self.cfg, self.tok, self.name = params, cfg, tok, name
     self.n_slots, self.context, self.min_bucket = n_slots, context, min_bucket
@@ -83,8 +83,11 @@ class Engine:
     self._stop = False
     self._programs: set = set()
     self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                  "errors": 0, "ttft": collections.deque(maxlen=1000),
+                  "errors": 0, "cancelled": 0, "peak_batch": 0, "ttft": collections.deque(maxlen=1000),
                   "recent_tokens": collections.deque(maxlen=4096)}
+    # Called by the engine thread after each decode step's tokens are handed out (tests pause the
+    # loop there to make a race deterministic); None in normal use.
+    self.on_step: Callable[[list], None] | None = None
     self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
 
   # ---- called from other threads -------------------------------------------------------------
@@ -125,7 +128,8 @@ class Engine:
     pct = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else None
     return {"requests": self.stats["requests"], "prompt_tokens": self.stats["prompt_tokens"],
             "generated_tokens": self.stats["generated_tokens"], "decode_steps": self.stats["decode_steps"],
-            "errors": self.stats["errors"], "tokens_per_s": sum(recent) / 10.0,
+            "errors": self.stats["errors"], "cancelled": self.stats["cancelled"],
+            "peak_batch": self.stats["peak_batch"], "tokens_per_s": sum(recent) / 10.0,
             "waiting": len(self.waiting) + len(self._inbox),
             "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.n_slots,
             "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "programs": len(self._programs)}
@@ -179,6 +183,8 @@ class Engine:
         dispatched = self._dispatch_decode()
         if pending is not None:
           self._process(*pending)
+          if self.on_step is not None:
+            self.on_step(pending[1])
         pending = dispatched
         self._finish_echo_only()
       except Exception as e:  # pylint: disable=broad-except
@@ -197,7 +203,14 @@ class Engine:
 
   def _drop_cancelled(self) -> None:
     if any(s.cancelled for s in self.waiting):
-      self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+      kept = collections.deque()
+      for s in self.waiting:
+        if s.cancelled:
+          s.finish_reason = "cancelled"
+          self.stats["cancelled"] += 1
+        else:
+          kept.append(s)
+      self.waiting = kept
     for s in self.slot_seq:
       if s is not None and s.cancelled:
         self._free(s)
@@ -264,6 +277,7 @@ class Engine:
       s.dispatched += 1
       self.positions[s.slot] += 1
     self.stats["decode_steps"] += 1
+    self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
     return out, [(s.slot, s) for s in rows]
 
   def _process(self, out, rows) -> None:
@@ -290,6 +304,11 @@ class Engine:
   def _accept(self, s: Sequence, token: int, logprob: float, top) -> None:
     if token in s.stop_ids:
       s.stop_token = True
+      if s.logprobs is not None:
+        # The end token is scored but not part of the text: a client summing the log-probs of a
+        # prompt's continuation (lm-eval takes all but the last entry) must find it there.
+        s.emit({"type": "delta", "text": "", "tokens": [token], "offsets": [len(s.detok.text)],
+                "logprobs": [logprob], "top": [self._top_entries(top, s.logprobs)], "stop_token": True})
       self._finish(s, "stop")
       return
     s.tokens.append(token)
@@ -379,6 +398,7 @@ class Engine:
         self.settings[k][s.slot] = v[0]
     if s.finish_reason is None and s.cancelled:
       s.finish_reason = "cancelled"
+      self.stats["cancelled"] += 1
 
   # Token strings for responses (the HTTP layer calls these with ids from events).
   def token_str(self, i: int) -> str:

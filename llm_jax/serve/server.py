@@ -47,14 +47,14 @@ def context_limit(workdir: str, config) -> int:
 
 
 def load_model(spec: str, *, n_slots: int = 16, max_context: int = 0, prefill_chunk: int = 256,
-               step: int = -1) -> ServedModel:
+               min_bucket: int = 32, step: int = -1) -> ServedModel:
   workdir, name = parse_spec(spec)
   run = chat.load_run(workdir, step)
   run.tokenizer.require_chat_tokens()
   limit = context_limit(workdir, run.config)
   context = min(limit, max_context) if max_context else limit
   engine = Engine(run.params, run.model_cfg, run.tokenizer, name=name, n_slots=n_slots, context=context,
-                  prefill_chunk=prefill_chunk)
+                  prefill_chunk=prefill_chunk, min_bucket=min_bucket)
   logging.info("model %s: %s, context %d tokens, %d slots", name, workdir, context, n_slots)
   return ServedModel(name=name, engine=engine, context=context, workdir=workdir)
 
