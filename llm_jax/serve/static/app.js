@@ -148,6 +148,7 @@ async function sendChat(event) {
     controller = null;
     setBusy(false);
     div.classList.remove("streaming");
+    stats();
   }
   turns.push({ role: "assistant", content: answer });
   if (note) {
