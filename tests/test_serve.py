@@ -370,7 +370,8 @@ def test_errors_name_their_field(served):
 def _fuzz_bodies(rng: random.Random, n: int):
   def value(depth=0):
     leaves = [lambda: None, lambda: True, lambda: rng.randint(-10 ** 12, 10 ** 12), lambda: rng.uniform(-1e6, 1e6),
-              lambda: rng.choice([1e308, float("nan")]), lambda: rng.randrange(3),
+              lambda: rng.choice([1e308, float("nan"), float("-inf"), 10 ** 23, -10 ** 23, 2 ** 31, 2 ** 63, -1, 1e-320]),
+              lambda: rng.randrange(3),
               lambda: "".join(rng.choice(["a", " ", "<|im_end|>", "你好", "\x00", "\ud800", "\n"])
                               for _ in range(rng.randrange(8))),
               lambda: [rng.randrange(-5, 700) for _ in range(rng.randrange(6))],
@@ -428,6 +429,32 @@ def test_fuzz_leaves_the_server_answering(served):
     assert http.get(served["url"] + "/health").json()["status"] == "ok"
   assert statuses.get(400, 0) > 80 and statuses.get(200, 0) > 20, statuses
   assert _engine(served).snapshot()["errors"] == 0
+
+
+EDGE_VALUES = [None, True, -1, 0, 1, 2 ** 31, 2 ** 63, 10 ** 23, -10 ** 23, 1e308, float("nan"), float("-inf"), 1e-320,
+               "", "\ud800", "\x00", "你好", [], [None], ["\udfff"], {}, {"a": "\ud800"}]
+
+
+def test_every_field_with_edge_values(served):
+  """Each request field set to each edge value (huge, NaN, lone surrogates, wrong types): every
+  answer is a 200 or a 4xx naming the field, and the engines never fail."""
+  bases = [("/v1/chat/completions", {"model": "sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+           ("/v1/completions", {"model": "sft", "prompt": "hi", "max_tokens": 2})]
+  fields = FIELDS + ["model", "prompt", "messages", "max_tokens"]
+  with httpx.Client(timeout=60, headers=AUTH) as http:
+    for path, base in bases:
+      for field in fields:
+        for v in EDGE_VALUES:
+          body = json.dumps({**base, field: v}).encode()
+          resp = http.post(served["url"] + path, content=body)
+          assert resp.status_code < 500, (path, field, v, resp.text[:300])
+          if resp.status_code >= 400:
+            assert resp.json()["error"]["param"] in (field, None) or resp.json()["error"]["param"].startswith(field), \
+                (field, v, resp.json())
+          else:
+            resp.read()
+  for m in ("sft", "weak"):
+    assert _engine(served, m).snapshot()["errors"] == 0
 
 
 # ---- tokenizer endpoints, health, metrics ---------------------------------------------------------

@@ -144,6 +144,9 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
       raise ApiError(400, f"the request body is not valid JSON ({e})", None) from None
     if not isinstance(data, dict):
       raise ApiError(400, "the request body must be a JSON object", None)
+    bad = protocol.invalid_text(data)
+    if bad is not None:
+      raise ApiError(400, f"'{bad}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", bad)
     return data
 
   def model_of(body: dict) -> ServedModel:

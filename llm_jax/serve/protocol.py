@@ -40,6 +40,31 @@ def _show(v) -> str:
   return s if len(s) <= 60 else s[:57] + "..."
 
 
+def invalid_text(value, path: str = "") -> str | None:
+  """The path of the first string in a JSON value that is not valid Unicode (a lone surrogate, which
+  JSON's \\u escapes can spell but no tokenizer can encode), or None."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      return path or "body"
+    return None
+  if isinstance(value, dict):
+    items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    bad_key = next((k for k in value if invalid_text(k) is not None), None)
+    if bad_key is not None:
+      return path or "body"
+  elif isinstance(value, list):
+    items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+  else:
+    return None
+  for p, v in items:
+    bad = invalid_text(v, p)
+    if bad is not None:
+      return bad
+  return None
+
+
 def number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, integer=False):
   """body[name] as a number within [lo, hi] (lo excluded if lo_open); default when absent/null."""
   v = body.get(name)
@@ -91,7 +116,7 @@ def stop_strings(body: dict) -> tuple[str, ...]:
 def sampling(body: dict, max_tokens: int) -> SamplingConfig:
   """The sampling fields; `seed` absent means a fresh random seed (different each request)."""
   seed = number(body, "seed", None, integer=True)
-  top_k = number(body, "top_k", 0, lo=-1, integer=True)
+  top_k = number(body, "top_k", 0, lo=-1, hi=1 << 30, integer=True)
   return SamplingConfig(
       temperature=float(number(body, "temperature", 1.0, lo=0, hi=100)),
       top_k=0 if top_k == -1 else top_k,  # vLLM's -1 = off
@@ -145,7 +170,10 @@ def _common(body: dict) -> tuple[int, tuple, bool, bool, bool]:
   opts = body.get("stream_options")
   if opts is not None and not isinstance(opts, dict):
     raise ApiError(400, f"'stream_options' must be an object, got {_show(opts)}", "stream_options")
-  include_usage = boolean(opts or {}, "include_usage", False)
+  try:
+    include_usage = boolean(opts or {}, "include_usage", False)
+  except ApiError as e:
+    raise ApiError(400, e.message, "stream_options.include_usage") from None
   if opts and not stream:
     raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
   return n, stop_strings(body), stream, include_usage, boolean(body, "ignore_eos", False)

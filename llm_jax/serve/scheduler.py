@@ -55,6 +55,7 @@ class Sequence:
   detok: Detokenizer | None = None
   emitted: int = 0  # characters of detok.text sent to the client
   echo_reads: list = dataclasses.field(default_factory=list)
+  settings_row: dict | None = None  # sampling.arrays(1), computed by submit()
 
   @property
   def max_tokens(self) -> int:
@@ -103,7 +104,16 @@ class Engine:
     self._thread.join(timeout=30)
 
   def submit(self, seqs: list[Sequence]) -> bool:
-    """Queues sequences; False (nothing queued) when the waiting line is full."""
+    """Queues sequences; False (nothing queued) when the waiting line is full. A sequence the engine
+    could not run raises ValueError here, in the caller's thread, never in the loop."""
+    vocab = self.cfg.vocab_size
+    for s in seqs:
+      if not s.prompt or min(s.prompt) < 0 or max(s.prompt) >= vocab:
+        raise ValueError(f"a prompt is empty or holds token ids outside [0, {vocab})")
+      if len(s.prompt) + s.max_tokens > self.cache_len:
+        raise ValueError(f"prompt + max_tokens = {len(s.prompt) + s.max_tokens} exceeds the cache of "
+                         f"{self.cache_len} tokens")
+      s.settings_row = s.sampling.arrays(1)  # any overflow surfaces now
     with self._cond:
       if len(self.waiting) + len(self._inbox) + len(seqs) > self.max_waiting:
         return False
@@ -255,7 +265,7 @@ class Engine:
         return
 
   def _set_settings(self, s: Sequence) -> None:
-    for k, v in s.sampling.arrays(1).items():
+    for k, v in s.settings_row.items():
       self.settings[k][s.slot] = v[0]
 
   def _decoding(self) -> list[Sequence]:
