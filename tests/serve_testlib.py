@@ -122,7 +122,7 @@ def session_server(tmp_path_factory) -> dict:
   request compiles anything). {"url", "runs", "app", "server"}."""
   if "url" in _SERVER:
     return _SERVER
-  from llm_jax.serve import server  # pylint: disable=g-import-not-at-top
+  from llm_jax.serve import server, slots  # pylint: disable=g-import-not-at-top
   from llm_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
   root = str(tmp_path_factory.getbasetemp() / "serve")
   runs = make_runs(root)
@@ -132,10 +132,11 @@ def session_server(tmp_path_factory) -> dict:
             server.load_model(runs["weak"], prefill_chunk=64, min_bucket=64)]
   for m in models:
     m.engine.warmup(logprobs=True)
+  compiled = (slots.prefill_chunk._cache_size(), slots.decode_step._cache_size())  # pylint: disable=protected-access
   app = create_app(models, api_key=API_KEY, db_path=os.path.join(root, "arena.sqlite"),
                    max_body_bytes=1 << 20, arena_seed=0)
   srv = server.BackgroundServer(app).start()
-  _SERVER.update(url=srv.url, runs=runs, app=app, server=srv)
+  _SERVER.update(url=srv.url, runs=runs, app=app, server=srv, compiled_after_warmup=compiled)
   return _SERVER
 
 

@@ -74,7 +74,7 @@ class Engine:
     self.prefill_budget, self.max_waiting = prefill_budget, max_waiting
     self.chunks = [c for c in _pow2_range(min_bucket, prefill_chunk) if c <= max(min_bucket, context)]
     self.windows = sorted({min(w, self.cache_len) for w in _pow2_range(min_bucket, bucket(self.cache_len))})
-    self.state = slots.init_state(cfg, n_slots, self.cache_len)
+    self.state = self._fresh_state()
     self.slot_seq: list[Sequence | None] = [None] * n_slots
     self.positions = np.zeros(n_slots, np.int64)  # mirrors the device's positions (window choice)
     self.settings = {k: np.repeat(v, n_slots) for k, v in _SETTINGS_INACTIVE.items()}
@@ -158,6 +158,12 @@ class Engine:
 
   # ---- device calls ----------------------------------------------------------------------------
 
+  def _fresh_state(self) -> dict:
+    # Committed to the device like every jitted output, so the first call after warm-up finds the
+    # programs compiled for committed inputs (jit keys on it) instead of compiling again.
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.device_put(slots.init_state(self.cfg, self.n_slots, self.cache_len), jax.devices()[0])
+
   def _prefill(self, slot, tokens_C, start, length, targets_C, top_n):
     self._programs.add(("prefill", len(tokens_C), top_n))
     i32 = lambda v: np.asarray(v, np.int32)
@@ -205,7 +211,7 @@ class Engine:
         for s in list(self.slot_seq):
           if s is not None:
             self._finish(s, "error", error=f"internal error while decoding: {type(e).__name__}: {e}")
-        self.state = slots.init_state(self.cfg, self.n_slots, self.cache_len)
+        self.state = self._fresh_state()
     for s in list(self.slot_seq) + list(self.waiting) + list(self._inbox):
       if s is not None and s.finish_reason is None:
         s.finish_reason = "error"
