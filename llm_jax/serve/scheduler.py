@@ -353,7 +353,7 @@ class Engine:
       lo = max(0, s.emitted - max(len(x) for x in s.stop_strings))
       hits = [i for i in (text.find(x, lo) for x in s.stop_strings) if i >= 0]
       if hits:
-        end = min(hits)
+        end = max(min(hits), s.emitted)  # held-back text never contains a whole stop string
         entry["text"] = text[s.emitted:end]
         s.emitted = end
         s.emit(entry)
