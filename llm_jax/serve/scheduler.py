@@ -73,7 +73,11 @@ class Engine:
     self.cache_len = context
     self.prefill_budget, self.max_waiting = prefill_budget, max_waiting
     self.chunks = [c for c in _pow2_range(min_bucket, prefill_chunk) if c <= max(min_bucket, context)]
-    self.windows = sorted({min(w, self.cache_len) for w in _pow2_range(min_bucket, bucket(self.cache_len))})
+    # Rows decoded together: a power of two covering the active rows (a lone request on a CPU
+    # costs a 1-row step, not an n_slots-row one). Attention windows: min_bucket * 4^k, then the
+    # whole cache (quadrupling keeps the number of compiled shapes small on long contexts).
+    self.batches = sorted({min(b, n_slots) for b in _pow2_range(1, bucket(n_slots, 1))})
+    self.windows = [w for w in _pow_range(min_bucket, self.cache_len, 4) if w < self.cache_len] + [self.cache_len]
     self.state = self._fresh_state()
     self.slot_seq: list[Sequence | None] = [None] * n_slots
     self.positions = np.zeros(n_slots, np.int64)  # mirrors the device's positions (window choice)
@@ -150,8 +154,9 @@ class Engine:
     for top_n in ((0, TOP_N) if logprobs else (0,)):
       for c in self.chunks:
         self._prefill(0, np.zeros(c, np.int32), 0, 1, np.zeros(c, np.int32), top_n)
+    for b in self.batches:
       for w in self.windows:
-        self._decode(np.zeros(self.n_slots, bool), w, top_n)
+        self._decode(np.arange(b, dtype=np.int32), np.zeros(b, bool), w)
     import jax  # pylint: disable=g-import-not-at-top
     jax.block_until_ready(self.state)
     return time.time() - start
@@ -171,12 +176,14 @@ class Engine:
                                           i32(length), targets_C, cfg=self.cfg, top_n=top_n)
     return out
 
-  def _decode(self, active_S, window, top_n):
-    self._programs.add(("decode", window, top_n))
-    # Copies: the step may read its inputs after this returns, and self.settings changes.
-    settings = {k: v.copy() for k, v in self.settings.items()}
-    self.state, out = slots.decode_step(self.params, self.state, settings, active_S, cfg=self.cfg,
-                                        window=window, top_n=top_n)
+  def _decode(self, rows_B, active_B, window):
+    self._programs.add(("decode", len(rows_B), window))
+    # Fresh arrays (the step may read its inputs after this returns, and self.settings changes).
+    # Top log-probs are always computed: one program per shape instead of two, for a top-k over
+    # the vocabulary that costs little next to the step.
+    settings = {k: v[rows_B] for k, v in self.settings.items()}
+    self.state, out = slots.decode_step(self.params, self.state, settings, rows_B, active_B, cfg=self.cfg,
+                                        window=window, top_n=TOP_N)
     return out
 
   # ---- the loop --------------------------------------------------------------------------------
@@ -282,19 +289,20 @@ class Engine:
     rows = self._decoding()
     if not rows:
       return None
-    active = np.zeros(self.n_slots, bool)
-    for s in rows:
-      active[s.slot] = True
+    batch = next(b for b in self.batches if b >= len(rows))
+    used = {s.slot for s in rows}
+    padding = [i for i in range(self.n_slots) if i not in used][:batch - len(rows)]  # distinct, inactive
+    rows_B = np.array([s.slot for s in rows] + padding, np.int32)
+    active_B = np.arange(batch) < len(rows)
     longest = int(max(self.positions[s.slot] for s in rows)) + 1
     window = next(w for w in self.windows if w >= min(longest, self.cache_len))
-    top_n = TOP_N if any(s.logprobs for s in rows) else 0
-    out = self._decode(active, window, top_n)
+    out = self._decode(rows_B, active_B, window)
     for s in rows:
       s.dispatched += 1
       self.positions[s.slot] += 1
     self.stats["decode_steps"] += 1
     self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
-    return out, [(s.slot, s) for s in rows]
+    return out, list(enumerate(rows))
 
   def _process(self, out, rows) -> None:
     token = np.asarray(out["token"])
@@ -303,7 +311,7 @@ class Engine:
     top_id = np.asarray(out["top_id"]) if "top_id" in out else None
     now = time.time()
     n_new = 0
-    for slot, s in rows:
+    for row, s in rows:
       if s.finish_reason is not None or s.cancelled:
         continue  # finished while this step ran; its row's token is discarded
       if s.echo_reads:
@@ -312,8 +320,8 @@ class Engine:
         s.t_first = now
         self.stats["ttft"].append(now - s.t_submit)
       n_new += 1
-      self._accept(s, int(token[slot]), float(logprob[slot]),
-                   None if top_id is None else (top_id[slot], top_lp[slot]))
+      self._accept(s, int(token[row]), float(logprob[row]),
+                   None if top_id is None else (top_id[row], top_lp[row]))
     self.stats["generated_tokens"] += n_new
     self.stats["recent_tokens"].append((now, n_new))
 
@@ -433,8 +441,13 @@ def _held_back(text: str, stops) -> int:
 
 
 def _pow2_range(lo: int, hi: int) -> list[int]:
-  out, c = [], bucket(lo, 1)
+  return _pow_range(bucket(lo, 1), hi, 2)
+
+
+def _pow_range(lo: int, hi: int, factor: int) -> list[int]:
+  """lo, lo * factor, lo * factor^2, ... up to max(hi, lo)."""
+  out, c = [], lo
   while c <= max(hi, lo):
     out.append(c)
-    c *= 2
+    c *= factor
   return out

@@ -2,17 +2,18 @@
 
   state = init_state(cfg, n_slots, cache_len)
   state, out = prefill_chunk(params, state, slot, tokens_C, start, length, targets_C, cfg=, top_n=)
-  state, out = decode_step(params, state, settings, active_S, cfg=, window=, top_n=)
+  state, out = decode_step(params, state, settings_B, rows_B, active_B, cfg=, window=, top_n=)
 
 A request owns a slot from admission to its last token. Its prompt is written into that row in
 chunks (`prefill_chunk`, one row, the other rows untouched), then every `decode_step` samples one
-token for every active row and runs it through the model. Rows never need clearing: a query at
+token for each of a bucket of rows (the active ones, padded) and runs it through the model. Rows never need clearing: a query at
 position p only sees cache slots j <= p, all of which the current request has written.
 
 Every per-row quantity is a traced array: the slot index, positions, sampling settings and seeds.
-Compiled shapes depend only on the chunk length C (a power of two), the attention window (a power
-of two covering the longest active row, or the whole cache) and whether top log-probs are wanted,
-so a bounded set of programs serves every request.
+Compiled shapes depend only on the chunk length C (a power of two), the number of rows decoded
+together B (a power of two up to the slot count), the attention window (a bucket covering the
+longest active row, or the whole cache) and whether top log-probs are wanted, so a bounded set of
+programs serves every request.
 """
 
 import functools
@@ -83,34 +84,37 @@ def prefill_chunk(params, state, slot, tokens_C, start, length, targets_C, *, cf
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "top_n"), donate_argnames=("state",))
-def decode_step(params, state, settings, active_S, *, cfg: ModelConfig, window: int, top_n: int = 0):
-  """Samples one token for every row from its logits and runs the active rows' tokens through the
-  model, attending over the first `window` cache positions (>= every active row's position + 1).
+def decode_step(params, state, settings, rows_B, active_B, *, cfg: ModelConfig, window: int, top_n: int = 0):
+  """One token for each of the rows `rows_B` (distinct slot indices; `settings` are theirs, [B]):
+  samples from the row's logits and runs the token through the model, attending over the first
+  `window` cache positions (>= every active row's position + 1).
 
-  Inactive rows are computed but nothing of theirs is written: no cache entry, no position step.
-  Returns the new state and {"token", "logprob"[, "top_logprob", "top_id"]} per row; log-probs are
-  under the model's unmodified distribution (before penalties and temperature), as OpenAI reports.
+  Rows with active_B False are padding: computed, but nothing of theirs is written back (no cache
+  entry, no position step). Returns the new state and {"token", "logprob"[, "top_logprob", "top_id"]}
+  per row of rows_B; log-probs are under the model's unmodified distribution (before penalties and
+  temperature), as OpenAI reports them.
   """
-  keys_S = row_keys(settings["seed"], state["generated"])
-  token_S = sample(keys_S, state["logits"], state["seen"], state["counts"], settings)
-  logp_SxV = jax.nn.log_softmax(state["logits"], axis=-1)
-  rows_S = jnp.arange(token_S.shape[0])
-  out = {"token": token_S, "logprob": logp_SxV[rows_S, token_S]}
+  logits_BxV = state["logits"][rows_B]
+  seen_BxV, counts_BxV = state["seen"][rows_B], state["counts"][rows_B]
+  positions_B, generated_B = state["positions"][rows_B], state["generated"][rows_B]
+  keys_B = row_keys(settings["seed"], generated_B)
+  token_B = sample(keys_B, logits_BxV, seen_BxV, counts_BxV, settings)
+  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  out = {"token": token_B, "logprob": jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]}
   if top_n:
-    out["top_logprob"], out["top_id"] = _top(logp_SxV, top_n)
+    out["top_logprob"], out["top_id"] = _top(logp_BxV, top_n)
 
-  positions_S = state["positions"]
-  window_cache = {k: c[:, :, :window] for k, c in state["cache"].items()}
-  logits_Sx1xV, window_cache = Decoder(cfg).apply(
-      {"params": params}, token_S[:, None], positions_S[:, None], active_S.astype(jnp.int32)[:, None],
+  # The rows' first `window` positions, gathered ([L, B, W, K, H]) and scattered back after.
+  window_cache = {k: c[:, rows_B, :window] for k, c in state["cache"].items()}
+  logits_Bx1xV, window_cache = Decoder(cfg).apply(
+      {"params": params}, token_B[:, None], positions_B[:, None], active_B.astype(jnp.int32)[:, None],
       cache=window_cache)
-  cache = {k: jax.lax.dynamic_update_slice_in_dim(state["cache"][k], window_cache[k], 0, axis=2)
-           for k in state["cache"]}
-  step_S = active_S.astype(jnp.int32)
+  cache = {k: state["cache"][k].at[:, rows_B, :window].set(window_cache[k]) for k in state["cache"]}
+  step_B = active_B.astype(jnp.int32)
   new_state = {"cache": cache,
-               "logits": jnp.where(active_S[:, None], logits_Sx1xV[:, 0], state["logits"]),
-               "positions": positions_S + step_S,
-               "seen": state["seen"].at[rows_S, token_S].max(active_S),
-               "counts": state["counts"].at[rows_S, token_S].add(step_S),
-               "generated": state["generated"] + step_S}
+               "logits": state["logits"].at[rows_B].set(jnp.where(active_B[:, None], logits_Bx1xV[:, 0], logits_BxV)),
+               "positions": state["positions"].at[rows_B].add(step_B),
+               "seen": state["seen"].at[rows_B, token_B].max(active_B),
+               "counts": state["counts"].at[rows_B, token_B].add(step_B),
+               "generated": state["generated"].at[rows_B].add(step_B)}
   return new_state, out
