@@ -149,7 +149,8 @@ class Engine:
             "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "programs": len(self._programs)}
 
   def warmup(self, logprobs: bool = False) -> float:
-    """Compiles every prefill and decode shape now (before serving), so no request waits on XLA."""
+    """Compiles every decode shape and every prefill chunk now (before serving), so no request
+    waits on XLA; with `logprobs`, also the prefill that scores prompts (`echo`)."""
     start = time.time()
     for top_n in ((0, TOP_N) if logprobs else (0,)):
       for c in self.chunks:
