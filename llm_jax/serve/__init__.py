@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of llm_jax runs: scheduler, HTTP layer, page (see __main__.py)."""

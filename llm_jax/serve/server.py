@@ -1,0 +1,111 @@
+"""Loading runs into engines and running the HTTP server (in the foreground, or in a thread).
+
+  models = [load_model("runs/sft"), load_model("runs/pre:base")]
+  with BackgroundServer(create_app(models)) as server:     # 127.0.0.1, a free port
+    requests.get(server.url + "/health")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+from absl import logging
+import uvicorn
+
+from llm_jax.infer import chat
+from llm_jax.serve.app import ServedModel
+from llm_jax.serve.scheduler import Engine
+
+_HF_SOURCE_CONFIG = "hf_config.json"  # written by llm_jax.convert.hf_import beside an imported run
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """"runs/pre:base" -> ("runs/pre", "base"); "runs/sft" -> ("runs/sft", "sft")."""
+  path, sep, name = spec.rpartition(":")
+  if not sep or not name or "/" in name or os.sep in name:
+    path, name = spec, ""
+  path = path.rstrip("/" + os.sep) or path
+  return path, name or os.path.basename(os.path.abspath(path))
+
+
+def context_limit(workdir: str, config) -> int:
+  """The tokens a request may span: the length the run was trained on (config.data.seq_len), or
+  the larger limit an imported model records (its Hugging Face max_position_embeddings)."""
+  limit = int(config.data.get("seq_len", 0) or 0)
+  for run in (workdir, config.get("init_from") or ""):
+    path = os.path.join(run, _HF_SOURCE_CONFIG) if run else ""
+    if path and os.path.isfile(path):
+      with open(path) as f:
+        limit = max(limit, int(json.load(f).get("max_position_embeddings") or 0))
+  if limit <= 0:
+    raise ValueError(f"{workdir}/config.json records no data.seq_len; pass --max_context")
+  return limit
+
+
+def load_model(spec: str, *, n_slots: int = 16, max_context: int = 0, prefill_chunk: int = 256,
+               min_bucket: int = 32, step: int = -1) -> ServedModel:
+  workdir, name = parse_spec(spec)
+  run = chat.load_run(workdir, step)
+  run.tokenizer.require_chat_tokens()
+  limit = context_limit(workdir, run.config)
+  context = min(limit, max_context) if max_context else limit
+  engine = Engine(run.params, run.model_cfg, run.tokenizer, name=name, n_slots=n_slots, context=context,
+                  prefill_chunk=prefill_chunk, min_bucket=min_bucket)
+  logging.info("model %s: %s, context %d tokens, %d slots", name, workdir, context, n_slots)
+  return ServedModel(name=name, engine=engine, context=context, workdir=workdir)
+
+
+def free_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+  """A listening TCP socket (port 0: a free port chosen by the OS, no race with other servers)."""
+  sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind((host, port))
+  sock.listen(2048)
+  sock.set_inheritable(True)
+  return sock
+
+
+def url_of(sock: socket.socket) -> str:
+  host, port = sock.getsockname()[:2]
+  return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class BackgroundServer:
+  """uvicorn serving `app` from a thread, on a socket bound before it starts. Starts the models'
+  engines and stops everything on exit."""
+
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    self.app = app
+    self.sock = free_socket(host, port)
+    self.url = url_of(self.sock)
+    self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+  def start(self) -> "BackgroundServer":
+    for m in self.app.state.models.values():
+      if not m.engine._thread.is_alive():  # pylint: disable=protected-access
+        m.engine.start()
+    self._thread.start()
+    deadline = time.time() + 60
+    while not self._server.started:
+      if time.time() > deadline or not self._thread.is_alive():
+        raise RuntimeError("the server did not start")
+      time.sleep(0.01)
+    return self
+
+  def stop(self) -> None:
+    self._server.should_exit = True
+    self._thread.join(timeout=30)
+    for m in self.app.state.models.values():
+      m.engine.stop()
+    self.sock.close()
+
+  def __enter__(self) -> "BackgroundServer":
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
