@@ -96,15 +96,15 @@ def test_cli_resume_with_another_tokenizer_is_one_line(trained_sft_run, tmp_path
 
 
 def test_inspect_marks_exactly_the_trained_tokens(tmp_path):
-  from llm_jax.data import inspect, tokenizer as tok_lib
+  from llm_jax.data import preview, tokenizer as tok_lib
   data = tmp_path / "alpaca.jsonl"
   data.write_text('{"instruction": "Translate to French", "input": "Good morning", "output": "Bonjour"}\n')
   config = tiny_sft_config()
   config.data.train = str(data)
   tok = tok_lib.train_sentencepiece(["Translate to French Good morning Bonjour"] * 50, vocab_size=300)
-  [(where, fmt, ids, w)] = list(inspect.examples(config, tok, "train", 5))
+  [(where, fmt, ids, w)] = list(preview.examples(config, tok, "train", 5))
   assert where == f"{data}:1" and fmt == "alpaca"
   # Alpaca: instruction and input joined by a newline in the user turn; the loss on the reply only.
-  assert inspect.render(tok, ids, w, color=False) == (
+  assert preview.render(tok, ids, w, color=False) == (
       "<|im_start|>user\nTranslate to French\nGood morning<|im_end|>\n"
       "<|im_start|>assistant\n«Bonjour<|im_end|>»\n")

@@ -16,7 +16,7 @@ SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith((".sh", ".sbatch"))
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # Records every call (one shell-quoted line), answers `describe`, acts out `ssh --worker=N`.
-printf '%q ' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+line=$(printf '%q ' "$@"); echo "$line" >> "$FAKE_LOG"  # one write: concurrent workers never interleave
 args="$*"
 case $args in
   *"tpu-vm describe"*"value(state)"*) [[ -n ${FAKE_TPU_STATE:-} ]] || exit 1; echo "$FAKE_TPU_STATE" ;;
@@ -38,7 +38,7 @@ esac
 FAKE_SBATCH = r"""#!/usr/bin/env bash
 # Records the call, then runs the batch script at once in the foreground, in the environment
 # SLURM gives a batch step (the real sbatch queues it and returns).
-printf '%q ' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+line=$(printf '%q ' "$@"); echo "$line" >> "$FAKE_LOG"  # one write: concurrent workers never interleave
 nodes=1 per_node="" gpus=8
 while [[ $1 == --* ]]; do
   case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks-per-node=*) per_node=${1#*=} ;; --gpus-per-node=*) gpus=${1#*=} ;; esac
@@ -55,7 +55,7 @@ exec bash "$script" "$@"
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # Records the call and starts the step's tasks here, with the SLURM variables of each task;
 # forwards SIGTERM to them like srun; --kill-on-bad-exit=1 kills the rest when one fails.
-printf '%q ' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+line=$(printf '%q ' "$@"); echo "$line" >> "$FAKE_LOG"  # one write: concurrent workers never interleave
 out=/dev/null kill_bad=0 ntasks=$SLURM_NTASKS per_node=$SLURM_NTASKS_PER_NODE
 while [[ $1 == --* ]]; do
   case $1 in

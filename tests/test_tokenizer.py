@@ -141,7 +141,7 @@ def test_tokenizer_job_and_cli(tmp_path, capsys):
 
 
 def test_saved_tokenizer_follows_the_umask(tmp_path):
-  tok = tokenizer_lib.train_sentencepiece([f"line {i} 你好" for i in range(100)], vocab_size=200)
+  tok = tokenizer_lib.train_sentencepiece([f"line {i} 你好" for i in range(100)], vocab_size=400)
   old = os.umask(0o022)
   try:
     path = tok.save(str(tmp_path))

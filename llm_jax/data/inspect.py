@@ -17,11 +17,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
-import numpy as np
 from ml_collections import config_flags
 
 from llm_jax import console
-from llm_jax.data import pipeline, tokenizer as tok_lib
+from llm_jax.data import pipeline, preview, tokenizer as tok_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override fields "
                                           "with --config.data.train=... etc.", lock_config=True)
@@ -29,39 +28,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "A run directory whose tokenizer t
 _N = flags.DEFINE_integer("n", 2, "Records to show.")
 _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which sources: data.train or data.eval.")
 _TOKENS = flags.DEFINE_bool("tokens", False, "Also list every token: position, id, piece, weight.")
-
-
-def render(tok, ids: np.ndarray, weights: np.ndarray, color: bool) -> str:
-  """The decoded example with the runs of trained tokens marked."""
-  on, off = ("\x1b[32m", "\x1b[0m") if color else ("«", "»")
-  out, start = [], 0
-  trained = weights > 0
-  for k in range(1, len(ids) + 1):
-    if k == len(ids) or trained[k] != trained[start]:
-      text = tok.decode(ids[start:k].tolist())
-      out.append(f"{on}{text}{off}" if trained[start] else text)
-      start = k
-  return "".join(out)
-
-
-def examples(config, tok, split: str, n: int):
-  """(where, ids, weights) of the first n documents of a split, rendered as training renders them
-  (weights here are per token: the weight of predicting that token)."""
-  data = config.data
-  spec = data.train if split == "train" else data.eval
-  to_examples = pipeline.ToExamples(data, tok, packing="none")
-  shown = 0
-  for s in pipeline.parse_spec(spec, f"config.data.{split}"):
-    reader = pipeline.DocReader(s.path, data)
-    for i in range(len(reader)):
-      doc = reader[i]
-      if "error" in doc:
-        continue
-      for ids, w in to_examples._token_docs(doc):  # pylint: disable=protected-access
-        yield reader.where(i), reader.format, ids, w
-        shown += 1
-        if shown >= n:
-          return
 
 
 def main(argv):
@@ -80,11 +46,11 @@ def run(config) -> None:
       tok_cfg.path = checkpoint.tokenizer_path(_WORKDIR.value, run_cfg)
   tok = tok_lib.get_tokenizer(tok_cfg, None, lambda: pipeline.corpus_texts(config.data))
   color = sys.stdout.isatty()
-  for k, (where, fmt, ids, w) in enumerate(examples(config, tok, _SPLIT.value, _N.value), 1):
+  for k, (where, fmt, ids, w) in enumerate(preview.examples(config, tok, _SPLIT.value, _N.value), 1):
     print(f"--- record {k}: {where} ({fmt} format, mode {config.data.mode}): {len(ids)} tokens, "
           f"{int((w > 0).sum())} trained" + (f", seq_len {config.data.seq_len}: longer examples are "
                                              "cut" if len(ids) > config.data.seq_len + 1 else ""))
-    print(render(tok, ids, w, color))
+    print(preview.render(tok, ids, w, color))
     if _TOKENS.value:
       for pos, (i, wt) in enumerate(zip(ids.tolist(), w.tolist())):
         print(f"  {pos:5d} {i:7d} {tok.id_to_token(i)!r:24} weight {wt:g}")
