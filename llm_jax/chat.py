@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 
 from llm_jax import console
-from llm_jax.infer import chat
+from llm_jax.infer import chat, reasoning
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
@@ -37,6 +37,8 @@ _MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "Drop the oldest turns bey
 _PROMPTS = flags.DEFINE_string("prompts", "", "One-shot mode: file of prompts (text lines or JSONL).")
 _OUTPUT = flags.DEFINE_string("output", "", "One-shot mode: JSONL file for the answers (default stdout).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "One-shot mode: prompts generated together.")
+_SHOW_REASONING = flags.DEFINE_bool("show_reasoning", False, "Show the <think> reasoning before the "
+                                    "answer (one-shot output always has it under \"reasoning\").")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -53,6 +55,7 @@ def main(argv):
   if _PROMPTS.value:
     answers = chat.answer_prompts(generator, run.tokenizer, chat.read_prompts(_PROMPTS.value), sampling,
                                   system=_SYSTEM.value, stop_strings=_STOP.value, batch_size=_BATCH.value)
+    answers = reasoning.split_answers(answers, _SHOW_REASONING.value)
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     if _OUTPUT.value:
       with open(_OUTPUT.value, "w", encoding="utf-8") as f:
@@ -63,7 +66,7 @@ def main(argv):
   max_context = _MAX_CONTEXT.value or int(run.config.data.get("seq_len", 0))
   session = chat.ChatSession(generator, run.tokenizer, sampling, system=_SYSTEM.value,
                              stop_strings=_STOP.value, max_context=max_context)
-  chat.interactive(session)
+  chat.interactive(reasoning.wrap_session(session, _SHOW_REASONING.value))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ import ml_collections
 
 from llm_jax import config_check
 
-JOBS = ("pretrain", "sft", "eval", "tokenizer")
+JOBS = ("pretrain", "sft", "dpo", "distill", "eval", "tokenizer")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   config_check.validate(config)
-  if config.job in ("pretrain", "sft"):
+  if config.job in ("pretrain", "sft", "dpo", "distill"):  # one loop, the job's objective
     from llm_jax.train import loop
     return loop.train_and_evaluate(config, workdir)
   if config.job == "eval":

@@ -52,6 +52,8 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
          force: bool = False) -> bool:
   """Starts saving `state` (and the data iterator's position); returns whether it saved."""
+  # Frozen trees (train/frozen.py) are re-read from their source run, never saved.
+  state = {k: v for k, v in state.items() if k != "frozen"} if isinstance(state, dict) else state
   args = {STATE: ocp.args.PyTreeSave(state)}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointSave(data_iter)

@@ -64,4 +64,28 @@ def for_config(config, model_cfg: ModelConfig) -> Objective:
   """The objective of a job's config (`config.job`). New jobs (dpo, distill) register here."""
   if config.job in ("pretrain", "sft"):
     return language_model(model_cfg, z_loss=config.train.z_loss)
+  if config.job in ("dpo", "distill"):
+    return _post_training(config, model_cfg)
   raise ValueError(f"config.job={config.job!r} has no training objective")
+
+
+def _post_training(config, model_cfg: ModelConfig) -> Objective:
+  """DPO (train/dpo.py) and reasoning distillation (train/distill.py); their frozen trees come
+  from train/frozen.py."""
+  # pylint: disable=g-import-not-at-top (these modules import this one)
+  from llm_jax.train import distill, dpo, frozen
+  if frozen.lora_enabled(config):
+    # Hook: pass policy_variables / reference_variables built from LoRA's variable layout
+    # (policy = base + adapters, DPO reference = base alone); see dpo.py and frozen.py.
+    raise NotImplementedError(f"config.job={config.job!r} with config.lora is not wired yet.")
+  if config.job == "dpo":
+    return dpo.objective(model_cfg, beta=config.dpo.beta,
+                         label_smoothing=config.dpo.label_smoothing,
+                         loss_type=config.dpo.loss_type)
+  from llm_jax.data import tokenizer as tok_lib
+  tok = tok_lib.get_tokenizer(config.data.tokenizer, None, corpus_fn=None)
+  d = config.distill
+  return distill.objective(model_cfg, tag_ids=distill.tag_token_ids(tok, d.tag_tokens),
+                           tag_weight=d.tag_weight,
+                           teacher_cfg=frozen.teacher_model_config(config, model_cfg),
+                           alpha=d.alpha, temperature=d.temperature)
