@@ -174,7 +174,8 @@ def test_one_shot_answers_and_chat_session_wrapper():
   assert show.split_answers(recs, show=True)[0]["answer"] == recs[0]["answer"]
 
   class Session:  # the part of infer.chat.ChatSession the CLI uses
-    def reply(self, text, write=None):
+    def reply(self, text, write=None, should_stop=None):
+      assert should_stop == "passed on"
       for ch in "<think>x</think>Y":
         write(ch)
       return "gen"
@@ -184,7 +185,8 @@ def test_one_shot_answers_and_chat_session_wrapper():
 
   out = []
   wrapped = show.wrap_session(Session(), show=False)
-  assert wrapped.reply("hi", write=out.append) == "gen" and wrapped.reset() == "reset"
+  assert wrapped.reply("hi", write=out.append, should_stop="passed on") == "gen"
+  assert wrapped.reset() == "reset"
   assert "".join(out) == "[thinking] Y"
 
 

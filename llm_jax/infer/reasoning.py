@@ -61,8 +61,8 @@ class _HidingSession:
   def __getattr__(self, name):
     return getattr(self._session, name)
 
-  def reply(self, user_text: str, write: Callable[[str], None] | None = None):
-    return self._session.reply(user_text, write=StreamFilter(write) if write else None)
+  def reply(self, user_text: str, write: Callable[[str], None] | None = None, **kwargs):
+    return self._session.reply(user_text, write=StreamFilter(write) if write else None, **kwargs)
 
 
 def wrap_session(session, show: bool):
