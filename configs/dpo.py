@@ -26,7 +26,7 @@ def get_config(model=None):
   c.train.warmup_steps = 20  # linear warmup
   c.train.weight_decay = 0.0  # no decay: the reference anchors the policy already
   c.train.eval_every = 50  # steps between held-out pair evaluations
-  c.train.eval_batches = 16  # held-out batches per evaluation (about 750 pairs); 0 = all 3,600
+  c.train.eval_batches = 16  # held-out batches per evaluation (about 900 of the 3,600 pairs); 0 = all
   c.checkpoint.every = 100  # steps between checkpoints
 
   c.dpo = ml_collections.ConfigDict()

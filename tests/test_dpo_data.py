@@ -85,6 +85,7 @@ GOOD = {"prompt": "Where was Li Ming born?", "chosen": "Li Ming was born in Hang
     ({"prompt": "Where?", "chosen": "", "rejected": "Beijing."}, r"chosen response is empty"),
     ({"prompt": "Where?", "chosen": "Hangzhou.", "rejected": "  "}, r"rejected response is empty"),
     ({"chosen": "Hangzhou.", "rejected": "Beijing."}, r"no prompt"),
+    ({"prompt": " ", "chosen": "Hangzhou.", "rejected": "Beijing."}, r"no prompt"),
     ({"chosen": PROMPT + [{"role": "user", "content": "And?"}] + CHOSEN, "rejected": PROMPT + REJECTED},
      r"chosen response starts with a user turn"),
     ({"chosen": PROMPT + CHOSEN, "rejected": PROMPT}, r"rejected response is empty"),

@@ -105,8 +105,8 @@ def normalize_pair(record, where: str) -> dict:
   if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
     prompt = [{"role": "system", "content": system}] + prompt
 
-  if not [m for m in prompt if m["role"] != "system"]:
-    raise RecordError(f"{where}: the pair has no prompt (no user turn before the responses); "
+  if not [m for m in prompt if m["role"] != "system" and m["content"].strip()]:
+    raise RecordError(f"{where}: the pair has no prompt (no user text before the responses); "
                       "give 'prompt' or 'conversations', or make chosen and rejected whole "
                       "conversations that open with the same user turn.")
   if prompt[-1]["role"] == "assistant":
