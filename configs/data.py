@@ -6,7 +6,9 @@ Source spec strings (`train`, `eval`) are comma-separated sources, each `path` o
   fictional encyclopedia: `builtin:bios` (all biographies, plain text), `builtin:bios_eval`
   (one fresh biography per person, new template choices: a pretraining eval of facts, not
   strings), `builtin:bios_qa_train` (QA chats about training people), `builtin:bios_qa_heldout`
-  (QA chats about held-out people).
+  (QA chats about held-out people), `builtin:bios_dpo_train` / `builtin:bios_dpo_heldout`
+  (preference pairs: the true answer chosen, a wrong one rejected), `builtin:bios_r1_train` /
+  `builtin:bios_r1_heldout` (reasoning traces `<think>...</think>answer`).
 """
 
 import ml_collections
@@ -18,9 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 16  # GLOBAL rows per step; each process gets batch_size // process_count
   c.train = "builtin:bios_qa_train"  # training sources (spec string, see module docstring)
   c.eval = "builtin:bios_qa_heldout"  # evaluation sources; "" = no evaluation
-  c.format = "auto"  # auto | text | chat | alpaca | sharegpt: record shape, auto detects per source
+  c.format = "auto"  # auto | text | chat | alpaca | sharegpt | pair: record shape, auto detects per source
   c.text_field = "text"  # field holding the document in JSON/Parquet/TFDS text records
-  c.mode = "sft"  # pretrain: train on all tokens, split long docs | sft: assistant tokens only, truncate
+  c.mode = "sft"  # pretrain: train on all tokens, split long docs | sft: assistant tokens only, truncate | dpo: preference pairs
   c.packing = "auto"  # auto (pretrain: concat_then_split, sft: best_fit) | first_fit | best_fit | concat_then_split | none
   c.packing_bins = 0  # bins the first/best-fit packers fill at once; 0 = 4 x per-process batch
   c.shuffle_seed = -1  # seed of the record shuffle; -1 uses the job's config.seed

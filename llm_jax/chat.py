@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 
 from llm_jax import console
-from llm_jax.infer import chat
+from llm_jax.infer import chat, reasoning
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.interrupt import Interrupts
 from llm_jax.infer.sampling import SamplingConfig
@@ -45,6 +45,8 @@ _PROMPTS = flags.DEFINE_string("prompts", "", "One-shot mode: file of prompts (t
 _OUTPUT = flags.DEFINE_string("output", "", "One-shot mode: JSONL file for the answers (default stdout).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "One-shot mode: prompts generated together.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show library logs and tracebacks.")
+_SHOW_REASONING = flags.DEFINE_bool("show_reasoning", False, "Show the <think> reasoning before the "
+                                    "answer (one-shot output always has it under \"reasoning\").")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -66,6 +68,7 @@ def run() -> None:
                                   stop_strings=_STOP.value, batch_size=_BATCH.value,
                                   context=context, raw=_RAW.value,
                                   warn=lambda m: logging.warning("%s: %s", _PROMPTS.value, m))
+    answers = reasoning.split_answers(answers, _SHOW_REASONING.value)
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     if _OUTPUT.value:
       with open(_OUTPUT.value, "w", encoding="utf-8") as f:
@@ -85,7 +88,8 @@ def run() -> None:
         "tokens")
   interrupts = Interrupts().install()
   try:
-    chat.interactive(session, interrupts=interrupts)
+    chat.interactive(reasoning.wrap_session(session, _SHOW_REASONING.value),
+                     interrupts=interrupts)
   finally:
     interrupts.uninstall()
 

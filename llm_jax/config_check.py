@@ -56,6 +56,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_accel(c)
   _validate_lora(c)
   _validate_eval(c)
+  _validate_post_training(c)
 
 
 def _validate_lora(c: ml_collections.ConfigDict) -> None:
@@ -123,3 +124,41 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
   if syn.get("augment"):
     from llm_jax.data.synthetic_bios import parse_augment  # pylint: disable=g-import-not-at-top
     parse_augment(syn.augment)
+
+
+def _validate_post_training(c: ml_collections.ConfigDict) -> None:
+  """DPO and distillation fields (configs/dpo.py, configs/distill.py)."""
+  if c.data.mode == "dpo" and c.job != "dpo":
+    _fail("data.mode", c.data.mode, "preference pairs train only in the dpo job (configs/dpo.py)")
+  if c.job == "dpo":
+    from llm_jax.train.dpo import LOSS_TYPES  # pylint: disable=g-import-not-at-top
+    if not c.init_from:
+      _fail("init_from", c.init_from, "DPO starts from a trained run, which is also its frozen "
+            "reference model; e.g. --config.init_from=runs/sft")
+    if c.data.mode != "dpo":
+      _fail("data.mode", c.data.mode, "must be 'dpo' for the dpo job (pairs are read and "
+            "packed whole)")
+    d = c.dpo
+    if not d.beta > 0:
+      _fail("dpo.beta", d.beta, "must be > 0")
+    if d.loss_type not in LOSS_TYPES:
+      _fail("dpo.loss_type", d.loss_type, f"must be one of {LOSS_TYPES}")
+    if not 0 <= d.label_smoothing < 0.5:
+      _fail("dpo.label_smoothing", d.label_smoothing, "must be in [0, 0.5)")
+    if d.label_smoothing and d.loss_type != "sigmoid":
+      _fail("dpo.label_smoothing", d.label_smoothing, "applies to loss_type='sigmoid' only")
+  if c.job == "distill":
+    d = c.distill
+    if c.data.mode != "sft":
+      _fail("data.mode", c.data.mode, "must be 'sft' for the distill job (loss on the assistant's "
+            "reasoning and answer)")
+    if not d.tag_weight > 0:
+      _fail("distill.tag_weight", d.tag_weight, "must be > 0 (1 weights tags like other tokens)")
+    if not 0 <= d.alpha <= 1:
+      _fail("distill.alpha", d.alpha, "must be in [0, 1]")
+    if not d.temperature > 0:
+      _fail("distill.temperature", d.temperature, "must be > 0")
+    if d.teacher and c.lora.rank:
+      _fail("distill.teacher", d.teacher, "a teacher cannot be combined with LoRA yet (the "
+            "frozen slot holds the LoRA base); distil from the teacher's traces, or set "
+            "config.lora.rank=0")

@@ -4,14 +4,14 @@ import ml_collections
 
 from llm_jax import config_check
 
-JOBS = ("pretrain", "sft", "eval", "tokenizer")
+JOBS = ("pretrain", "sft", "dpo", "distill", "eval", "tokenizer")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, explicit=()):
   """Runs the job `config.job` in `workdir`. `explicit`: the config fields the command line set
   (see main.explicit_fields)."""
   config_check.validate(config)
-  if config.job in ("pretrain", "sft"):
+  if config.job in ("pretrain", "sft", "dpo", "distill"):  # one loop, the job's objective
     from llm_jax.train import loop
     return loop.train_and_evaluate(config, workdir, explicit=explicit)
   if config.job == "eval":

@@ -4,15 +4,20 @@
   chat      OpenAI/minimind `{"messages"|"conversations": [{"role", "content"}]}` or ShareGPT
             `{"conversations": [{"from", "value"}]}` (human/gpt/system), optional `"system"` key
   alpaca    `{"instruction", "input"?, "output", "system"?, "history"?: [[query, answer], ...]}`
+  pair      a preference pair `{"prompt"?, "chosen", "rejected", ...}` (see preference.py)
+
+An assistant turn's `reasoning_content` (OpenAI / Qwen3 style) is joined into its content as
+"<think>reasoning</think>answer" (see reasoning.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from llm_jax.data import reasoning
 from llm_jax.data.sources import RecordError
 
-FORMATS = ("auto", "text", "chat", "sharegpt", "alpaca")
+FORMATS = ("auto", "text", "chat", "sharegpt", "alpaca", "pair")
 ROLES = {
     "system": "system",
     "user": "user", "human": "user",
@@ -29,6 +34,8 @@ def detect_format(record: Any, text_field: str, where: str) -> str:
                       "or a line of text.")
   if text_field in record:
     return "text"
+  if "chosen" in record and "rejected" in record:  # before chat: ShareGPT pairs have both
+    return "pair"
   if "messages" in record or "conversations" in record:
     return "chat"
   if "instruction" in record and "output" in record:
@@ -47,6 +54,9 @@ def normalize(record: Any, fmt: str, text_field: str, where: str) -> dict:
     return {"messages": _chat(record, where)}
   if fmt == "alpaca":
     return {"messages": _alpaca(record, where)}
+  if fmt == "pair":
+    from llm_jax.data import preference  # pylint: disable=g-import-not-at-top (imports us)
+    return preference.normalize_pair(record, where)
   raise ValueError(f"config.data.format={fmt!r}; use one of {FORMATS}.")
 
 
@@ -96,7 +106,7 @@ def _chat(record: Any, where: str) -> list[dict]:
                         f"{sorted(ROLES)}.")
     if not isinstance(content, str):
       raise RecordError(f"{where}: {key}[{k}] ({raw_role}) has no string 'content'/'value'.")
-    messages.append({"role": role, "content": content})
+    messages.append({"role": role, "content": reasoning.content_of(turn, content)})
   return messages
 
 

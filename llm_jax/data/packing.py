@@ -84,3 +84,50 @@ def pad_rows(batch: dict, rows: int) -> dict:
     return batch
   return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
           for k, v in batch.items()}
+
+
+# DPO pairs (preference.py): a pair is one example of these features, packed whole.
+PAIR_FEATURES = FEATURES + ("positions", "sides")
+
+
+def pack_pairs(ds: grain.IterDataset, packing: str, seq_len: int, *, num_bins: int, seed: int,
+               shuffle_bins: bool) -> grain.IterDataset:
+  """Packs pair examples (chosen then rejected, `sides` 1/2) whole into rows of seq_len tokens;
+  pair k of a row gets segment ids 2k-1 (chosen) and 2k (rejected)."""
+  lengths = {f: seq_len for f in PAIR_FEATURES}
+  if packing in ("auto", "best_fit", "first_fit"):
+    packer = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
+              else grain.experimental.BestFitPackIterDataset)
+    ds = packer(ds, length_struct=lengths, num_packing_bins=num_bins, seed=seed,
+                shuffle_bins=shuffle_bins)
+  elif packing == "none":
+    ds = ds.map(_PadPair(seq_len))
+  else:
+    raise ValueError(f"config.data.packing={packing!r}: pairs are packed whole; use auto, "
+                     "best_fit, first_fit or none.")
+  return ds.map(_pair_contract)
+
+
+def _pair_contract(row: dict) -> dict:
+  sides = row["sides"].astype(np.int32)
+  pair = row["inputs_segment_ids"].astype(np.int32)  # 1.. per packed pair, 0 = padding
+  return {
+      "inputs": row["inputs"].astype(np.int32),
+      "targets": row["targets"].astype(np.int32),
+      "loss_weights": row["loss_weights"].astype(np.float32),
+      "segment_ids": np.where(sides > 0, 2 * pair - 2 + sides, 0).astype(np.int32),
+      "positions": row["positions"].astype(np.int32),  # restart at the rejected side
+  }
+
+
+class _PadPair(grain.transforms.Map):
+  """No packing: one pair per row, right-padded."""
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+
+  def map(self, example: dict) -> dict:
+    n, pad = len(example["inputs"]), self._seq_len - len(example["inputs"])
+    row = {k: np.pad(example[k], (0, pad)) for k in PAIR_FEATURES}
+    row["inputs_segment_ids"] = np.pad(np.ones(n, np.int32), (0, pad))
+    return row

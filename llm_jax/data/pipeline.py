@@ -26,12 +26,16 @@ from llm_jax.data import formats
 from llm_jax.data import packing as packing_lib
 from llm_jax.data import sources
 from llm_jax.data import synthetic_bios
+from llm_jax.data import synthetic_post
 from llm_jax.data import text_clean
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = {"bios": "bios", "bios_eval": "bios_eval", "bios_qa_train": "qa_train",
-            "bios_qa_heldout": "qa_heldout"}
-MODES = ("pretrain", "sft")
+            "bios_qa_heldout": "qa_heldout",
+            # post-training sets from the same people (synthetic_post.py)
+            "bios_dpo_train": "dpo_train", "bios_dpo_heldout": "dpo_heldout",
+            "bios_r1_train": "r1_train", "bios_r1_heldout": "r1_heldout"}
+MODES = ("pretrain", "sft", "dpo")  # dpo: preference pairs, packed whole (preference.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,9 @@ class DocReader(grain.sources.RandomAccessDataSource):
       if name not in BUILTINS:
         raise ValueError(f"unknown built-in source {path!r}; known: "
                          f"{[BUILTIN_PREFIX + b for b in BUILTINS]}.")
-      records = synthetic_bios.generate(data_cfg.synthetic)[BUILTINS[name]]
+      generate = (synthetic_post.generate if BUILTINS[name] in synthetic_post.SPLITS
+                  else synthetic_bios.generate)
+      records = generate(data_cfg.synthetic)[BUILTINS[name]]
       self._source = sources.ListSource(path, records)
       fmt = "auto"  # built-ins know their own shape; config.data.format is for user files
     else:
@@ -87,7 +93,9 @@ class DocReader(grain.sources.RandomAccessDataSource):
                        "it from the source list.")
     self._text_field = data_cfg.text_field
     self._skip = data_cfg.skip_bad_records
-    self.format = fmt if fmt != "auto" else self._detect()
+    # DPO: every record must be a pair, so a bad one fails on its own line (no detection).
+    self.format = ("pair" if data_cfg.mode == "dpo" else
+                   fmt if fmt != "auto" else self._detect())
 
   def _detect(self) -> str:
     errors = []
@@ -178,6 +186,10 @@ class ToExamples(grain.experimental.FlatMapTransform):
     return [ex for ids, w in token_docs for ex in self._examples(ids, w)]
 
   def _token_docs(self, doc: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if "chosen" in doc:  # a preference pair outside DPO: train on its chosen conversation
+      self.counters.add("preference pairs trained on their chosen response (DPO: mode=dpo)",
+                        doc["where"])
+      doc = {"messages": doc["prompt"] + doc["chosen"], "where": doc["where"]}
     if "messages" in doc:
       ids, w = chat_template.encode_chat(self._tok, doc["messages"], where=doc["where"])
       yield ids, (np.ones_like(w) if self._mode == "pretrain" else w)
@@ -228,6 +240,10 @@ def _local_batch(data_cfg, process_count: int) -> int:
 
 def _examples_and_pack(ds: grain.MapDataset, data_cfg, tokenizer, *, seed: int,
                        rows_per_step: int, shuffle_bins: bool) -> grain.IterDataset:
+  if data_cfg.mode == "dpo":
+    from llm_jax.data import preference  # pylint: disable=g-import-not-at-top
+    return preference.pairs_and_pack(ds, data_cfg, tokenizer, seed=seed, shuffle_bins=shuffle_bins,
+                                     num_bins=data_cfg.packing_bins or 4 * rows_per_step)
   packing = packing_lib.resolve_packing(data_cfg.packing, data_cfg.mode)
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(),
                                              ToExamples(data_cfg, tokenizer, packing))
@@ -322,7 +338,10 @@ def corpus_texts(data_cfg, max_records: int | None = None) -> Iterator[str]:
       doc = reader[i]
       if "error" in doc:
         continue
-      if "messages" in doc:
+      if "chosen" in doc:
+        yield chat_template.render_chat_text(doc["prompt"] + doc["chosen"])
+        yield chat_template.render_chat_text(doc["prompt"] + doc["rejected"])
+      elif "messages" in doc:
         yield chat_template.render_chat_text(doc["messages"])
       else:
         yield text_clean.clean_markup(doc["text"]) if data_cfg.clean_text else doc["text"]

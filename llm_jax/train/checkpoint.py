@@ -56,8 +56,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
          force: bool = False) -> bool:
   """Starts saving `state` (and the data iterator's position); returns whether it saved.
 
-  A state's "frozen" entry (a LoRA base) is not saved: it is the `init_from` model, which the
-  job reads again when it resumes."""
+  A state's "frozen" entry (a LoRA base, a DPO reference, a distillation teacher) is not saved:
+  the job reads it again from its source run when it resumes (train/frozen.py, lora_state.py)."""
   state = {k: v for k, v in state.items() if k != FROZEN}
   args = {STATE: ocp.args.PyTreeSave(state)}
   if data_iter is not None:

@@ -1,4 +1,4 @@
-"""The training loop shared by the pretrain and sft jobs.
+"""The training loop shared by the pretrain, sft, dpo and distill jobs.
 
 Order of work in one step: take the host batch, dispatch the jitted step (asynchronous), then
 read the *previous* step's metrics, so the device never waits for the host to log. A
@@ -18,10 +18,11 @@ from absl import logging
 
 from llm_jax import console, sharding
 from llm_jax.data import pipeline
-from llm_jax.eval import lm_eval
+from llm_jax.eval import lm_eval, objective_eval
 from llm_jax.model import flops
 from llm_jax.train import checkpoint, metrics as metrics_lib, objectives, optimizer as opt_lib
 from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
+from llm_jax.train import frozen as frozen_lib
 
 
 class _Preemption:
@@ -98,12 +99,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Shapes and shardings come from eval_shape, outside the mesh context (unboxing abstract
   # params under a set mesh would try to constrain them).
   abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
+  objective = objectives.for_config(config, model_cfg)
+  # Frozen trees (a DPO reference, a teacher) ride in the state but are never checkpointed.
+  frozen_sh = frozen_lib.shardings(config, model_cfg, mesh, rules, state_sh["params"])
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
-                               objective=objectives.for_config(config, model_cfg)),
-      state_sh, mesh, rules)
+                               objective=objective),
+      {**state_sh, "frozen": frozen_sh} if frozen_sh else state_sh, mesh, rules)
   eval_step = step_lib.make_eval_step(model_cfg, lora_state.eval_params(model_cfg, state_sh),
                                       mesh, rules)
+  objective_eval_step = (None if objective.name == "lm" else objective_eval.make_eval_step(
+      objective, state_sh["params"], frozen_sh or state_sh.get("frozen", {}), mesh, rules))
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
   # Before the data workers start: on a CPU the peak FLOP/s is measured, and busy workers
@@ -137,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("Starting from the parameters of %s", config.init_from)
       state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
                                      mesh, rules, params)
+    if frozen_sh:
+      state["frozen"] = frozen_lib.load(config, frozen_sh, model_cfg)
   start = int(state["step"])
   counts = flops.param_counts(state["frozen"] if model_cfg.lora else state["params"])
   if console.verbose():
@@ -158,10 +166,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     with step_lib.mesh_context(mesh, rules):
-      res = lm_eval.evaluate(eval_step, lora_state.eval_params(model_cfg, state), batches,
-                             lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
+      if objective_eval_step is not None:  # DPO, distillation: the objective's own metrics
+        res = objective_eval.evaluate(objective_eval_step, objective, state["params"],
+                                      state.get("frozen", {}), batches,
+                                      lambda b: step_lib.to_global(b, mesh, rules),
+                                      tc.eval_batches)
+        res.pop("batches")
+      else:
+        res = lm_eval.evaluate(eval_step, lora_state.eval_params(model_cfg, state), batches,
+                               lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
     scalars = {f"eval_{k}": v for k, v in res.items()
-               if k in ("loss", "perplexity", "accuracy", "tokens")}
+               if objective_eval_step is not None or
+               k in ("loss", "perplexity", "accuracy", "tokens")}
     writer.write_scalars(step, scalars)
     eval_history.append({"step": step, **scalars})
     return scalars

@@ -74,7 +74,13 @@ class Throughput:
     }
 
 
-_FORMATS = {"loss": "loss {:.4f}", "accuracy": "accuracy {:.3f}", "learning_rate": "lr {:.3g}",
+_FORMATS = {"loss": "loss {:.4f}", "accuracy": "accuracy {:.3f}",
+            # DPO (TRL's names) and distillation
+            "rewards/accuracies": "rewards/accuracies {:.3f}",
+            "rewards/margins": "rewards/margins {:.4f}", "rewards/chosen": "rewards/chosen {:.4f}",
+            "rewards/rejected": "rewards/rejected {:.4f}", "logps/chosen": "logps/chosen {:.2f}",
+            "logps/rejected": "logps/rejected {:.2f}", "ce": "ce {:.4f}", "kl": "kl {:.4f}",
+            "learning_rate": "lr {:.3g}",
             "grad_norm": "grad_norm {:.3f}", "tokens_per_s": "{:,.0f} tokens/s",
             "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step", "padding_share": "padding {:.1%}"}
 
@@ -83,6 +89,17 @@ def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
   parts = [f"step {step}/{total}"]
   parts += [fmt.format(scalars[k]) for k, fmt in _FORMATS.items() if k in scalars]
   return " | ".join(parts)
+
+
+def format_eval_line(step: int, scalars: dict[str, float]) -> str:
+  """"eval at step N: loss ... | ..." for any objective's eval metrics (keys "eval_<name>")."""
+  plain = {k[len("eval_"):]: v for k, v in scalars.items() if k.startswith("eval_")}
+  parts = [fmt.format(plain[k]) for k, fmt in _FORMATS.items() if k in plain]
+  if "perplexity" in plain:
+    parts.append(f"perplexity {plain['perplexity']:.2f}")
+  count = next(((k, plain[k]) for k in ("pairs", "trained_tokens") if k in plain), None)
+  tail = f" ({count[1]:,.0f} {count[0].replace('trained_', '')})" if count else ""
+  return f"eval at step {step}: " + " | ".join(parts) + tail
 
 
 def to_host(metrics) -> dict[str, float]:

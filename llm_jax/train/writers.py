@@ -12,7 +12,7 @@ from absl import logging
 from clu import metric_writers
 from clu.metric_writers import interface
 
-from llm_jax.train.metrics import format_line
+from llm_jax.train.metrics import format_eval_line, format_line
 
 
 def create_writer(workdir: str, total_steps: int) -> metric_writers.MultiWriter:
@@ -34,7 +34,10 @@ class ConsoleWriter(interface.MetricWriter):
     self.total_steps = total_steps
 
   def write_scalars(self, step, scalars):
-    if any(k.startswith("eval_") for k in scalars):
+    if any(k.startswith("eval_") for k in scalars) and "eval_tokens" not in scalars:
+      # DPO, distillation: the objective's own eval metrics (the LM eval reports eval_tokens)
+      logging.info(format_eval_line(step, scalars))
+    elif any(k.startswith("eval_") for k in scalars):
       logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
                    step, scalars["eval_loss"], scalars["eval_perplexity"],
                    scalars["eval_accuracy"], scalars.get("eval_tokens", 0))
