@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import random
-import types
+
+import ml_collections
 
 from llm_jax.data import reasoning, synthetic_bios as bios
 
@@ -117,7 +118,7 @@ def _same_city_trace(person: dict, lang: str, rng: random.Random) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _generate(key: tuple) -> dict:
-  cfg = types.SimpleNamespace(**dict(key))
+  cfg = ml_collections.ConfigDict(dict(key))
   base = bios.generate(cfg)
   heldout = set(base["heldout"])
   rng_pairs, rng_traces = random.Random(f"{cfg.seed}-dpo"), random.Random(f"{cfg.seed}-r1")
@@ -140,5 +141,6 @@ def generate(synthetic_cfg) -> dict:
          ("heldout_fraction", float(c.heldout_fraction)),
          ("multi_turn_per_entity", int(c.multi_turn_per_entity)),
          ("system_prompt_prob", float(c.system_prompt_prob)), ("languages", str(c.languages)),
-         ("seed", int(c.seed)))
+         ("seed", int(c.seed)), ("augment", str(c.get("augment", ""))),
+         ("unseen_fraction", float(c.get("unseen_fraction", 0.0))))
   return _generate(key)
