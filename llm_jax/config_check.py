@@ -42,7 +42,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f"must divide config.data.batch_size={c.data.batch_size}")
   if c.data.seq_len < 2:
     _fail("data.seq_len", c.data.seq_len, "must be at least 2")
-  for axis in ("data", "fsdp", "tensor"):
+  for axis in ("data", "fsdp", "expert", "tensor"):
     v = c.mesh[axis]
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
+  n_experts = c.model.moe.n_experts
+  if c.mesh.expert > 1 and n_experts and n_experts % c.mesh.expert:
+    _fail("mesh.expert", c.mesh.expert, f"must divide config.model.moe.n_experts={n_experts}")
