@@ -51,7 +51,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
   c.moe.z_loss_coef = 0.0  # router z-loss weight per sparse layer (ST-MoE uses 1e-3)
   c.moe.capacity_factor = 0.0  # 0 = dropless; > 0: each expert takes <= factor * tokens * top_k / E slots
   c.moe.gmm = "auto"  # grouped matmul: auto (tiled on CPU, ragged_dot on GPU/TPU) | ragged_dot | tiled
-  c.moe.gmm_tile = 128  # rows per tile of the tiled grouped matmul
+  c.moe.gmm_tile = 0  # rows per tile of the tiled grouped matmul; 0 = about the mean rows per expert
   c.update(kw)
   return c
 

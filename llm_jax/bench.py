@@ -103,6 +103,10 @@ def main(argv):
       ("peak memory", peak_memory()),
       ("final loss", f"{float(m['loss']):.4f}"),
   ]
+  if model_cfg.moe.enabled:
+    routing = "dropless" if not model_cfg.moe.capacity_factor else f"capacity {model_cfg.moe.capacity_factor}"
+    rows.append(("router", f"{routing}, aux {float(m['moe_aux_loss']):.3f}, "
+                           f"expert load max/mean {float(m['moe_load_max']):.2f}"))
   for k, v in rows:
     print(f"{k:>14}: {v}")
 

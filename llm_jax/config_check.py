@@ -6,6 +6,7 @@ typed); these catch values of the right type that cannot work.
 
 import ml_collections
 
+from llm_jax.model.config import ModelConfig
 from llm_jax.train.optimizer import SCHEDULES
 
 
@@ -46,6 +47,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = c.mesh[axis]
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
+  # The model's own checks (shapes, MoE, RoPE scaling) before any work; vocab may come later.
+  ModelConfig.from_config(c.model, vocab_size=c.model.vocab_size or 1)
   n_experts = c.model.moe.n_experts
   if c.mesh.expert > 1 and n_experts and n_experts % c.mesh.expert:
     _fail("mesh.expert", c.mesh.expert, f"must divide config.model.moe.n_experts={n_experts}")

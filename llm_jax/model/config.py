@@ -50,7 +50,7 @@ class MoEConfig:
   z_loss_coef: float = 0.0
   capacity_factor: float = 0.0  # 0 = dropless
   gmm: str = "auto"
-  gmm_tile: int = 128
+  gmm_tile: int = 0  # 0 = about the mean group size (gmm.auto_tile)
 
   @property
   def enabled(self) -> bool:
@@ -174,8 +174,8 @@ class ModelConfig:
       bad("shared_expert_gate", "needs n_shared_experts > 0")
     if m.gmm not in GMM_IMPLS:
       bad("gmm", f"must be one of {GMM_IMPLS}")
-    if m.gmm_tile <= 0 or m.gmm_tile % 8:
-      bad("gmm_tile", "must be a positive multiple of 8")
+    if m.gmm_tile < 0 or m.gmm_tile % 8:
+      bad("gmm_tile", "must be 0 (automatic) or a positive multiple of 8")
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int | None = None) -> "ModelConfig":

@@ -18,10 +18,19 @@ import jax
 import jax.numpy as jnp
 
 
+def auto_tile(n_rows: int, n_groups: int) -> int:
+  """Rows per tile for the tiled kernel: about the mean group size (a tile shared by two groups is
+  computed twice, so small groups want small tiles), a power of two in [16, 256]."""
+  mean = max(n_rows // max(n_groups, 1), 1)
+  return min(256, max(16, 1 << (mean - 1).bit_length()))
+
+
 def grouped_matmul(lhs_MxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes_G: jax.Array, *,
-                   impl: str = "auto", tile: int = 128, out_dtype=None) -> jax.Array:
-  """[M, N] = each group's rows of lhs times that group's [K, N] matrix (see module docstring)."""
+                   impl: str = "auto", tile: int = 0, out_dtype=None) -> jax.Array:
+  """[M, N] = each group's rows of lhs times that group's [K, N] matrix (see module docstring).
+  tile: rows per tile of the tiled kernel; 0 = auto_tile."""
   out_dtype = out_dtype or lhs_MxK.dtype
+  tile = tile or auto_tile(lhs_MxK.shape[0], rhs_GxKxN.shape[0])
   if impl == "auto":
     impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
   if impl == "ragged_dot":

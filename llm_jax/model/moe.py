@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.gmm import grouped_matmul
+from llm_jax.model.gmm import auto_tile, grouped_matmul
 from llm_jax.model.layers import Projection, SwiGLU
 
 # Names of the sown statistics (per layer): see objectives.language_model.
@@ -83,7 +83,7 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) 
 
 def expert_forward(x_TxD, experts_TxK, weights_TxK, valid_T, gate_ExDxF, up_ExDxF, down_ExFxD, *,
                    first_expert=0, capacity_per_expert: int | None = None, gmm: str = "auto",
-                   gmm_tile: int = 128):
+                   gmm_tile: int = 0):
   """sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) over the experts held here (global ids
   first_expert .. first_expert + E_local - 1); slots routed elsewhere contribute 0 here.
 
@@ -163,6 +163,17 @@ def sparse_mlp(x_BxLxD, valid_BxL, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD,
   use_capacity = m.capacity_factor > 0 and not dropless
   axes = _mesh_axes()
   batch_ax, length_ax, ep_ax, hidden_ax = axes[1:] if axes else ((), (), (), ())
+  if axes:
+    size = lambda names: math.prod(axes[0].shape[a] for a in names)
+    if n_experts % size(ep_ax):
+      raise ValueError(f"config.model.moe.n_experts={n_experts} must be a multiple of the expert "
+                       f"mesh axes {ep_ax} (size {size(ep_ax)}); change config.mesh.expert")
+    # Batches the mesh cannot split (init traces one token; odd generation batches) are given
+    # whole to every device of those axes.
+    if x_BxLxD.shape[0] % size(batch_ax):
+      batch_ax = ()
+    if x_BxLxD.shape[1] % size(length_ax):
+      length_ax = ()
   token_ax = batch_ax + length_ax  # tokens differ along these
   gather_ax = tuple(a for a in ep_ax if a in token_ax)  # expert axes that also split the tokens
   replicated_ep_ax = tuple(a for a in ep_ax if a not in token_ax)
@@ -186,9 +197,11 @@ def sparse_mlp(x_BxLxD, valid_BxL, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD,
       x_TxD, valid_T, weights_TxK, experts_TxK = map(gather, (x_TxD, valid_T, weights_TxK, experts_TxK))
     first = jax.lax.axis_index(ep_ax) * gate_ExDxF.shape[0] if ep_ax else 0
     cap = capacity(x_TxD.shape[0], m.top_k, n_experts, m.capacity_factor) if use_capacity else None
+    # Tiles of about the rows one expert gets (of all n_experts, not just the local ones).
+    tile = m.gmm_tile or auto_tile(x_TxD.shape[0] * m.top_k, n_experts)
     y_TxD, dropped = expert_forward(x_TxD, experts_TxK, weights_TxK, valid_T, gate_ExDxF, up_ExDxF,
                                     down_ExFxD, first_expert=first, capacity_per_expert=cap,
-                                    gmm=m.gmm, gmm_tile=m.gmm_tile)
+                                    gmm=m.gmm, gmm_tile=tile)
     if gather_ax:
       y_TxD = jax.lax.psum_scatter(y_TxD, gather_ax, scatter_dimension=0, tiled=True)
     if replicated_ep_ax + hidden_ax:
