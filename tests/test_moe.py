@@ -267,3 +267,24 @@ def test_bad_moe_config_names_the_field(field, value, match):
   m = dataclasses.replace(MOE, **{"n_shared_experts": 0, "shared_expert_gate": False, field: value})
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(BASE, scan_layers=True, moe=m).validate()
+
+
+def test_init_from_adopts_the_source_runs_experts_and_rope_scaling(tmp_path):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from llm_jax.train import checkpoint, run_setup  # pylint: disable=g-import-not-at-top
+  src = base.get_config("minimind-moe")
+  src.model.moe.expert_mlp_dim = 256
+  src.model.rope_scaling.update(type="llama3", factor=32.0, original_max_position_embeddings=8192)
+  checkpoint.write_config(str(tmp_path), src)
+  job = base.get_config("minimind-26m")
+  job.model.moe.capacity_factor = 1.5  # a routing choice: stays the job's
+  run_setup.adopt_source_model(job, str(tmp_path))
+  assert (job.model.moe.n_experts, job.model.moe.expert_mlp_dim, job.model.moe.n_shared_experts) == (4, 256, 1)
+  assert job.model.rope_scaling.type == "llama3" and job.model.rope_scaling.factor == 32.0
+  assert job.model.moe.capacity_factor == 1.5
+  # A run written before config.model.moe existed was dense.
+  old = base.get_config("minimind-26m")
+  del old.model["moe"]
+  checkpoint.write_config(str(tmp_path), old)
+  run_setup.adopt_source_model(job, str(tmp_path))
+  assert job.model.moe.n_experts == 0

@@ -5,7 +5,9 @@
 
 The parameter tree is the one in /work/notes/common.md (HF conversion depends on it). Layers are
 stacked under one `nn.scan` ("layers", leading n_layers axis) when cfg.scan_layers, else unrolled as
-"layers_0".."layers_{n-1}". Outside a mesh context the logical constraints are no-ops; to run
+"layers_0".."layers_{n-1}". A sparse (MoE) layer has "moe" where a dense one has "mlp"; when
+only every k-th layer is sparse, scanning goes over blocks of k layers ("layers"/"layer_{j}").
+Outside a mesh context the logical constraints are no-ops; to run
 sharded, trace inside `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` (see sharding.py).
 """
 

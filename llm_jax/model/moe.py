@@ -99,7 +99,7 @@ def expert_forward(x_TxD, experts_TxK, weights_TxK, valid_T, gate_ExDxF, up_ExDx
   key_S = jnp.where(mine_S, expert_S, n_local)  # others and padding sort last, into no group
   order_S = jnp.argsort(key_S, stable=True)
   key_sorted_S = key_S[order_S]
-  group_sizes_G = jnp.sum(jax.nn.one_hot(key_S, n_local, dtype=jnp.int32), axis=0)
+  group_sizes_G = jnp.bincount(key_S, length=n_local + 1)[:n_local].astype(jnp.int32)
   x_sorted_SxD = x_TxD[token_S[order_S]]
 
   if capacity_per_expert is None:
