@@ -209,14 +209,16 @@ def _batch(cfg, rng):
 
 
 def test_decoder_and_router_losses_equal_the_numpy_reference():
-  cfg = BASE
+  cfg = dataclasses.replace(BASE, scan_layers=True)
   params = _init(cfg)
+  unrolled = {**{k: v for k, v in params.items() if k != "layers"},
+              **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(2)}}
   batch, docs = _batch(cfg, np.random.default_rng(3))
   logits = _forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"])
   router = []  # per document: [sparse layer][L, E]
   for r, c, doc in ((0, 0, docs[0]), (0, 4, docs[1]), (1, 0, docs[2])):
     per_layer = []
-    want = reference_logits(params, cfg, doc, router_logits=per_layer)
+    want = reference_logits(unrolled, cfg, doc, router_logits=per_layer)
     assert_close(np.asarray(logits[r, c:c + len(doc)]), want, rel=1e-5)
     router.append(per_layer)
 

@@ -74,17 +74,17 @@ def test_scaled_llama_imports_and_matches_transformers_far_beyond_its_context(tm
   cfg = ModelConfig.from_config(config.model)
 
   ids = np.random.default_rng(0).integers(0, 160, 12).tolist()
+  forward = lambda c: jax.jit(lambda p, q: Decoder(c).apply(
+      {"params": p}, jnp.asarray([ids]), q[None], jnp.ones((1, len(ids)), jnp.int32))[0])
+  ours = forward(cfg)
   for start in (3, FAR[kind]):
     positions = np.arange(start, start + len(ids)).tolist()
     with torch.no_grad():
       want = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions])).logits[0].numpy()
-    got = Decoder(cfg).apply({"params": params}, jnp.asarray([ids]), jnp.asarray(positions)[None],
-                             jnp.ones((1, len(ids)), jnp.int32))[0]
+    got = ours(params, jnp.asarray(positions))
     assert_close(np.asarray(got), want, rel=1e-4, err_msg=f"positions from {start}")
   # The comparison can fail: unscaled RoPE misses transformers' logits by far more than 1e-4.
-  plain = dataclasses.replace(cfg, rope_scaling=RopeScaling())
-  other = Decoder(plain).apply({"params": params}, jnp.asarray([ids]), jnp.asarray(positions)[None],
-                               jnp.ones((1, len(ids)), jnp.int32))[0]
+  other = forward(dataclasses.replace(cfg, rope_scaling=RopeScaling()))(params, jnp.asarray(positions))
   assert np.abs(np.asarray(other) - want).max() > 10 * 1e-4 * np.abs(want).max()
 
   if kind == "llama3":  # export writes the same rope_parameters; transformers reloads the model
