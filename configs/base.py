@@ -16,10 +16,11 @@ SHARDING_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("exp", "expert"),  # the expert axis of MoE weights (expert parallelism)
     ("norm", None),
     ("layers", None),
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -27,7 +28,7 @@ SHARDING_RULES = (
     ("act_head_dim", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("cache_batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp", "expert")),
     ("cache_length", None),
 )
 
@@ -78,6 +79,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel replicas; -1 takes the devices left over
   c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style)
+  c.mesh.expert = 1  # expert parallelism: MoE experts split over it, the batch too (must divide moe.n_experts)
   c.mesh.tensor = 1  # tensor parallelism over heads and MLP
   c.sharding_rules = SHARDING_RULES  # logical axis -> mesh axes
 

@@ -30,6 +30,34 @@ def _model(**kw) -> ml_collections.ConfigDict:
   c.attention_interpret = False  # run the Pallas kernels in interpret mode on any device (slow; tests, debugging)
   c.loss_chunk_len = 0  # > 0: cross-entropy this many positions at a time; the [B, L, V] logits never exist (big vocabularies)
   c.init_std = 0.02  # stddev of the normal initialiser
+
+  c.rope_scaling = ml_collections.ConfigDict()  # scaled RoPE (transformers' rope_scaling / rope_parameters)
+  c.rope_scaling.type = "none"  # none | linear | llama3 (Llama 3.1/3.2) | yarn
+  c.rope_scaling.factor = 1.0  # context extension factor (linear, llama3, yarn)
+  c.rope_scaling.original_max_position_embeddings = 0  # llama3 / yarn: the pretraining context length
+  c.rope_scaling.low_freq_factor = 1.0  # llama3: wavelengths above original / this are interpolated
+  c.rope_scaling.high_freq_factor = 4.0  # llama3: wavelengths below original / this are kept
+  c.rope_scaling.beta_fast = 32.0  # yarn: rotations where extrapolation ends
+  c.rope_scaling.beta_slow = 1.0  # yarn: rotations where interpolation starts
+  c.rope_scaling.attention_factor = 0.0  # yarn: scale of cos/sin; 0 = 0.1 ln(factor) + 1 (or from mscale)
+  c.rope_scaling.mscale = 0.0  # yarn (DeepSeek): attention factor numerator scale; 0 = unused
+  c.rope_scaling.mscale_all_dim = 0.0  # yarn (DeepSeek): attention factor denominator scale; 0 = unused
+  c.rope_scaling.truncate = True  # yarn: round the correction range to whole dimensions
+
+  c.moe = ml_collections.ConfigDict()  # mixture-of-experts MLPs (see llm_jax/model/moe.py)
+  c.moe.n_experts = 0  # routed experts per sparse layer; 0 = dense model
+  c.moe.top_k = 2  # experts each token is sent to
+  c.moe.expert_mlp_dim = 0  # SwiGLU hidden size of one expert; 0 = mlp_dim
+  c.moe.n_shared_experts = 0  # experts every token goes through (DeepSeek / minimind / Qwen2-MoE)
+  c.moe.shared_mlp_dim = 0  # hidden size of one shared expert; 0 = expert_mlp_dim
+  c.moe.shared_expert_gate = False  # Qwen2-MoE: scale shared experts by sigmoid(x @ w)
+  c.moe.every = 1  # layer i is sparse when (i + 1) % every == 0; 1 = every layer (HF decoder_sparse_step)
+  c.moe.norm_topk_prob = True  # renormalise the top-k router probabilities to sum 1 (Qwen3-MoE)
+  c.moe.aux_loss_coef = 0.01  # Switch load-balancing loss weight per sparse layer (added to the loss)
+  c.moe.z_loss_coef = 0.0  # router z-loss weight per sparse layer (ST-MoE uses 1e-3)
+  c.moe.capacity_factor = 0.0  # 0 = dropless; > 0: each expert takes <= factor * tokens * top_k / E slots
+  c.moe.gmm = "auto"  # grouped matmul: auto (tiled on CPU, ragged_dot on GPU/TPU) | ragged_dot | tiled
+  c.moe.gmm_tile = 0  # rows per tile of the tiled grouped matmul; 0 = about the mean rows per expert
   c.update(kw)
   return c
 
@@ -40,6 +68,11 @@ PRESETS = {
     # minimind's 26M shape.
     "minimind-26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, mlp_dim=1408,
                          rope_theta=1e6, rms_eps=1e-5, tie_embeddings=True),
+    # minimind's MoE model (MiniMind2 with use_moe): the 26M shape with 4 routed experts (top 2)
+    # and 1 shared expert per layer, each of the dense MLP's size.
+    "minimind-moe": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, mlp_dim=1408,
+                         rope_theta=1e6, rms_eps=1e-5, tie_embeddings=True,
+                         moe=dict(n_experts=4, top_k=2, n_shared_experts=1, norm_topk_prob=True)),
     # Qwen2-0.5B's shape (vocab comes from the tokenizer: 151,936 for Qwen's own).
     "qwen2-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, mlp_dim=4864,
                        rope_theta=1e6, rms_eps=1e-6, qkv_bias=True, tie_embeddings=True,

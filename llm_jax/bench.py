@@ -107,6 +107,9 @@ def main(argv):
   rows = [
       ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}"),
       ("parameters", f"{counts['total']:,} ({counts['non_embedding']:,} non-embedding)"),
+      ("active params", f"{flops.active_param_count(model_cfg, state['params']):,} per token"
+                        + (f" ({model_cfg.moe.top_k} of {model_cfg.moe.n_experts} experts)"
+                           if model_cfg.moe.enabled else "")),
       ("batch", f"{B} x {L} tokens, grad_accum {tc.grad_accum}, {model_cfg.dtype} compute"),
       ("compile time", f"{compile_s:.2f} s"),
       ("step time", f"{step_s * 1e3:.1f} ms"),
@@ -117,6 +120,10 @@ def main(argv):
       ("XLA buffers", compiled_memory(compiled)),
       ("final loss", f"{float(m['loss']):.4f}"),
   ]
+  if model_cfg.moe.enabled:
+    routing = "dropless" if not model_cfg.moe.capacity_factor else f"capacity {model_cfg.moe.capacity_factor}"
+    rows.append(("router", f"{routing}, aux {float(m['moe_aux_loss']):.3f}, "
+                           f"expert load max/mean {float(m['moe_load_max']):.2f}"))
   for k, v in rows:
     print(f"{k:>14}: {v}")
 

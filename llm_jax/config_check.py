@@ -7,6 +7,7 @@ typed); these catch values of the right type that cannot work.
 import ml_collections
 
 from llm_jax.model import lora
+from llm_jax.model.config import ModelConfig
 from llm_jax.train.optimizer import SCHEDULES
 
 
@@ -49,7 +50,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f"must divide config.data.batch_size={c.data.batch_size}")
   if c.data.seq_len < 2:
     _fail("data.seq_len", c.data.seq_len, "must be at least 2")
-  for axis in ("data", "fsdp", "tensor"):
+  for axis in ("data", "fsdp", "expert", "tensor"):
     v = c.mesh[axis]
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
@@ -57,6 +58,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_lora(c)
   _validate_eval(c)
   _validate_post_training(c)
+  # The model's own checks (shapes, MoE, RoPE scaling) before any work; vocab may come later.
+  ModelConfig.from_config(c.model, vocab_size=c.model.vocab_size or 1)
+  n_experts = c.model.moe.n_experts
+  if c.mesh.expert > 1 and n_experts and n_experts % c.mesh.expert:
+    _fail("mesh.expert", c.mesh.expert, f"must divide config.model.moe.n_experts={n_experts}")
 
 
 def _validate_lora(c: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,10 @@
 """Device mesh, logical-axis sharding and multi-host start-up.
 
-The mesh has three axes, sized by `config.mesh`:
+The mesh has four axes, sized by `config.mesh`:
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism whose parameters/optimizer state are sharded (ZeRO-3 style)
+  expert  expert parallelism: MoE experts are split over it; everything else treats it as data
+          parallelism (the batch is split over it too; see model/moe.py)
   tensor  tensor parallelism over attention heads, MLP hidden units and the vocabulary
 Parameters and activations carry logical axis names (configs/base.py SHARDING_RULES maps them to
 mesh axes). How callers must wrap tracing so the model's `nn.with_logical_constraint`s apply:
@@ -31,12 +33,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import CACHE_AXES, Decoder
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-  """Resolves config.mesh.{data,fsdp,tensor} (one of them may be -1: the devices left over)."""
-  sizes = {name: int(mesh_cfg[name]) for name in MESH_AXES}
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+  """Resolves config.mesh.{data,fsdp,expert,tensor} (one may be -1: the devices left over). An
+  axis the config does not name (e.g. `expert` in older configs) has size 1."""
+  sizes = {name: int(mesh_cfg[name]) if name in mesh_cfg else 1 for name in MESH_AXES}
   fill = [name for name, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ValueError(f"config.mesh: only one of {fill} may be -1 (it takes the devices left over)")
@@ -51,13 +54,13 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
                        f"divide the {n_devices} devices")
     sizes[fill[0]] = n_devices // known
   elif known != n_devices:
-    raise ValueError(f"config.mesh: data*fsdp*tensor = {known} but there are {n_devices} devices; set one "
-                     f"of config.mesh.data/fsdp/tensor to -1 or make the product {n_devices}")
+    raise ValueError(f"config.mesh: data*fsdp*expert*tensor = {known} but there are {n_devices} devices; "
+                     f"set one of config.mesh.data/fsdp/expert/tensor to -1 or make the product {n_devices}")
   return tuple(sizes[name] for name in MESH_AXES)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+  """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all devices of all processes).
 
   Axes are Auto (GSPMD propagates shardings from the constraints), not jax.make_mesh's default of
   Explicit sharding-in-types.

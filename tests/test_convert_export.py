@@ -137,6 +137,45 @@ def test_exported_model_generates_like_ours(tmp_path, sp_tok, family):
     assert out_ids == greedy
 
 
+def test_exported_minimind_moe_loads_in_transformers_with_the_same_logits(tmp_path, sp_tok):
+  """minimind's MoE (no q/k norm, an ungated shared expert) has no transformers class of its own;
+  it is written as Qwen2-MoE with a zero shared-expert gate and a doubled shared down projection,
+  which computes exactly the same. Every other layer is sparse (dense MLPs between)."""
+  config = base.get_config()
+  config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=80,
+                      vocab_size=sp_tok.vocab_size, rope_theta=1e6, rms_eps=1e-5, tie_embeddings=True,
+                      scan_layers=True)
+  config.model.moe.update(n_experts=4, top_k=2, expert_mlp_dim=48, n_shared_experts=1, every=2)
+  cfg = ModelConfig.from_config(config.model)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda k: nn.unbox(Decoder(cfg).init(k, ids, ids, ids + 1)["params"]),
+                          jax.random.key(0))
+  rng = np.random.default_rng(2)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray((1.0 if "scale" in str(path[-1]) else 0.0)
+                                  + 0.1 * rng.standard_normal(x.shape), x.dtype), shapes)
+  workdir = str(tmp_path / "run_moe")
+  checkpoint.save_params(workdir, params, config)
+  sp_tok.save(workdir)
+  out = hf_export.export_hf(workdir, str(tmp_path / "hf"))
+  with open(os.path.join(out, "config.json")) as f:
+    hf_cfg = json.load(f)
+  assert hf_cfg["architectures"] == ["Qwen2MoeForCausalLM"] and hf_cfg["qkv_bias"] is False
+  assert (hf_cfg["num_experts"], hf_cfg["decoder_sparse_step"], hf_cfg["shared_expert_intermediate_size"]) == (4, 2, 48)
+  with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as h:
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in h.keys()
+    assert "model.layers.0.mlp.gate_proj.weight" in h.keys()  # layer 0 is dense
+    np.testing.assert_array_equal(h.get_tensor("model.layers.1.mlp.shared_expert_gate.weight"), 0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  prompt = sp_tok.encode("李明宇 studied physics in 杭州")
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+  n = len(prompt)
+  ours = Decoder(cfg).apply({"params": params}, jnp.asarray([prompt]), jnp.arange(n)[None],
+                            jnp.ones((1, n), jnp.int32))
+  assert_close(np.asarray(ours[0]), ref, rel=1e-4)
+
+
 def test_exported_tokenizer_encodes_and_templates_like_ours(tmp_path, sp_tok):
   workdir, _, _ = _run(tmp_path, sp_tok, "llama")
   out = hf_export.export_hf(workdir, str(tmp_path / "hf"))

@@ -43,9 +43,26 @@ CASES = {
                                                intermediate_size=96, rope_theta=1e4,
                                                tie_word_embeddings=False)),
 }
+# Mixture of experts: Qwen3-MoE (2 layers, 8 experts, top 2, renormalised), and Qwen2-MoE with a
+# gated shared expert where only every 2nd of 4 layers is sparse (the others dense MLPs).
+MOE_CASES = {
+    "qwen3_moe": ("qwen3_moe", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=8, intermediate_size=48, moe_intermediate_size=24,
+                                    num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                    rope_theta=1e4, tie_word_embeddings=False)),
+    "qwen2_moe_shared_every2": ("qwen2_moe", dict(hidden_size=32, num_attention_heads=4,
+                                                  num_key_value_heads=2, intermediate_size=48,
+                                                  moe_intermediate_size=24, num_experts=6,
+                                                  num_experts_per_tok=2, norm_topk_prob=False,
+                                                  shared_expert_intermediate_size=40,
+                                                  decoder_sparse_step=2, num_hidden_layers=4,
+                                                  rope_theta=1e6, tie_word_embeddings=True)),
+}
 VOCAB = 160
-CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
-MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
+MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _tiny_tokenizer_json(path: str):
@@ -89,7 +106,7 @@ def our_logits(params, cfg: ModelConfig, inputs, positions, segment_ids) -> np.n
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
   out = {}
-  for i, (name, (family, overrides)) in enumerate(CASES.items()):
+  for i, (name, (family, overrides)) in enumerate({**CASES, **MOE_CASES}.items()):
     d = str(tmp_path_factory.mktemp(name))
     # The Qwen3 case is saved in several shards to exercise model.safetensors.index.json.
     save_kw = dict(max_shard_size="40KB") if family == "qwen3" else {}
@@ -130,6 +147,41 @@ def test_logits_match_transformers(hf_models, tmp_path, case, scan_layers):
   assert np.abs(ref_a).max() > 0.05  # the comparison is not between two near-zero arrays
 
 
+@pytest.mark.parametrize("case,scan_layers", [("qwen3_moe", True), ("qwen3_moe", False),
+                                               ("qwen2_moe_shared_every2", True)])
+def test_moe_logits_and_generation_match_transformers(hf_models, tmp_path, case, scan_layers):
+  """Packed documents and padding, as above; then KV-cache greedy generation against
+  transformers' generate (the scanned Qwen2-MoE case: blocks of a dense and a sparse layer)."""
+  model, hf_dir = hf_models[case]
+  workdir = str(tmp_path / "run")
+  hf_import.import_hf(hf_dir, workdir, scan_layers=scan_layers)
+  params, config = checkpoint.load_params(workdir)
+  cfg = ModelConfig.from_config(config.model)
+  assert cfg.moe.n_experts == model.config.num_experts and cfg.moe.top_k == 2
+  assert cfg.n_sparse_layers == 2  # Qwen3-MoE: both layers; Qwen2-MoE: layers 1 and 3 of 4
+  rng = np.random.default_rng(1)
+  doc_a, doc_b = rng.integers(0, VOCAB, 6).tolist(), rng.integers(0, VOCAB, 9).tolist()
+  inputs = np.zeros((1, 18), np.int32)
+  inputs[0, :15] = doc_a + doc_b
+  positions = np.zeros_like(inputs)
+  positions[0, :15] = list(range(6)) + list(range(9))
+  segments = np.zeros_like(inputs)
+  segments[0, :15] = [1] * 6 + [2] * 9
+  ours = our_logits(params, cfg, inputs, positions, segments)
+  assert_close(ours[0, :6], hf_logits(model, doc_a), rel=1e-4)
+  assert_close(ours[0, 6:15], hf_logits(model, doc_b), rel=1e-4)
+  if case == "qwen2_moe_shared_every2":
+    from llm_jax.infer import generate, sampling  # pylint: disable=g-import-not-at-top
+    new = 8
+    with torch.no_grad():
+      want = model.generate(torch.tensor([doc_b]), max_new_tokens=new, do_sample=False,
+                            attention_mask=torch.ones(1, len(doc_b), dtype=torch.long),
+                            eos_token_id=None, pad_token_id=0)[0, len(doc_b):].tolist()
+    got = generate.Generator(params, cfg, min_bucket=8).generate(
+        [doc_a, doc_b], sampling.SamplingConfig(temperature=0.0, max_new_tokens=new))
+    assert got[1].tokens == want
+
+
 def _tensors(out_dir: str) -> dict[str, np.ndarray]:
   tensors = {}
   for f in sorted(os.listdir(out_dir)):
@@ -139,7 +191,7 @@ def _tensors(out_dir: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-@pytest.mark.parametrize("case", ["qwen2_bias_tied_hd40", "qwen3_qknorm_untied_hd24"])
+@pytest.mark.parametrize("case", ["qwen2_bias_tied_hd40", "qwen3_qknorm_untied_hd24", *MOE_CASES])
 def test_import_export_round_trip_is_exact(hf_models, tmp_path, case):
   model, hf_dir = hf_models[case]
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
@@ -176,9 +228,9 @@ def test_bf16_checkpoint_imports_without_loss(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,family", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, "llama"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, "qwen2"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 8.0}, "llama"),
+    ("rope_parameters", {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}, "qwen2"),
+    ("mlp_only_layers", [0], "qwen3_moe"),
     ("use_sliding_window", True, "qwen2"),
     ("attention_bias", True, "llama"),
     ("mlp_bias", True, "llama"),
@@ -189,6 +241,8 @@ def test_bf16_checkpoint_imports_without_loss(tmp_path):
 def test_unsupported_configs_are_refused_naming_the_field(field, value, family):
   hf = {"model_type": family, "hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 2,
         "intermediate_size": 96, "vocab_size": 100, field: value}
+  if family.endswith("_moe"):
+    hf.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
   with pytest.raises(ValueError, match=field.split(".")[0]):
     hf_config.model_fields_from_hf(hf, "x/config.json")
 

@@ -26,7 +26,7 @@ _SCRIPT = textwrap.dedent("""
   assert jax.device_count() == 8
   mesh_cfg = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=-1))
   mesh = sharding.make_mesh(mesh_cfg)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}, mesh.shape
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}, mesh.shape
   cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
                     qkv_bias=True, qk_norm=True, tie_embeddings=False, scan_layers=True)
   params = sharding.init_params(cfg, jax.random.key(0), mesh, SHARDING_RULES)
@@ -101,11 +101,14 @@ def test_sharded_init_forward_and_generation_match_single_device():
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("sizes,n,want", [((-1, 1, 1), 8, (8, 1, 1)), ((2, 2, -1), 8, (2, 2, 2)),
-                                          ((1, 4, 2), 8, (1, 4, 2))])
+@pytest.mark.parametrize("sizes,n,want", [((-1, 1, 1), 8, (8, 1, 1, 1)), ((2, 2, -1), 8, (2, 2, 1, 2)),
+                                          ((1, 4, 2), 8, (1, 4, 1, 2))])
 def test_mesh_shape(sizes, n, want):
+  # Configs that do not name the expert axis (written before it existed) get expert=1.
   cfg = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), sizes)))
   assert mesh_shape(cfg, n) == want
+  cfg = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "expert", "tensor"), (2, 1, -1, 2))))
+  assert mesh_shape(cfg, n) == (2, 1, n // 4, 2)
 
 
 @pytest.mark.parametrize("sizes,field", [((-1, 3, 1), "mesh.fsdp"), ((2, 2, 1), "mesh"), ((-1, -1, 1), "mesh")])

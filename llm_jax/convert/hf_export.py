@@ -7,13 +7,15 @@
   tok = AutoTokenizer.from_pretrained("exported/")           # apply_chat_template renders our ChatML
 
 Writes config.json (LlamaForCausalLM; Qwen2ForCausalLM with q/k/v bias; Qwen3ForCausalLM with
-q/k norm), generation_config.json (stops on <|im_end|> and <|endoftext|>), the weights as
+q/k norm; Qwen3MoeForCausalLM / Qwen2MoeForCausalLM for MoE runs, experts as per-expert Hub keys;
+scaled RoPE as rope_scaling / rope_parameters), generation_config.json (stops on <|im_end|> and <|endoftext|>), the weights as
 safetensors (numpy only: neither torch nor transformers is needed to export; split into
 shards of at most `max_shard_bytes` with model.safetensors.index.json), tokenizer.json (converted
 from a SentencePiece run's tokenizer.model, which is copied too) and tokenizer_config.json with
 the ChatML chat template llm_jax trains with (llm_jax/data/chat_template.py).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -53,12 +55,11 @@ def write_safetensors(cfg: ModelConfig, params: Any, out_dir: str, max_shard_byt
   current shard's are held, so host memory peaks at one shard, not the whole model."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  specs = [(s.hf, s) for s in hf_weights.global_specs(cfg)] + [
-      (s.hf.format(i=i), s) for s in hf_weights.layer_specs(cfg) for i in range(cfg.n_layers)]
+  specs = hf_weights.hf_tensor_list(cfg)
   itemsize = np.dtype(hf_weights.get_path(params, ("embed", "embedding")).dtype).itemsize
   shards, size = [[]], 0
   for name, s in specs:
-    nbytes = int(np.prod(s.shape)) * itemsize
+    nbytes = int(np.prod(s.one_shape)) * itemsize
     if shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
@@ -84,6 +85,32 @@ def write_safetensors(cfg: ModelConfig, params: Any, out_dir: str, max_shard_byt
       json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))},
                 fh, indent=2)
   return sorted(set(file_of.values()))
+
+
+def gate_shared_experts(params: Any, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
+  """Qwen2-MoE scales its shared expert by sigmoid(x @ w_gate). An ungated shared expert (minimind,
+  DeepSeek) is written exactly as a zero gate (sigmoid(0) = 1/2) and a doubled down projection:
+  both factors are powers of two, so every product and sum rounds as before."""
+  m = cfg.moe
+  if not (m.enabled and m.n_shared_experts and not m.shared_expert_gate):
+    return params, cfg
+
+  def replace(tree, path, fn):
+    if not path:
+      return fn(tree)
+    return {**tree, path[0]: replace(tree[path[0]], path[1:], fn)}
+
+  def gate(moe):
+    down = moe["shared_expert"]["down_proj"]["kernel"]
+    lead = down.shape[:-2]  # the stacked-layers axis of a scanned model, if any
+    shared = {**moe["shared_expert"], "down_proj": {"kernel": down * 2}}
+    return {**moe, "shared_expert": shared,
+            "shared_expert_gate": {"kernel": np.zeros(lead + (cfg.dim, 1), down.dtype)}}
+
+  for g in hf_weights.layer_groups(cfg):
+    if g.sparse:
+      params = replace(params, g.prefix + ("moe",), gate)
+  return params, dataclasses.replace(cfg, moe=dataclasses.replace(m, shared_expert_gate=True))
 
 
 def write_tokenizer(tok_path: str, out_dir: str, max_len: int) -> HFTokenizer:
@@ -134,6 +161,7 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
     params = transform_params(params, config)
   vocab = hf_weights.get_path(params, ("embed", "embedding")).shape[0]
   cfg = ModelConfig.from_config(config.model, vocab_size=vocab)
+  params, cfg = gate_shared_experts(params, cfg)
   os.makedirs(out_dir, exist_ok=True)
   max_len = checkpoint.context_length(workdir, config)
   tok_path = checkpoint.tokenizer_path(workdir, config)

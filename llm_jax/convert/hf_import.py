@@ -1,4 +1,5 @@
-"""Import a local Hugging Face Llama / Qwen2 / Qwen3 directory as an llm_jax run directory.
+"""Import a local Hugging Face Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE directory as an
+llm_jax run directory.
 
   python -m llm_jax.convert.hf_import --hf_dir=/models/Qwen2.5-0.5B --workdir=runs/qwen
   python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft \
@@ -15,6 +16,8 @@ one preallocated [n_layers, ...] host buffer, layer by layer, which is freed onc
 the peak host memory above the device copy of the model is one stacked tensor (the largest is
 the MLP or the embedding: 0.5 GB for a 1B model in bf16) plus one layer's tensor, not a second
 copy of the model. On CPU the "device" is host memory too, so the total is about 1x the model.
+MoE experts (one HF tensor per expert) fill an [n_layers, n_experts, ...] buffer the same way:
+the largest stacked tensor is then one of the three expert projections.
 """
 
 import json
@@ -72,9 +75,11 @@ def _check_tensors(ckpt: hf_weights.SafetensorsDir, cfg: ModelConfig):
   if missing or extra:
     raise ValueError(f"{ckpt.hf_dir}: tensors do not match config.json: missing {missing[:6]}, "
                      f"unexpected {extra[:6]} (unsupported features or a mismatched config)")
-  specs = hf_weights.global_specs(cfg) + hf_weights.layer_specs(cfg)
-  for s in specs:
-    name = s.hf.format(i=0)
+  specs = [(s, 0) for s in hf_weights.global_specs(cfg)]
+  for g in hf_weights.layer_groups(cfg):  # the first layer of each kind (dense, sparse)
+    specs += [(s, g.layers[0]) for s in g.specs(cfg)]
+  for s, i in specs:
+    name = s.hf_name(i)
     if ckpt.shape(name) != s.hf_shape:
       raise ValueError(f"{ckpt.hf_dir}: tensor {name} has shape {ckpt.shape(name)}, config.json "
                        f"implies {s.hf_shape}")
@@ -101,19 +106,22 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, shardings: Any = None) -> dict
   for s in hf_weights.global_specs(cfg):
     x = s.to_ours(ckpt.get(s.hf)).astype(dtype)
     hf_weights.set_path(params, s.path, _put(x, sharding_of(s.path)))
-  for s in hf_weights.layer_specs(cfg):
-    if cfg.scan_layers:
-      stacked = np.empty((cfg.n_layers,) + s.shape, dtype)
-      for i in range(cfg.n_layers):
-        stacked[i] = s.to_ours(ckpt.get(s.hf.format(i=i)))
-      path = ("layers",) + s.path
-      hf_weights.set_path(params, path, _put(stacked, sharding_of(path)))
-      del stacked
-    else:
-      for i in range(cfg.n_layers):
-        path = (f"layers_{i}",) + s.path
-        x = s.to_ours(ckpt.get(s.hf.format(i=i))).astype(dtype)
-        hf_weights.set_path(params, path, _put(x, sharding_of(path)))
+  for g in hf_weights.layer_groups(cfg):
+    for s in g.specs(cfg):
+      # One host buffer per parameter: [layers of the group, (experts,) ...], filled tensor by
+      # tensor (an expert's weight is one HF tensor), put on device, then freed.
+      buf = np.empty(((len(g.layers),) if g.stacked else ()) + s.shape, dtype)
+      for n, i in enumerate(g.layers):
+        dst = buf[n] if g.stacked else buf
+        for j in range(max(s.experts, 1)):
+          w = s.to_ours(ckpt.get(s.hf_name(i, j)))
+          if s.experts:
+            dst[j] = w
+          else:
+            dst[...] = w
+      path = g.prefix + s.path
+      hf_weights.set_path(params, path, _put(buf, sharding_of(path)))
+      del buf
   return params
 
 

@@ -85,8 +85,8 @@ class Attention(nn.Module):
     if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
       q_BxLxNxH = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, "head_dim", name="q_norm")(q_BxLxNxH)
       k_BxLxKxH = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, "head_dim", name="k_norm")(k_BxLxKxH)
-    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling)
+    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling)
     q_BxLxNxH = nn.with_logical_constraint(q_BxLxNxH, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     k_BxLxKxH = nn.with_logical_constraint(k_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     v_BxLxKxH = nn.with_logical_constraint(v_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))

@@ -11,6 +11,54 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_
 # splash: Pallas TPU splash attention; pallas_gpu: Pallas (Triton) flash attention for GPUs;
 # auto: splash on TPU, pallas_gpu on GPU, xla elsewhere (see llm_jax/model/kernels/).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+GMM_IMPLS = ("auto", "ragged_dot", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Scaled RoPE (`config.model.rope_scaling`), as transformers' `rope_parameters` define it.
+
+  linear: inv_freq / factor. llama3 (Llama 3.1 / 3.2): low frequencies / factor, high ones kept,
+  a smooth ramp between. yarn: per-frequency blend of interpolation and extrapolation, and cos/sin
+  scaled by an attention factor. See layers.rope_frequencies.
+  """
+  type: str = "none"
+  factor: float = 1.0
+  original_max_position_embeddings: int = 0  # llama3 / yarn: the pretraining context length
+  low_freq_factor: float = 1.0  # llama3
+  high_freq_factor: float = 4.0  # llama3
+  beta_fast: float = 32.0  # yarn
+  beta_slow: float = 1.0  # yarn
+  attention_factor: float = 0.0  # yarn; 0 derives it from factor (and mscale / mscale_all_dim)
+  mscale: float = 0.0  # yarn (DeepSeek-style attention factor); 0 = unused
+  mscale_all_dim: float = 0.0  # yarn; 0 = unused
+  truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Sparse mixture-of-experts MLPs (`config.model.moe`); n_experts=0 is a dense model.
+
+  Layer i is sparse when (i + 1) % every == 0 (transformers' `decoder_sparse_step`). See moe.py.
+  """
+  n_experts: int = 0
+  top_k: int = 2
+  expert_mlp_dim: int = 0  # 0 = mlp_dim
+  n_shared_experts: int = 0
+  shared_mlp_dim: int = 0  # per shared expert; 0 = expert_mlp_dim
+  shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared experts
+  every: int = 1
+  norm_topk_prob: bool = True
+  aux_loss_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  capacity_factor: float = 0.0  # 0 = dropless
+  gmm: str = "auto"
+  gmm_tile: int = 0  # 0 = about the mean group size (gmm.auto_tile)
+
+  @property
+  def enabled(self) -> bool:
+    return self.n_experts > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +91,24 @@ class ModelConfig:
   # A model/lora.LoraConfig: adapters on the chosen projections (None: no LoRA). Not read from
   # config.model; set by lora.with_lora from config.lora.
   lora: Any = None
+  rope_scaling: RopeScaling = RopeScaling()
+  moe: MoEConfig = MoEConfig()
+
+  @property
+  def expert_mlp_dim(self) -> int:
+    return self.moe.expert_mlp_dim or self.mlp_dim
+
+  @property
+  def shared_mlp_dim(self) -> int:
+    """Hidden size of the fused shared experts (n_shared SwiGLUs summed = one SwiGLU this wide)."""
+    return self.moe.n_shared_experts * (self.moe.shared_mlp_dim or self.expert_mlp_dim)
+
+  def is_sparse_layer(self, i: int) -> bool:
+    return self.moe.enabled and (i + 1) % self.moe.every == 0
+
+  @property
+  def n_sparse_layers(self) -> int:
+    return sum(self.is_sparse_layer(i) for i in range(self.n_layers))
 
   @property
   def compute_dtype(self) -> Any:
@@ -84,12 +150,66 @@ class ModelConfig:
         bad("dtype", "attention='cudnn' needs dtype='bfloat16' (or float16); use attention='xla' for float32")
       if self.head_dim > 128 or self.head_dim % 8:
         bad("head_dim", "attention='cudnn' needs head_dim <= 128 and a multiple of 8; use attention='xla'")
+    self._validate_rope_scaling()
+    self._validate_moe()
     return self
+
+  def _validate_rope_scaling(self):
+    r = self.rope_scaling
+
+    def bad(field, why):
+      raise ValueError(f"config.model.rope_scaling.{field}={getattr(r, field)!r}: {why}")
+    if r.type not in ROPE_SCALING_TYPES:
+      bad("type", f"must be one of {ROPE_SCALING_TYPES}")
+    if r.type == "none":
+      return
+    if not r.factor >= 1:
+      bad("factor", f"rope_scaling.type={r.type!r} needs a factor >= 1")
+    if r.type in ("llama3", "yarn") and r.original_max_position_embeddings <= 0:
+      bad("original_max_position_embeddings", f"rope_scaling.type={r.type!r} needs the pretraining "
+          "context length (e.g. 8192 for Llama 3.x)")
+    if r.type == "llama3" and not 0 < r.low_freq_factor < r.high_freq_factor:
+      bad("high_freq_factor", f"must be > low_freq_factor={r.low_freq_factor} > 0")
+    if r.type == "yarn" and not r.beta_fast > r.beta_slow > 0:
+      bad("beta_fast", f"must be > beta_slow={r.beta_slow} > 0")
+    if r.attention_factor < 0:
+      bad("attention_factor", "must be >= 0 (0 derives it from factor)")
+
+  def _validate_moe(self):
+    m = self.moe
+
+    def bad(field, why):
+      raise ValueError(f"config.model.moe.{field}={getattr(m, field)!r}: {why}")
+    if m.n_experts < 0:
+      bad("n_experts", "must be >= 0 (0 = dense MLPs)")
+    if not m.enabled:
+      return
+    if not 1 <= m.top_k <= m.n_experts:
+      bad("top_k", f"must be between 1 and n_experts={m.n_experts}")
+    for f in ("expert_mlp_dim", "n_shared_experts", "shared_mlp_dim", "aux_loss_coef", "z_loss_coef",
+              "capacity_factor"):
+      if getattr(m, f) < 0:
+        bad(f, "must be >= 0")
+    if not 1 <= m.every <= self.n_layers:
+      bad("every", f"must be between 1 (every layer sparse) and n_layers={self.n_layers}")
+    if self.scan_layers and self.n_layers % m.every:
+      bad("every", f"with scan_layers=True it must divide n_layers={self.n_layers} (layers are "
+          "scanned in blocks of `every`); or set --config.model.scan_layers=false")
+    if m.shared_expert_gate and not m.n_shared_experts:
+      bad("shared_expert_gate", "needs n_shared_experts > 0")
+    if m.gmm not in GMM_IMPLS:
+      bad("gmm", f"must be one of {GMM_IMPLS}")
+    if m.gmm_tile < 0 or m.gmm_tile % 8:
+      bad("gmm_tile", "must be 0 (automatic) or a positive multiple of 8")
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int | None = None) -> "ModelConfig":
     """Builds from the `config.model` ConfigDict; `head_dim=0` means dim // n_heads."""
     d = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+    # Sub-configs (absent from runs written before they existed: then the dense, unscaled defaults).
+    for name, sub in (("rope_scaling", RopeScaling), ("moe", MoEConfig)):
+      if name in d:
+        d[name] = sub(**{f.name: d[name][f.name] for f in dataclasses.fields(sub) if f.name in d[name]})
     if vocab_size is not None and not d.get("vocab_size"):
       d["vocab_size"] = vocab_size
     if not d.get("head_dim"):

@@ -5,7 +5,9 @@
 
 The parameter tree is the one in /work/notes/common.md (HF conversion depends on it). Layers are
 stacked under one `nn.scan` ("layers", leading n_layers axis) when cfg.scan_layers, else unrolled as
-"layers_0".."layers_{n-1}". Outside a mesh context the logical constraints are no-ops; to run
+"layers_0".."layers_{n-1}". A sparse (MoE) layer has "moe" where a dense one has "mlp"; when
+only every k-th layer is sparse, scanning goes over blocks of k layers ("layers"/"layer_{j}").
+Outside a mesh context the logical constraints are no-ops; to run
 sharded, trace inside `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` (see sharding.py).
 """
 
@@ -18,6 +20,7 @@ from llm_jax.model import lora as lora_lib
 from llm_jax.model.attention import Attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
+from llm_jax.model.moe import MoE
 
 # Logical axes of each cache array ([n_layers, batch, max_len, n_kv_heads, head_dim]).
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
@@ -78,6 +81,7 @@ class Embed(nn.Module):
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new cache)."""
   cfg: ModelConfig
+  sparse: bool = False  # a mixture-of-experts MLP ("moe") instead of the dense one ("mlp")
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -88,9 +92,31 @@ class DecoderLayer(nn.Module):
     h_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
-    h_BxLxD = SwiGLU(cfg, name="mlp")(h_BxLxD)
+    if self.sparse:
+      h_BxLxD = MoE(cfg, name="moe")(h_BxLxD, segment_ids_BxL, decoding=cache is not None)
+    else:
+      h_BxLxD = SwiGLU(cfg, name="mlp")(h_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     return x_BxLxD, new_cache
+
+
+class DecoderBlock(nn.Module):
+  """`cfg.moe.every` consecutive layers, the last one sparse ("layer_0".."layer_{k-1}"): the unit
+  scanned when only every k-th layer is a mixture of experts. The cache holds [k, ...] arrays."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+    k = self.cfg.moe.every
+    caches = []
+    for j in range(k):
+      layer_cache = None if cache is None else {name: c[j] for name, c in cache.items()}
+      x_BxLxD, layer_cache = DecoderLayer(self.cfg, j == k - 1, name=f"layer_{j}")(
+          x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
+      caches.append(layer_cache)
+    if cache is None:
+      return x_BxLxD, None
+    return x_BxLxD, {name: jnp.stack([c[name] for c in caches]) for name in cache}
 
 
 class Decoder(nn.Module):
@@ -115,19 +141,31 @@ class Decoder(nn.Module):
       # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(cfg.remat_policy),
                            prevent_cse=not cfg.scan_layers)
+    blocks = cfg.moe.enabled and cfg.moe.every > 1 and cfg.scan_layers
+    if blocks:  # scan over blocks of `every` layers (only every k-th layer is sparse)
+      layer_cls = DecoderBlock
+      if cfg.remat_policy != "none":
+        layer_cls = nn.remat(DecoderBlock, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
+      if cache is not None:
+        cache = {name: c.reshape((-1, cfg.moe.every) + c.shape[1:]) for name, c in cache.items()}
     if cfg.scan_layers:
       # LoRA adapters ("lora") stack like the weights; each layer draws its own dropout masks.
-      stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0},
+      # "intermediates": MoE layers sow their routing statistics, one entry per scanned layer.
+      stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0),
+                      length=cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, new_cache = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+      layer_args = (cfg,) if blocks else (cfg, cfg.moe.enabled)
+      x_BxLxD, new_cache = stack(*layer_args, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+      if blocks and new_cache is not None:
+        new_cache = {name: c.reshape((cfg.n_layers,) + c.shape[2:]) for name, c in new_cache.items()}
     else:
       new_cache = None if cache is None else dict(cache)
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
-        x_BxLxD, layer_cache = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
-                                                                  layer_cache)
+        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
+            x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if cache is not None:
           new_cache = {name: new_cache[name].at[i].set(layer_cache[name]) for name in new_cache}
     if new_cache is not None:

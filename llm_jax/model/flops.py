@@ -13,11 +13,31 @@ def matmul_params(cfg: ModelConfig) -> int:
 
   Counts q/k/v/o and the three SwiGLU projections of every layer plus the output projection
   (dim * vocab, whether tied or not: the logits matmul is done either way). Excludes the embedding
-  lookup (a gather, no FLOPs), norm scales and biases.
+  lookup (a gather, no FLOPs), norm scales and biases. A mixture-of-experts layer counts its
+  *active* weights: the router, top_k experts and the shared experts, not all n_experts.
   """
   attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   mlp = 3 * cfg.dim * cfg.mlp_dim
-  return cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
+  n = cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
+  if cfg.moe.enabled:
+    n += cfg.n_sparse_layers * (moe_active_params(cfg) - mlp)
+  return n
+
+
+def moe_active_params(cfg: ModelConfig) -> int:
+  """Weights one token multiplies in a sparse layer: router, top_k routed and all shared experts."""
+  m = cfg.moe
+  shared = 3 * cfg.dim * cfg.shared_mlp_dim + (cfg.dim if m.shared_expert_gate else 0)
+  return cfg.dim * m.n_experts + m.top_k * 3 * cfg.dim * cfg.expert_mlp_dim + shared
+
+
+def active_param_count(cfg: ModelConfig, params) -> int:
+  """All parameters minus the routed experts a token does not use (n_experts - top_k per layer)."""
+  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  if not cfg.moe.enabled:
+    return total
+  idle = (cfg.moe.n_experts - cfg.moe.top_k) * 3 * cfg.dim * cfg.expert_mlp_dim
+  return total - cfg.n_sparse_layers * idle
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -82,7 +82,9 @@ _FORMATS = {"loss": "loss {:.4f}", "accuracy": "accuracy {:.3f}",
             "logps/rejected": "logps/rejected {:.2f}", "ce": "ce {:.4f}", "kl": "kl {:.4f}",
             "learning_rate": "lr {:.3g}",
             "grad_norm": "grad_norm {:.3f}", "tokens_per_s": "{:,.0f} tokens/s",
-            "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step", "padding_share": "padding {:.1%}"}
+            "mfu": "MFU {:.1%}", "step_time_s": "{:.3f} s/step", "padding_share": "padding {:.1%}",
+            "moe_aux_loss": "moe aux {:.3f}", "moe_load_max": "expert load max/mean {:.2f}",
+            "moe_dropped_share": "dropped {:.1%}"}
 
 
 def format_line(step: int, total: int, scalars: dict[str, float]) -> str:

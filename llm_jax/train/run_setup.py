@@ -19,6 +19,21 @@ from llm_jax.train import checkpoint
 # kernel) is a runtime choice the new job may change; parameters are cast to its param_dtype.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
                 "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "scan_layers")
+# Dotted sub-config fields that define the weights too (a run written before a sub-config existed
+# had its defaults: dense MLPs, unscaled RoPE). Routing choices (capacity, loss weights, kernels)
+# stay the new job's.
+SUB_SHAPE_FIELDS = ("moe.n_experts", "moe.top_k", "moe.expert_mlp_dim", "moe.n_shared_experts",
+                    "moe.shared_mlp_dim", "moe.shared_expert_gate", "moe.every", "moe.norm_topk_prob",
+                    "rope_scaling.type", "rope_scaling.factor",
+                    "rope_scaling.original_max_position_embeddings", "rope_scaling.low_freq_factor",
+                    "rope_scaling.high_freq_factor", "rope_scaling.beta_fast", "rope_scaling.beta_slow",
+                    "rope_scaling.attention_factor", "rope_scaling.mscale",
+                    "rope_scaling.mscale_all_dim", "rope_scaling.truncate")
+
+
+def _sub_field(model: ml_collections.ConfigDict, dotted: str, default=None):
+  section, field = dotted.split(".")
+  return model[section][field] if section in model and field in model[section] else default
 
 
 def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str,
@@ -30,6 +45,8 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str,
   (a preset's defaults) are replaced by the source's values.
   """
   src = checkpoint.read_config(source_dir)
+  from configs import models  # pylint: disable=g-import-not-at-top
+  defaults = models.get("tiny")
   with config.unlocked():
     for f in SHAPE_FIELDS:
       if f in src.model and src.model[f] != config.model[f]:
@@ -39,6 +56,13 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str,
               f"model.{f}={src.model[f]!r}, and a run started from its weights keeps its shape; "
               f"drop --config.model.{f}, or train from scratch without init_from.")
         config.model[f] = src.model[f]
+    for f in SUB_SHAPE_FIELDS:
+      want, have = _sub_field(src.model, f, _sub_field(defaults, f)), _sub_field(config.model, f)
+      if want != have:
+        logging.warning("config.model.%s=%s replaced by %s from %s (init_from)", f, have, want,
+                        source_dir)
+        section, field = f.split(".")
+        config.model[section][field] = want
     if not config.data.tokenizer.path:
       config.data.tokenizer.path = checkpoint.tokenizer_path(source_dir, src)
 
