@@ -9,11 +9,14 @@ stacked under one `nn.scan` ("layers", leading n_layers axis) when cfg.scan_laye
 sharded, trace inside `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` (see sharding.py).
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model.attention import Attention
+from llm_jax.model import cpu
+from llm_jax.model.attention import Attention, one_token_step, write_token
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
 
@@ -32,6 +35,18 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """(params, cfg) of the same model with unrolled layers: the stacked "layers" tree (scan
+  layout) split into "layers_0".."layers_{n-1}". The values are unchanged; a stacked tree makes
+  XLA copy each layer's weights out of it on every call, which dominates decoding on a CPU."""
+  if not cfg.scan_layers:
+    return params, cfg
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(cfg.n_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out, dataclasses.replace(cfg, scan_layers=False)
 
 
 def _remat_policy(name: str):
@@ -63,8 +78,8 @@ class Embed(nn.Module):
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return cpu.flat_einsum("bld,vd->blv", x_BxLxD.astype(dtype), self.embedding.astype(dtype),
+                           preferred_element_type=jnp.float32)
 
 
 class DecoderLayer(nn.Module):
@@ -107,16 +122,28 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+                      unroll=cpu.scan_unroll(cfg.n_layers),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, new_cache = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    elif one_token_step(cache, inputs_BxL.shape[1]):
+      new_tokens = []  # each layer's new key/value, written into the cache below in one scatter
+      for i in range(cfg.n_layers):
+        x_BxLxD, layer_new = layer_cls(cfg, name=f"layers_{i}")(
+            x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
+        new_tokens.append(layer_new)
+      new_cache = {name: jnp.stack([t[name] for t in new_tokens]) for name in cache}
     else:
       new_cache = None if cache is None else dict(cache)
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
+        # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
+        layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
         x_BxLxD, layer_cache = layer_cls(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL,
                                                                   layer_cache)
         if cache is not None:
           new_cache = {name: new_cache[name].at[i].set(layer_cache[name]) for name in new_cache}
+    if one_token_step(cache, inputs_BxL.shape[1]):  # new_cache holds [n_layers, B, 1, K, H] tokens
+      new_cache = {name: write_token(cache[name], new_cache[name], positions_BxL, segment_ids_BxL)
+                   for name in cache}
     if new_cache is not None:
       new_cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in new_cache.items()}
 

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import cpu
 from llm_jax.model.config import ModelConfig
 
 
@@ -49,8 +50,8 @@ class Projection(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), tuple(self.axes)),
         tuple(self.shape), cfg.weight_dtype)
-    y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                   preferred_element_type=self.out_dtype)
+    y = cpu.flat_einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                        preferred_element_type=self.out_dtype)
     if self.use_bias:
       bias_shape = tuple(self.shape[-len(self.bias_axes):])
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
