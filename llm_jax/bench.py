@@ -1,9 +1,14 @@
 """Train-step benchmark: compile time, step time, tokens/s, MFU and peak memory for a config.
 
   python -m llm_jax.bench --config=configs/pretrain.py --config.model=... --steps=20
+  python -m llm_jax.bench --shape=minimind-26m --compare_torch
+  python -m llm_jax.bench --shape=nanogpt-cpu --compare_torch --steps=30
 
 Runs the real sharded train step on synthetic packed batches (random tokens, several documents
-per row), writes nothing. Figures are printed, never asserted.
+per row), writes nothing. Figures are printed, never asserted. Step time is the median of
+per-step times. --compare_torch also times the same shape in PyTorch (bench_torch.py) in the
+same process, alternating the two sides in --rounds blocks so that a change in the machine's load
+hits both, and prints the ratio.
 """
 
 import os
@@ -24,10 +29,35 @@ from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
 from llm_jax.train import state as state_lib, step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compile step and one warm-up).")
+_SHAPE = flags.DEFINE_enum("shape", None, ["minimind-26m", "nanogpt-cpu"],
+                           "A named shape (model, vocabulary, batch, sequence length) instead of --config.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per side (after the compile step and one warm-up).")
 _DOCS = flags.DEFINE_integer("docs_per_row", 4, "Documents packed per row of the synthetic batch.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile, print XLA's buffer sizes, run no "
                                   "step (memory of configs too slow or too big to run here).")
+_COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch "
+                                   "(transformers, float32) and print the ratio.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --compare_torch: alternate the two sides this many times.")
+
+# The shapes of the PyTorch projects our users come from: minimind's 26M model (its pretraining
+# batch per step on a CPU) and nanoGPT's Shakespeare-char CPU config (a Llama block of its size).
+SHAPES = {
+    "minimind-26m": dict(preset="minimind-26m", model={}, vocab_size=6400, seq_len=512, batch_size=8),
+    "nanogpt-cpu": dict(preset="tiny", model=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                                                  mlp_dim=512, tie_embeddings=True),
+                        vocab_size=65, seq_len=64, batch_size=12),
+}
+
+
+def shape_config(name: str):
+  """configs/pretrain.py with the named shape (see SHAPES)."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  shape = SHAPES[name]
+  config = pretrain.get_config(shape["preset"])
+  config.model.update(shape["model"])
+  config.model.vocab_size = shape["vocab_size"]
+  config.data.seq_len, config.data.batch_size = shape["seq_len"], shape["batch_size"]
+  return config
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict:
@@ -61,13 +91,29 @@ def compiled_memory(compiled) -> str:
     return "n/a"
   return (f"{m.argument_size_in_bytes / 2**30:.3f} GiB arguments + "
           f"{m.temp_size_in_bytes / 2**30:.3f} GiB temporaries (per device)")
+def timed_steps(compiled, state, batch, steps: int):
+  """(state, metrics, seconds of each step): every step waits for its result, like PyTorch's."""
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return state, m, times
 
 
 def main(argv):
   console.setup()
   del argv
-  config = _CONFIG.value
+  if (_SHAPE.value is None) == (_CONFIG.value is None):
+    raise app.UsageError("give exactly one of --config and --shape")
+  config = shape_config(_SHAPE.value) if _SHAPE.value else _CONFIG.value
   config_check.validate(config)
+  torch_step = None
+  if _COMPARE_TORCH.value:
+    from llm_jax import bench_torch  # pylint: disable=g-import-not-at-top
+    if (why := bench_torch.unavailable()):
+      raise app.UsageError(f"--compare_torch needs torch and transformers: {why}")
   vocab = config.model.vocab_size or config.data.tokenizer.vocab_size
   with config.unlocked():
     config.model.vocab_size = vocab
@@ -77,6 +123,7 @@ def main(argv):
   tc = config.train
   optimizer, schedule = opt_lib.make_optimizer(tc), opt_lib.make_schedule(tc)
   B, L = config.data.batch_size, config.data.seq_len
+  peak, source = metrics_lib.peak_flops(model_cfg.dtype)  # first, while nothing else runs here
   host = synthetic_batch(B // jax.process_count(), L, vocab, _DOCS.value, seed=jax.process_index())
 
   _, sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)  # outside the mesh context
@@ -94,15 +141,21 @@ def main(argv):
       return
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(_STEPS.value):
-      state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t) / _STEPS.value
+    if _COMPARE_TORCH.value:
+      torch_step = bench_torch.TorchTrainStep(model_cfg, tc, host)
+      torch_step.step()  # warm-up
+    rounds = _ROUNDS.value if torch_step else 1
+    per_round = -(-_STEPS.value // rounds)
+    times, torch_times = [], []
+    for _ in range(rounds):  # alternate, so that load changes hit both sides alike
+      state, m, t_round = timed_steps(compiled, state, batch, per_round)
+      times += t_round
+      if torch_step:
+        torch_times += torch_step.timed(per_round)
+    step_s = float(np.median(times))
 
   counts = flops.param_counts(state["params"])
   fpt = flops.flops_per_token(model_cfg, L)
-  peak, source = metrics_lib.peak_flops(model_cfg.dtype)
   tok_s = B * L / step_s
   rows = [
       ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}"),
@@ -112,7 +165,7 @@ def main(argv):
                            if model_cfg.moe.enabled else "")),
       ("batch", f"{B} x {L} tokens, grad_accum {tc.grad_accum}, {model_cfg.dtype} compute"),
       ("compile time", f"{compile_s:.2f} s"),
-      ("step time", f"{step_s * 1e3:.1f} ms"),
+      ("step time", f"{step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f})"),
       ("tokens/s", f"{tok_s:,.0f}"),
       ("model TFLOP/s", f"{fpt * tok_s / 1e12:.3f}"),
       ("MFU", f"{100 * fpt * tok_s / peak:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source})"),
@@ -124,10 +177,18 @@ def main(argv):
     routing = "dropless" if not model_cfg.moe.capacity_factor else f"capacity {model_cfg.moe.capacity_factor}"
     rows.append(("router", f"{routing}, aux {float(m['moe_aux_loss']):.3f}, "
                            f"expert load max/mean {float(m['moe_load_max']):.2f}"))
+  if torch_step:
+    torch_s = float(np.median(torch_times))
+    rows += [
+        ("PyTorch step", f"{torch_s * 1e3:.1f} ms (median of {len(torch_times)}, min "
+                         f"{min(torch_times) * 1e3:.1f}; transformers float32, {torch_step.threads()} threads)"),
+        ("PyTorch tok/s", f"{B * L / torch_s:,.0f}"),
+        ("ratio", f"{torch_s / step_s:.2f}x PyTorch's speed (PyTorch step time / llm_jax step time)"),
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ]
   for k, v in rows:
     print(f"{k:>14}: {v}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=console.parse_flags)

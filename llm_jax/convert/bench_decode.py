@@ -6,8 +6,9 @@
 Builds a random transformers model (torch, float32), saves it, imports it with hf_import, then
 times greedy generation at batch 1 and batch 8 on both sides with the same definitions
 (llm_jax.infer.bench.measure_llm_jax, and a token-stamping streamer for transformers): time to
-first token (prefill + one token) and decode throughput (tokens/s after the first). Printed,
-not asserted.
+first token (prefill + one token) and decode throughput (tokens/s after the first). The two
+sides alternate --repeats times and each figure is the median, so that a change in the machine's
+load hits both alike. Printed, not asserted.
 Needs torch and transformers (tests/requirements.txt).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from llm_jax import console
 from llm_jax.convert import hf_import
 from llm_jax.infer import bench
+from llm_jax.infer.generate import Generator
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
 
@@ -48,7 +50,7 @@ def build_hf(family: str, dim: int, n_layers: int, vocab: int, out_dir: str):
 
 
 def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: int = 64,
-                         new_tokens: int = 128, seed: int = 0) -> list[dict]:
+                         new_tokens: int = 128, seed: int = 0, warmup: bool = True) -> list[dict]:
   """The same figures as llm_jax.infer.bench.measure_llm_jax, for transformers' greedy generate:
   a streamer stamps the host time of every generated token."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -71,7 +73,8 @@ def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: i
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, do_sample=False)
     with torch.no_grad():
-      model.generate(ids, **kw)  # warm up
+      if warmup:
+        model.generate(ids, **kw)
       stamps = Stamps()
       start = time.perf_counter()
       model.generate(ids, streamer=stamps, **kw)
@@ -80,6 +83,12 @@ def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: i
     results.append({"batch": batch, "ttft_s": t[0] - start, "total_s": total,
                     "decode_tokens_per_s": batch * (len(t) - 1) / max(t[-1] - t[0], 1e-9)})
   return results
+
+
+def _medians(runs: list[list[dict]]) -> list[dict]:
+  """Per batch size, the median of each figure over the runs."""
+  return [{k: (float(np.median([run[i][k] for run in runs])) if k != "batch" else runs[0][i][k])
+           for k in runs[0][i]} for i in range(len(runs[0]))]
 
 
 def main(argv):
@@ -93,13 +102,19 @@ def main(argv):
     params, config = checkpoint.load_params(os.path.join(tmp, "run"))
   cfg = ModelConfig.from_config(config.model)
   kw = dict(batch_sizes=tuple(int(b) for b in f.batch_sizes), prompt_len=f.prompt_len, new_tokens=f.new_tokens)
-  ours = bench.measure_llm_jax(params, cfg, **kw)
-  theirs = measure_transformers(hf_model, f.vocab_size, **kw)
+  gen = Generator(params, cfg)
+  ours_runs, theirs_runs = [], []
+  for r in range(f.repeats):  # alternate the two sides
+    ours_runs.append(bench.measure_llm_jax(params, cfg, generator=gen, warmup=r == 0, **kw))
+    theirs_runs.append(measure_transformers(hf_model, f.vocab_size, warmup=r == 0, **kw))
+  ours, theirs = _medians(ours_runs), _medians(theirs_runs)
 
   n_params = sum(p.numel() for p in hf_model.parameters())
   print(f"{f.family}: dim={f.dim} layers={f.n_layers} vocab={f.vocab_size} ({n_params / 1e6:.1f}M params, "
         f"float32), prompt {f.prompt_len} tokens, {f.new_tokens} new tokens, greedy, CPU "
         f"(torch threads {torch.get_num_threads()})")
+  print(f"medians of {f.repeats} alternating runs per side; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   print(f"{'batch':>5} {'llm_jax TTFT':>13} {'HF TTFT':>9} {'llm_jax tok/s':>14} {'HF tok/s':>9} "
         f"{'tok/s ratio':>11}")
   for a, b in zip(ours, theirs):
@@ -112,5 +127,6 @@ if __name__ == "__main__":
   flags.DEFINE_enum("family", "qwen2", sorted(_CLASSES), "transformers model family")
   flags.DEFINE_integer("dim", 512, "hidden size (heads of 64)")
   flags.DEFINE_integer("n_layers", 8, "decoder layers")
+  flags.DEFINE_integer("repeats", 3, "alternating timed runs per side; figures are their medians")
   # --vocab_size, --prompt_len, --new_tokens and --batch_sizes are llm_jax.infer.bench's flags.
   app.run(main, flags_parser=console.parse_flags)

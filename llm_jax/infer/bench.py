@@ -36,19 +36,22 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row.
 
 
 def measure_llm_jax(params, cfg: ModelConfig, *, batch_sizes=(1, 8), prompt_len: int = 64,
-                    new_tokens: int = 128, seed: int = 0, mesh=None, rules=()) -> list[dict]:
+                    new_tokens: int = 128, seed: int = 0, mesh=None, rules=(), generator=None,
+                    warmup: bool = True) -> list[dict]:
   """[{"batch", "ttft_s", "decode_tokens_per_s", "total_s"}] for greedy generation of random prompts.
 
   ttft_s: from the call to the first token on the host (prefill + one step). decode_tokens_per_s:
-  batch * (new_tokens - 1) / (time of the last token - time of the first).
+  batch * (new_tokens - 1) / (time of the last token - time of the first). `generator` reuses a
+  Generator of these params between calls; warmup=False skips the untimed compiling run.
   """
-  gen = Generator(params, cfg, mesh=mesh, rules=rules)
+  gen = generator or Generator(params, cfg, mesh=mesh, rules=rules)
   rng = np.random.default_rng(seed)
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
   results = []
   for batch in batch_sizes:
     prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-    gen.generate(prompts, sampling)  # compile these shapes
+    if warmup:
+      gen.generate(prompts, sampling)  # compile these shapes
     stamps = []
     start = time.perf_counter()
     gen.generate(prompts, sampling, callback=lambda row, tok: row == 0 and stamps.append(time.perf_counter()))

@@ -8,6 +8,7 @@ fitted into the run's context window by `context.py`, which says what it had to 
 """
 
 import dataclasses
+import functools
 import json
 import sys
 from typing import Callable, Iterable
@@ -156,6 +157,8 @@ def interactive(session, read: Callable[[str], str] = read_line,
   """The terminal loop. /reset clears the history, /quit or Ctrl-D leaves. Ctrl-C stops the
   answer being written; Ctrl-C at the prompt, twice in a row, leaves."""
   interrupts = interrupts or Interrupts()
+  if read is read_line:
+    read = functools.partial(read_line, interrupted=interrupts.take_prompt_interrupt)
   out = lambda s: (write(s), sys.stdout.flush())
   raw = isinstance(session, CompletionSession)
   out(banner or ("Text completion: each line is continued as plain text. /quit or Ctrl-D leaves; "

@@ -20,7 +20,8 @@ import numpy as np
 
 from llm_jax.infer.sampling import SamplingConfig, row_keys, sample, stack_settings
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.decoder import Decoder, init_cache
+from llm_jax.model import cpu
+from llm_jax.model.decoder import Decoder, init_cache, unstack_layers
 
 
 @dataclasses.dataclass
@@ -75,6 +76,8 @@ class Generator:
   cache_* rules and activations as in training."""
 
   def __init__(self, params, cfg: ModelConfig, *, mesh=None, rules=(), min_bucket: int = 16):
+    if cpu.on_cpu():  # per-layer weight arrays: no copies out of a stacked tree at every token
+      params, cfg = unstack_layers(params, cfg)
     self.params, self.cfg, self.mesh, self.rules, self.min_bucket = params, cfg, mesh, rules, min_bucket
     self.batch_multiple = 1
     if mesh is not None:
@@ -155,6 +158,7 @@ class Generator:
         reasons[row] = "length"
 
     with self._context():
+      settings = jax.device_put(settings)  # once, not at every step
       state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
                        cache_len=cache_len)
       state, token_B, logprob_B = _step(self.params, state, settings, cfg=self.cfg)

@@ -6,8 +6,9 @@ runtime half torn down, and the interpreter's exit then crashes ("Fatal Python e
 Segmentation fault"). So while work runs, Ctrl-C only sets a flag that the generation loop polls
 between tokens (`Generator.generate(should_stop=...)`); the work ends at the next token, or as
 soon as a compile finishes. A second Ctrl-C before that exits at once with os._exit, which skips
-the teardown that crashes. At the prompt, Ctrl-C raises KeyboardInterrupt as usual (input() must
-be interrupted).
+the teardown that crashes. At the prompt, Ctrl-C also only sets a flag, which `read_line` turns
+into KeyboardInterrupt where it polls stdin: raised at an arbitrary bytecode, the exception could
+escape the chat loop between two statements (a second Ctrl-C right after the first one's message).
 """
 
 import contextlib
@@ -25,6 +26,7 @@ class Interrupts:
     self._write = write or (lambda s: (sys.stderr.write(s), sys.stderr.flush()))
     self.requested = False
     self._busy = False
+    self._at_prompt = False  # a Ctrl-C outside work, for read_line to raise
     self._previous = None
 
   def install(self) -> "Interrupts":
@@ -41,7 +43,8 @@ class Interrupts:
 
   def _handle(self, signum, frame):
     if not self._busy:
-      raise KeyboardInterrupt
+      self._at_prompt = True
+      return
     if self.requested:  # the second Ctrl-C while work still runs (e.g. a long compile)
       self._write("\n")
       os._exit(EXIT_CODE)
@@ -49,6 +52,11 @@ class Interrupts:
 
   def should_stop(self) -> bool:
     return self.requested
+
+  def take_prompt_interrupt(self) -> bool:
+    """Whether Ctrl-C was pressed outside work since the last call (then read_line raises)."""
+    hit, self._at_prompt = self._at_prompt, False
+    return hit
 
   @contextlib.contextmanager
   def busy(self):
@@ -60,18 +68,24 @@ class Interrupts:
       self._busy = False
 
 
-def read_line(prompt: str) -> str:
-  """input() that Ctrl-C always interrupts. With JAX's thread pools running, the kernel may deliver
+def read_line(prompt: str, interrupted=lambda: False) -> str:
+  """input() that Ctrl-C always interrupts: raises KeyboardInterrupt when `interrupted()` (an
+  Interrupts' take_prompt_interrupt). With JAX's thread pools running, the kernel may deliver
   SIGINT to any thread; a main thread blocked in read() then never sees it. Polling stdin returns
-  to Python every 0.2 s, where the pending handler runs."""
+  to Python every 0.2 s, where the pending handler runs and the flag is checked."""
+  if interrupted():
+    raise KeyboardInterrupt
   sys.stdout.write(prompt)
   sys.stdout.flush()
-  if not sys.stdin.isatty():
-    line = sys.stdin.readline()
+  try:
+    sys.stdin.fileno()
+  except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO): no polling
+    pass
   else:
     while not select.select([sys.stdin], [], [], 0.2)[0]:
-      pass
-    line = sys.stdin.readline()
+      if interrupted():
+        raise KeyboardInterrupt
+  line = sys.stdin.readline()
   if not line:
     raise EOFError
   return line.rstrip("\n")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.model import kernels
+from llm_jax.model import cpu
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, apply_rope
 
@@ -41,8 +42,69 @@ def write_cache(cache_BxSxKxH, new_BxLxKxH, positions_BxL, segment_ids_BxL):
   return cache_BxSxKxH.at[batch_Bx1, slot_BxL].set(new_BxLxKxH.astype(cache_BxSxKxH.dtype), mode="drop")
 
 
-def xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, dtype):
-  """Softmax attention in plain jnp: logits and softmax in float32, GQA without repeating k/v."""
+def one_token_step(cache, length: int) -> bool:
+  """True when a cached call decodes one token per row. Then each layer attends to its cache and to
+  the new token's own key/value without writing them, returns only those ({"k", "v"} of
+  [B, 1, K, H]), and the decoder writes every layer's into the stacked cache in one scatter
+  (`write_token`): no layer copies or rewrites its [B, S, K, H] cache at every token."""
+  return cache is not None and length == 1
+
+
+def write_token(cache_NxBxSxKxH, new_NxBx1xKxH, positions_Bx1, segment_ids_Bx1):
+  """Every layer's new key/value (n_layers leading) into slot = the token's position, in place
+  when the cache is donated; padding rows are dropped (as `write_cache` does)."""
+  batch, cache_len = cache_NxBxSxKxH.shape[1:3]
+  slot_B = jnp.where(segment_ids_Bx1[:, 0] > 0, positions_Bx1[:, 0], cache_len)
+  return cache_NxBxSxKxH.at[:, jnp.arange(batch), slot_B].set(
+      new_NxBx1xKxH[:, :, 0].astype(cache_NxBxSxKxH.dtype), mode="drop")
+
+
+def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1xKxH, v_Bx1xKxH,
+                             positions_Bx1, dtype):
+  """One query per row over cache slots j < p plus the token's own key/value (slot p): the same
+  softmax as writing the token into the cache first and attending to slots j <= p.
+
+  Written as broadcast products and sums rather than einsums: with G queries per key/value head
+  there is nothing for a matmul to reuse, and XLA then reads the cache in its stored [B, S, K, H]
+  layout instead of transposing every layer's cache at every token.
+  """
+  batch, _, n_heads, head_dim = q_Bx1xNxH.shape
+  n_kv = k_cache_BxSxKxH.shape[2]
+  f32 = jnp.float32
+  q_Bx1xKxGxH = q_Bx1xNxH.astype(dtype).astype(f32).reshape(batch, 1, n_kv, n_heads // n_kv, head_dim)
+  scale = head_dim ** -0.5
+  k_BxSxKx1xH = k_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :]
+  logits_BxSxKxG = jnp.sum(q_Bx1xKxGxH * k_BxSxKx1xH, axis=-1) * scale
+  slots_S = jnp.arange(k_cache_BxSxKxH.shape[1], dtype=positions_Bx1.dtype)
+  before_BxSx1x1 = (slots_S[None] < positions_Bx1)[:, :, None, None]
+  logits_BxSxKxG = jnp.where(before_BxSx1x1, logits_BxSxKxG, jnp.finfo(f32).min)
+  self_Bx1xKxG = jnp.sum(q_Bx1xKxGxH * k_Bx1xKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=-1) * scale
+  max_Bx1xKxG = jnp.maximum(jnp.max(logits_BxSxKxG, axis=1, keepdims=True), self_Bx1xKxG)
+  exp_BxSxKxG = jnp.exp(logits_BxSxKxG - max_Bx1xKxG)
+  exp_self_Bx1xKxG = jnp.exp(self_Bx1xKxG - max_Bx1xKxG)
+  denom_Bx1xKxG = jnp.sum(exp_BxSxKxG, axis=1, keepdims=True) + exp_self_Bx1xKxG
+  probs_BxSxKxG = (exp_BxSxKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
+  probs_self_Bx1xKxG = (exp_self_Bx1xKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
+  out_BxKxGxH = (jnp.sum(probs_BxSxKxG[..., None] * v_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=1)
+                 + probs_self_Bx1xKxG[:, 0, :, :, None] * v_Bx1xKxH.astype(dtype).astype(f32)[:, 0, :, None, :])
+  return out_BxKxGxH.astype(dtype).reshape(batch, 1, n_heads, head_dim)
+
+
+def xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, dtype, causal=False):
+  """Softmax attention in plain jnp: logits and softmax in float32, GQA without repeating k/v.
+
+  causal=True promises that the mask hides every key after its query (self-attention, index
+  order). Then, on the CPU, long sequences run in query blocks that skip the keys after each
+  block (cpu.query_blocks); every row still sees all its unmasked keys, so results are unchanged.
+  """
+  blocks = cpu.query_blocks(q_BxLxNxH.shape[1], k_BxSxKxH.shape[1]) if causal else [(0, q_BxLxNxH.shape[1])]
+  if len(blocks) > 1:
+    return jnp.concatenate([_softmax_attention(q_BxLxNxH[:, a:b], k_BxSxKxH[:, :b], v_BxSxKxH[:, :b],
+                                               mask_BxLxS[:, a:b, :b], dtype) for a, b in blocks], axis=1)
+  return _softmax_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, dtype)
+
+
+def _softmax_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, dtype):
   batch, length, n_heads, head_dim = q_BxLxNxH.shape
   n_kv = k_BxSxKxH.shape[2]
   q_BxLxKxGxH = q_BxLxNxH.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
@@ -92,8 +154,13 @@ class Attention(nn.Module):
     v_BxLxKxH = nn.with_logical_constraint(v_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
     new_cache = None
-    if cache is not None:
-      # Decoding: attend over the whole fixed-size cache (XLA path; one query per row is memory
+    if one_token_step(cache, q_BxLxNxH.shape[1]):
+      # Decoding one token: its own key/value go back to the decoder, which writes all layers'.
+      new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
+      out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,
+                                             positions_BxL, cfg.compute_dtype)
+    elif cache is not None:
+      # Prefill: attend over the whole fixed-size cache (XLA path; one query per row is memory
       # bound, so a fused kernel buys little there).
       k_cache = write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL)
       v_cache = write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)
@@ -107,7 +174,7 @@ class Attention(nn.Module):
       out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, cfg)
     else:
       out_BxLxNxH = xla_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_causal_mask(segment_ids_BxL),
-                                  cfg.compute_dtype)
+                                  cfg.compute_dtype, causal=True)
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     # The remat policy "save_attn_out" keeps exactly this tensor, so the backward pass never
     # recomputes the softmax.

@@ -11,13 +11,15 @@ Outside a mesh context the logical constraints are no-ops; to run
 sharded, trace inside `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):` (see sharding.py).
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model import precision
+from llm_jax.model import cpu, precision
 from llm_jax.model import lora as lora_lib
-from llm_jax.model.attention import Attention
+from llm_jax.model.attention import Attention, one_token_step, write_token
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU
 from llm_jax.model.moe import MoE
@@ -37,6 +39,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """(params, cfg) of the same model with unrolled layers: the stacked "layers" tree (scan
+  layout) split into "layers_0".."layers_{n-1}". The values are unchanged; a stacked tree makes
+  XLA copy each layer's weights out of it on every call, which dominates decoding on a CPU."""
+  if not cfg.scan_layers:
+    return params, cfg
+  out = {k: v for k, v in params.items() if k != "layers"}
+  every = cfg.moe.every if cfg.moe.enabled and cfg.moe.every > 1 else 0
+  for i in range(cfg.n_layers):
+    if every:  # scanned DecoderBlocks: "layers"/"layer_{j}" stacked over blocks
+      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i // every],
+                                        params["layers"][f"layer_{i % every}"])
+    else:
+      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out, dataclasses.replace(cfg, scan_layers=False)
 
 
 def _remat_policy(name: str):
@@ -71,8 +90,12 @@ class Embed(nn.Module):
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    logits_BxLxV = precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype),
-                                            self.embedding.astype(dtype))
+    if dtype == jnp.float32:  # one 2-D matmul on the CPU (cpu.py)
+      logits_BxLxV = cpu.flat_einsum("bld,vd->blv", x_BxLxD, self.embedding,
+                                     preferred_element_type=jnp.float32)
+    else:  # float32 out, bf16 matmuls backward too (precision.py)
+      logits_BxLxV = precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype),
+                                              self.embedding.astype(dtype))
     if self.lora_ab is not None:  # the adapted table is the tied head too (merge stays exact)
       logits_BxLxV = logits_BxLxV + lora_lib.embed_attend_delta(self, self.lora_ab, x_BxLxD)
     return logits_BxLxV
@@ -146,8 +169,9 @@ class Decoder(nn.Module):
       layer_cls = DecoderBlock
       if cfg.remat_policy != "none":
         layer_cls = nn.remat(DecoderBlock, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
-      if cache is not None:
-        cache = {name: c.reshape((-1, cfg.moe.every) + c.shape[1:]) for name, c in cache.items()}
+    scan_cache = cache
+    if blocks and cache is not None:
+      scan_cache = {name: c.reshape((-1, cfg.moe.every) + c.shape[1:]) for name, c in cache.items()}
     if cfg.scan_layers:
       # LoRA adapters ("lora") stack like the weights; each layer draws its own dropout masks.
       # "intermediates": MoE layers sow their routing statistics, one entry per scanned layer.
@@ -155,19 +179,32 @@ class Decoder(nn.Module):
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0),
                       length=cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers,
+                      unroll=cpu.scan_unroll(cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       layer_args = (cfg,) if blocks else (cfg, cfg.moe.enabled)
-      x_BxLxD, new_cache = stack(*layer_args, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+      x_BxLxD, new_cache = stack(*layer_args, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL,
+                                                          scan_cache)
       if blocks and new_cache is not None:
         new_cache = {name: c.reshape((cfg.n_layers,) + c.shape[2:]) for name, c in new_cache.items()}
+    elif one_token_step(cache, inputs_BxL.shape[1]):
+      new_tokens = []  # each layer's new key/value, written into the cache below in one scatter
+      for i in range(cfg.n_layers):
+        x_BxLxD, layer_new = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
+            x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
+        new_tokens.append(layer_new)
+      new_cache = {name: jnp.stack([t[name] for t in new_tokens]) for name in cache}
     else:
       new_cache = None if cache is None else dict(cache)
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
+        # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
+        layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
         x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if cache is not None:
           new_cache = {name: new_cache[name].at[i].set(layer_cache[name]) for name in new_cache}
+    if one_token_step(cache, inputs_BxL.shape[1]):  # new_cache holds [n_layers, B, 1, K, H] tokens
+      new_cache = {name: write_token(cache[name], new_cache[name], positions_BxL, segment_ids_BxL)
+                   for name in cache}
     if new_cache is not None:
       new_cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in new_cache.items()}
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model import precision
+from llm_jax.model import cpu, precision
 from llm_jax.model import lora as lora_lib
 from llm_jax.model.config import ModelConfig, RopeScaling
 
@@ -53,11 +53,12 @@ class Projection(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), tuple(self.axes)),
         tuple(self.shape), cfg.weight_dtype)
-    if self.out_dtype == jnp.float32:  # logits: float32 out, bf16 matmuls backward too (precision.py)
+    if self.out_dtype == jnp.float32 and cfg.compute_dtype != jnp.float32:
+      # logits from bf16: float32 out, bf16 matmuls backward too (precision.py)
       y = precision.einsum_f32_out(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
-    else:
-      y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                     preferred_element_type=self.out_dtype)
+    else:  # one 2-D matmul on the CPU (cpu.py)
+      y = cpu.flat_einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                          preferred_element_type=self.out_dtype)
     if self.use_bias:
       bias_shape = tuple(self.shape[-len(self.bias_axes):])
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),

@@ -116,6 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # would make it read low.
   throughput = metrics_lib.Throughput(
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
+  logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
+               throughput.peak_source)
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())

@@ -1,12 +1,13 @@
 """What a user reads while training: throughput, MFU and the console line (writers.py sends them).
 
 MFU = model FLOPs per second / peak FLOPs of the devices in use. Peaks are dense bf16 figures
-from vendor spec sheets; on CPU (no spec sheet) the peak is measured once with a large matmul
-in the model's compute dtype, so MFU there reads as "share of what this CPU's XLA matmul
-reaches".
+from vendor spec sheets; on CPU (no spec sheet) the peak is measured once per process with a
+matmul in the model's compute dtype, so MFU there reads as "share of what this CPU's XLA matmul
+reaches" (see `_measured_cpu_peak` for why it is robust to a busy machine).
 """
 
 import functools
+import os
 import time
 
 import jax
@@ -23,18 +24,33 @@ PEAK_FLOPS = (
 )
 
 
+def _cpu_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
 @functools.lru_cache(maxsize=None)
-def _measured_cpu_peak(dtype_name: str) -> float:
-  n = 1024
-  x = jnp.ones((n, n), dtype_name)
+def _measured_cpu_peak(dtype_name: str, n: int = 1024, repeats: int = 9) -> float:
+  """FLOP/s of an n x n matmul in `dtype_name` on all the cores this process may use.
+
+  Timed by the process's CPU time, not the wall clock: FLOPs per CPU-second is what one core
+  delivers, times the cores gives the machine's peak. On a quiet machine this equals the
+  wall-clock rate; on a busy one (other jobs, data workers) the wall clock reads several times
+  low while CPU time barely moves, so MFU stays comparable between runs. Median of `repeats`
+  runs; measured once per process (lru_cache), before data workers start (train/loop.py).
+  """
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t = time.perf_counter()
+  per_cpu_s = []
+  for _ in range(repeats):
+    t = time.process_time()
     f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+    per_cpu_s.append(time.process_time() - t)
+  return 2 * n ** 3 / max(float(np.median(per_cpu_s)), 1e-9) * _cpu_count()
 
 
 def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
@@ -42,7 +58,8 @@ def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
   dev = jax.devices()[0]
   if dev.platform == "cpu":
     # Virtual CPU devices share the same cores, so the host's peak is the whole budget.
-    return _measured_cpu_peak(compute_dtype), f"measured {compute_dtype} matmul on this CPU"
+    return (_measured_cpu_peak(compute_dtype),
+            f"measured {compute_dtype} matmul on this CPU's {_cpu_count()} cores, by CPU time")
   for key, flops in PEAK_FLOPS:
     if key.lower() in dev.device_kind.lower():
       return flops * jax.device_count(), f"{dev.device_kind} bf16 spec x {jax.device_count()}"

@@ -1,0 +1,146 @@
+"""The CPU fast paths compute what the plain formulations compute (llm_jax/model/cpu.py, the
+one-token decoding attention), against independent references: numpy einsum in float64, the
+float64 numpy decoder, a forward pass without any cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.model import cpu
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.decoder import Decoder, init_cache, unstack_layers
+from tests.model_reference import random_params, reference_logits
+from tests.numerics import assert_close
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+CFG = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=40,
+                  qkv_bias=True, init_std=0.3, scan_layers=False)
+
+
+@pytest.mark.parametrize("equation,x_shape,k_shape", [
+    ("bld,dnh->blnh", (2, 3, 4), (4, 5, 6)),  # q/k/v projections
+    ("blnh,nhd->bld", (2, 3, 5, 6), (5, 6, 4)),  # o_proj: two contracted axes
+    ("bld,vd->blv", (2, 3, 4), (7, 4)),  # tied logits: kernel contracted last
+    ("blf,fd->bld", (2, 3, 8), (8, 4)),
+    ("bkgls,bskh->blkgh", (2, 3, 1, 4, 5), (2, 5, 3, 6)),  # not a projection: plain einsum
+])
+def test_flat_einsum_equals_einsum(equation, x_shape, k_shape):
+  rng = np.random.default_rng(0)
+  x, k = rng.standard_normal(x_shape), rng.standard_normal(k_shape)
+  got = cpu.flat_einsum(equation, jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32))
+  assert_close(np.asarray(got), np.einsum(equation, x, k), rel=1e-5)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  """Query blocks of 4 from 8 tokens on, so a short test sequence takes the blocked path."""
+  monkeypatch.setattr(cpu, "QUERY_BLOCK", 4)
+  monkeypatch.setattr(cpu, "MIN_BLOCKED_LENGTH", 8)
+  assert len(cpu.query_blocks(18, 18)) == 5
+
+
+def _stacked(params):
+  """The same weights in the scan layout ("layers" stacked on axis 0)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["layers_0"], params["layers_1"])
+  return out
+
+
+def test_blocked_attention_packed_matches_numpy_reference(small_blocks):
+  """Documents that straddle query blocks (lengths 5, 7, 3 with blocks of 4) each get the float64
+  reference's logits, and the padding stays finite (scan layout, unrolled on the CPU)."""
+  del small_blocks
+  rng = np.random.default_rng(0)
+  lengths, pad = [5, 7, 3], 3
+  docs = [rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+  ids = np.concatenate(docs + [np.zeros(pad, np.int32)])[None]
+  pos = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None].astype(np.int32)
+  seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
+  params = random_params(CFG, seed=1)
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  logits = np.asarray(jax.jit(Decoder(cfg).apply)({"params": _stacked(params)}, ids, pos,
+                                                   seg.astype(np.int32)))[0]
+  assert np.isfinite(logits).all()
+  start = 0
+  for doc in docs:
+    assert_close(logits[start:start + len(doc)], reference_logits(params, CFG, doc), rel=1e-5)
+    start += len(doc)
+
+
+def test_blocked_attention_gradients_equal_one_block(small_blocks, monkeypatch):
+  """The backward pass through the query blocks equals the one-block formulation's (packed
+  segments and padding in the mask, grouped heads)."""
+  del small_blocks
+  from llm_jax.model import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in ((2, 18, 4, 8), (2, 18, 2, 8), (2, 18, 2, 8), (2, 18, 4, 8)))
+  seg = np.array([[1] * 6 + [2] * 9 + [0] * 3, [1] * 18], np.int32)
+  mask = attention.segment_causal_mask(jnp.asarray(seg))
+
+  def grads():
+    loss = lambda *qkv: jnp.sum(w * attention.xla_attention(*qkv, mask, jnp.float32, causal=True))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  blocked = grads()
+  monkeypatch.setattr(cpu, "MIN_BLOCKED_LENGTH", 10 ** 9)  # one block
+  whole = grads()
+  for a, b in zip(blocked, whole):
+    assert_close(a, b, rel=1e-5)
+
+
+def test_one_token_decode_step_equals_forward_without_cache():
+  """Prefill two rows of different lengths (one right-padded), then decode one token per row with
+  the cache in the scan layout (what callers of Decoder other than Generator, which unstacks on
+  the CPU, run; test_infer covers the unrolled path): its logits are those of a plain forward over
+  prompt + token, and its key/value land in the cache at its position only."""
+  params = random_params(CFG, seed=4)
+  run_cfg, run_params = dataclasses.replace(CFG, scan_layers=True), _stacked(params)
+  assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(run_params, run_cfg)[0], params))
+  prompts = [[5, 17, 3, 40, 8], [9, 1, 44]]
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  ids = np.zeros((2, 8), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+  pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+  seg = (pos < lengths[:, None]).astype(np.int32)
+  model = Decoder(run_cfg)
+  _, cache = jax.jit(model.apply)({"params": run_params}, ids, pos, seg, cache=init_cache(run_cfg, 2, 16))
+  nxt = np.array([[11], [23]], np.int32)
+  step_logits, new_cache = jax.jit(model.apply)({"params": run_params}, nxt, lengths[:, None],
+                                                np.ones((2, 1), np.int32), cache=cache)
+  for i, p in enumerate(prompts):  # reference: no cache, prompt and token as one sequence
+    full = np.array([p + [int(nxt[i, 0])]], np.int32)
+    want = jax.jit(Decoder(CFG).apply)({"params": params}, full, np.arange(full.shape[1])[None],
+                                       np.ones_like(full))[0, -1]
+    assert_close(np.asarray(step_logits[i, 0]), np.asarray(want), rel=1e-5)
+  for name in ("k", "v"):
+    before, after = np.asarray(cache[name]), np.asarray(new_cache[name])
+    for i, n in enumerate(lengths):
+      changed = np.any(before[:, i] != after[:, i], axis=(0, 2, 3))
+      assert changed.nonzero()[0].tolist() == [n]
+
+
+def test_compare_torch_builds_the_same_model():
+  """`bench --compare_torch` times a transformers model of exactly the benchmarked shape: the same
+  parameter count, and (with our weights loaded) the same logits."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import torch  # pylint: disable=g-import-not-at-top
+  from llm_jax import bench, bench_torch  # pylint: disable=g-import-not-at-top
+  from llm_jax.model import flops  # pylint: disable=g-import-not-at-top
+  config = bench.shape_config("nanogpt-cpu")
+  cfg = ModelConfig.from_config(config.model)
+  assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, config.data.seq_len,
+          config.data.batch_size) == (128, 4, 4, 65, 64, 12)
+  batch = bench.synthetic_batch(2, 16, cfg.vocab_size, docs_per_row=1)
+  step = bench_torch.TorchTrainStep(cfg, config.train, batch)
+  params = jax.eval_shape(lambda: random_params(dataclasses.replace(cfg, scan_layers=False)))
+  assert sum(p.numel() for p in step.model.parameters()) == flops.param_counts(params)["total"]
+  losses = [step.step() for _ in range(3)]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]  # it trains the same batch
+  assert step.threads() == torch.get_num_threads()
