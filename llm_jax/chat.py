@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
+import jax
 
 from llm_jax import console
 from llm_jax.infer import chat, reasoning
@@ -83,7 +84,7 @@ def run() -> None:
   else:
     session = chat.ChatSession(generator, run.tokenizer, sampling, system=_SYSTEM.value,
                                stop_strings=_STOP.value, context=context)
-  n_params = sum(x.size for x in __import__("jax").tree_util.tree_leaves(run.params))
+  n_params = sum(x.size for x in jax.tree.leaves(run.params))
   print(f"{_WORKDIR.value}: step {run.step}, {n_params / 1e6:.1f}M parameters, context {context} "
         "tokens")
   interrupts = Interrupts().install()
