@@ -34,7 +34,7 @@ def _shard_elems(shape, spec: P, mesh_sizes: dict, what: str) -> int:
   for i, dim in enumerate(shape):
     entry = spec[i] if i < len(spec) else None
     names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-    ways = math.prod(mesh_sizes[a] for a in names)
+    ways = math.prod(mesh_sizes.get(a, 1) for a in names)  # an axis not given (expert) is 1
     if dim % ways:
       raise Indivisible(f"{what}: dimension {dim} does not divide over mesh axes {names} ({ways} ways)")
     n *= dim // ways
