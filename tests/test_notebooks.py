@@ -147,6 +147,7 @@ def test_notebook_runs_top_to_bottom_offline_on_cpu(name, tmp_path, monkeypatch)
   for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     monkeypatch.setenv(var, "1")  # nothing may be downloaded
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device (04 asks for its own 8)
   monkeypatch.delenv("LLM_JAX_REPO", raising=False)  # found from the notebook's own folder
   nb = _read(name)
   _inject(nb, {**PARAMETERS[name], "RUNS_DIR": str(tmp_path / "runs")})
