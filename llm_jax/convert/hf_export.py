@@ -184,8 +184,8 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
               f, indent=2)
   files = write_safetensors(cfg, params, out_dir, max_shard_bytes)
   logging.info("exported %s (%s) to %s: %s", workdir, hf["architectures"][0], out_dir, files)
-  if tok_path.endswith(".model") and hf.get("model_type", "").startswith("qwen2"):
-    # transformers 5 maps model_type qwen2* to its byte-level Qwen2Tokenizer whatever
+  if tok_path.endswith(".model") and hf.get("model_type") == "qwen2":
+    # transformers 5 maps model_type qwen2 to its byte-level Qwen2Tokenizer whatever
     # tokenizer_config.json declares, and that encodes a SentencePiece vocabulary's text to nothing.
     logging.warning("%s: this %s model uses the run's SentencePiece tokenizer; transformers' "
                     "AutoTokenizer would replace it with Qwen2Tokenizer (model_type %s) and encode "
