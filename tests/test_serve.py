@@ -542,3 +542,34 @@ def test_cli_serves_two_named_runs(served, tmp_path):
     proc.terminate()
     proc.wait(timeout=60)
   assert db.exists()
+
+
+def test_synth_talks_to_this_server(served, tmp_path):
+  """`llm_jax.data.synth` (issue 14) through llm_jax's own server instead of its stub: every
+  chunk's request is answered (no transport error, no retry), and each reply is either read as
+  QA pairs or counted as unreadable, never lost. The tiny model cannot write the JSON asked for;
+  what is shown is the contract between the two programs, not the quality of the pairs."""
+  docs = tmp_path / "docs.txt"
+  docs.write_text("\n".join(chat_turn[0]["content"] for chat_turn in serve_testlib.chats()[:3]),
+                  encoding="utf-8")
+  # The served test model has a 128-token context: a short request template, not the built-in one.
+  template = tmp_path / "qa_prompt.txt"
+  template.write_text("{n} JSON question-answer pairs about: {chunk}", encoding="utf-8")
+  out = tmp_path / "qa.jsonl"
+  synth = subprocess.run(
+      [sys.executable, "-m", "llm_jax.data.synth", f"--docs={docs}", f"--base_url={served['url']}/v1",
+       "--model=sft", f"--out={out}", "--paraphrases=0", "--max_tokens=48", "--parse_retries=0",
+       "--max_retries=0", "--api_key_env=LLM_JAX_TEST_KEY", "--fsync=false", "--lang=en",
+       f"--qa_prompt={template}", "--pairs_per_chunk=1"],
+      cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env=dict(os.environ, LLM_JAX_TEST_KEY=KEY, JAX_PLATFORMS="cpu"))
+  assert synth.returncode == 0, synth.stdout[-2000:] + synth.stderr[-3000:]
+  summary = json.load(open(tmp_path / "qa.summary.json"))
+  assert summary["requests"]["qa"] == summary["chunks_total"] >= 3, summary
+  # Every chunk answered (none rejected or given up), no retry, every token counted by the server.
+  assert summary["chunks_done"] == 3 and summary["chunks_rejected"] == 0, summary["errors"]
+  assert summary["chunks_gave_up"] == 0 and not summary["retries"], summary
+  assert summary["tokens"]["completion"] > 0 and summary["tokens"]["prompt"] > 0, summary
+  assert "replies" in synth.stdout
+  written = sum(1 for _ in open(out, encoding="utf-8")) if out.exists() else 0
+  assert written == summary["records_written"], summary

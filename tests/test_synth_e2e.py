@@ -3,8 +3,9 @@ written by `python -m llm_jax.data.synth` through an OpenAI-compatible endpoint,
 SFT steps on them with `python -m llm_jax.main --config=configs/sft.py`.
 
 The endpoint is tests/synth_stub.py (answers are sentences of the paragraph, rephrasings
-prefix the question). Once llm_jax's own server lands, point --base_url at it instead: the
-synth command does not change.
+prefix the question): a model that writes usable pairs. The same command against llm_jax's own
+server is tests/test_serve.py::test_synth_talks_to_this_server (a tiny model: the contract, not
+the quality).
 """
 
 import json
