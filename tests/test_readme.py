@@ -134,13 +134,13 @@ RULES = [
     Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
          skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
     # Configs and presets
-    Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre --config.train.steps=2000 "
-         "--config.train.lr=1e-3 --config.data.seq_len=512", args=TINY, outputs=("runs/pre/checkpoints/4",)),
+    Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-512 --config.train.steps=2000 "
+         "--config.train.lr=1e-3 --config.data.seq_len=512", args=TINY, outputs=("runs/pre-512/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py:minimind-26m --workdir=runs/mm "
          "--config.data.tokenizer.vocab_size=6400 --config.model.n_layers=6", args=TINY + SMALL_MODEL,
          outputs=("runs/mm/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre", args=TINY,
-         outputs=("runs/pre/checkpoints",)),
+         outputs=("runs/pre/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft2 --config.init_from=runs/pre",
          args=TINY, outputs=("runs/sft2/checkpoints/4",)),
     # DPO, distillation
