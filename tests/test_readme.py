@@ -91,6 +91,7 @@ class Rule:
   links: tuple[tuple[str, str], ...] = ()  # (link, target) made first: runs the user brings
   needs: tuple[str, ...] = ()  # paths a later README command makes: run it once they exist
   outputs: tuple[str, ...] = ()  # paths that must exist afterwards
+  expect: tuple[str, ...] = ()  # text its console output (stdout and stderr) must hold
   quick: bool = False  # part of the default (fast) test
   regex: bool = False
   timeout: int = 900
@@ -118,11 +119,11 @@ RULES = [
          outputs=("runs/sft/config.json", "runs/sft/tokenizer.model", "runs/sft/final_metrics.json",
                   "runs/sft/checkpoints/40")),
     Rule("python -m llm_jax.chat --workdir=runs/sft", args=CHAT_SHORT, quick=True,
-         stdin="Who is the first person you know?\n/reset\n你好\n"),
+         stdin="Who is the first person you know?\n/reset\n你好\n", expect=("(conversation cleared)",)),
     Rule("python -m llm_jax.chat --workdir=runs/sft --prompts=questions.txt --output=answers.jsonl "
          "--temperature=0", args=CHAT_SHORT, files=("questions.txt",), outputs=("answers.jsonl",), quick=True),
     Rule("python -m llm_jax.chat --workdir=runs/pre --raw --temperature=0.8", args=CHAT_SHORT,
-         stdin="The river\n", needs=("runs/pre/checkpoints",)),
+         stdin="The river\n", needs=("runs/pre/checkpoints",), expect=("runs/pre: step 4",)),
     Rule("python -m llm_jax.main --config=configs/eval.py --workdir=runs/sft", args=("--config.eval.max_batches=8",),
          outputs=("runs/sft/eval_40.json",), quick=True),
     # Resume: 4 steps more than the first run, from its last checkpoint.
@@ -149,13 +150,13 @@ RULES = [
     Rule("python -m llm_jax.main --config=configs/distill.py --workdir=runs/distill --config.init_from=runs/sft",
          args=TINY, outputs=("runs/distill/checkpoints/4",)),
     Rule("python -m llm_jax.chat --workdir=runs/distill --show_reasoning", args=CHAT_SHORT,
-         stdin="Where was the first person born?\n"),
+         stdin="Where was the first person born?\n", expect=("runs/distill: step 4",)),
     # Your own data
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/mine "
          "--config.data.train=chats.jsonl@0.7,alpaca.json@0.3 --config.data.eval=heldout.jsonl",
          args=TINY, files=("chats.jsonl", "alpaca.json", "heldout.jsonl"), outputs=("runs/mine/checkpoints/4",)),
     Rule("python -m llm_jax.data.inspect --config=configs/sft.py --config.data.train=alpaca.json --n=3",
-         files=("alpaca.json",)),
+         files=("alpaca.json",), expect=("--- record 2",)),
     Rule("python -m llm_jax.data.train_tokenizer --input=corpus.jsonl,more.txt --vocab_size=6400 --out=tok/",
          files=("corpus.jsonl", "more.txt"), outputs=("tok/tokenizer.model",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-tok "
@@ -196,15 +197,17 @@ RULES = [
     Rule("python -m llm_jax.convert.peft_export --workdir=runs/qwen-lora --out=export/qwen-lora",
          outputs=("export/qwen-lora/adapter/adapter_config.json",)),
     # Several devices and hosts: virtual CPU devices stand in for the GPUs.
-    Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre --config.mesh.fsdp=8 "
-         "--config.mesh.data=1 --config.model.dtype=bfloat16", args=TINY, env=EIGHT_DEVICES),
+    Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-fsdp --config.mesh.fsdp=8 "
+         "--config.mesh.data=1 --config.model.dtype=bfloat16", args=TINY, env=EIGHT_DEVICES,
+         outputs=("runs/pre-fsdp/checkpoints/4",), expect=("'fsdp': 8",)),
     Rule("launch/local_multiprocess.sh 2 --config=configs/sft.py --workdir=runs/mp", args=TINY,
          outputs=("runs/mp/checkpoints/4",)),
     Rule(r"python -m llm_jax\.bench --config=configs/pretrain\.py --compile_only --config\.data\.seq_len=32768 .*",
-         regex=True),
+         regex=True, expect=("XLA buffers",)),
     Rule("python -m llm_jax.plan --config=configs/pretrain.py:qwen2-0.5b --devices=8xH100 "
-         "--config.model.vocab_size=151936 --config.data.seq_len=4096 --config.data.batch_size=64"),
-    Rule(r"launch/tpu_pod\.sh .* --dry_run -- .*", regex=True),
+         "--config.model.vocab_size=151936 --config.data.seq_len=4096 --config.data.batch_size=64",
+         expect=("run with",)),
+    Rule(r"launch/tpu_pod\.sh .* --dry_run -- .*", regex=True, expect=("queued-resources create",)),
     Rule(r"sbatch .*", regex=True,
          skip="needs a SLURM cluster; tests/test_launch.py runs the scripts against a fake sbatch/srun"),
     # Mixture of experts
@@ -215,7 +218,7 @@ RULES = [
          outputs=("runs/moe2/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py:minimind-moe --workdir=runs/moe-ep "
          "--config.mesh.expert=4 --config.mesh.data=-1", args=TINY + SMALL_MODEL, env=EIGHT_DEVICES,
-         outputs=("runs/moe-ep/checkpoints/4",)),
+         outputs=("runs/moe-ep/checkpoints/4",), expect=("'expert': 4",)),
     # Benchmarks: one timed step, the heavy presets with one layer.
     Rule(r"python -m llm_jax\.bench --config=configs/pretrain\.py:minimind-(26m|moe) "
          r"--config\.model\.vocab_size=6400 --steps=5", regex=True, args=("--steps=1",) + SMALL_MODEL),
@@ -317,6 +320,9 @@ def _run(clone, line: int, command: str, rule: Rule):
                                f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
   for path in rule.outputs:
     assert os.path.exists(clone / path), f"README.md:{line}: `{shell}` wrote no {path}"
+  for text in rule.expect:
+    assert text in out.stdout + out.stderr, (f"README.md:{line}: `{shell}` printed no {text!r}\n"
+                                             f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}")
   return out
 
 
@@ -399,7 +405,8 @@ def test_readme_quick_start(clone):
     seen["eval_loss"] = last["eval_loss"]
 
   def chatted(out):  # three lines piped in: a question, /reset, a question; then EOF leaves
-    assert out.stdout.strip(), out.stderr[-2000:]
+    assert "runs/sft: step 40" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert out.stdout.count("\n> ") >= 3, out.stdout  # a prompt after each line
 
   def answered(out):
     del out
