@@ -287,7 +287,9 @@ def _clone(tmp_path):
     os.symlink(os.path.join(ROOT, name), tmp_path / name)
   bin_dir = tmp_path / ".bin"  # `python` on PATH is this interpreter, as in the user's venv
   bin_dir.mkdir()
-  os.symlink(sys.executable, bin_dir / "python")
+  shim = bin_dir / "python"  # a script, not a symlink: a venv's python finds its site-packages
+  shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+  shim.chmod(0o755)
   return tmp_path
 
 
