@@ -16,9 +16,11 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -92,6 +94,7 @@ class Rule:
   needs: tuple[str, ...] = ()  # paths a later README command makes: run it once they exist
   outputs: tuple[str, ...] = ()  # paths that must exist afterwards
   expect: tuple[str, ...] = ()  # text its console output (stdout and stderr) must hold
+  server: bool = False  # a server: started, asked for its models and one answer, stopped with Ctrl-C
   quick: bool = False  # part of the default (fast) test
   regex: bool = False
   timeout: int = 900
@@ -105,6 +108,7 @@ class Rule:
 QUICK_SFT = ("--config.train.steps=40", "--config.train.warmup_steps=5", "--config.train.eval_every=40",
              "--config.checkpoint.every=20")
 CHAT_SHORT = ("--max_new_tokens=12",)
+SERVE_SMALL = ("--port=0", "--warmup=false", "--slots=2")
 
 RULES = [
     # Install
@@ -130,8 +134,10 @@ RULES = [
     Rule("until python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft ; do sleep 1 ; done",
          args=QUICK_SFT[1:] + ("--config.train.steps=44",), outputs=("runs/sft/checkpoints/44",), quick=True),
     # Serve
-    Rule(r"python -m llm_jax\.serve --workdir=runs/sft.*", regex=True,
-         skip="a long-running server on port 8000; tests/test_serve.py starts it and drives every endpoint"),
+    # Serve: on a free port (port 8000 may be taken on a shared machine), compiling shapes on first use.
+    Rule("python -m llm_jax.serve --workdir=runs/sft", server=True, args=SERVE_SMALL),
+    Rule("python -m llm_jax.serve --workdir=runs/sft --workdir=runs/sft2:pretrained --port=8000 --api_key=secret",
+         server=True, args=SERVE_SMALL, needs=("runs/sft2/checkpoints",)),
     Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
          skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
     # Configs and presets
@@ -314,6 +320,10 @@ def _run(clone, line: int, command: str, rule: Rule):
       os.symlink(target, path)
   shell = _shell_line(command, rule.args)
   start = time.time()
+  if rule.server:
+    _serve(clone, line, shell, rule)
+    print(f"README.md:{line} ({time.time() - start:.0f} s): {shell}")
+    return None
   out = subprocess.run(["bash", "-c", shell], cwd=clone, env=_env(clone, rule.env), text=True,
                        input=rule.stdin if rule.stdin is not None else "", capture_output=True,
                        timeout=rule.timeout, check=False)
@@ -326,6 +336,48 @@ def _run(clone, line: int, command: str, rule: Rule):
     assert text in out.stdout + out.stderr, (f"README.md:{line}: `{shell}` printed no {text!r}\n"
                                              f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}")
   return out
+
+
+def _serve(clone, line: int, shell: str, rule: Rule):
+  """Starts the server, lists its models, gets one short chat answer from each, stops it with SIGINT."""
+  key = next((t.split("=", 1)[1] for t in _tokens(shell) if t.startswith("--api_key=")), "")
+  names = [t.split("=", 1)[1] for t in _tokens(shell) if t.startswith("--workdir=")]
+  names = [n.split(":")[1] if ":" in n else os.path.basename(n) for n in names]
+  proc = subprocess.Popen(["bash", "-c", "exec " + shell], cwd=clone, env=_env(clone, rule.env), text=True,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    url, printed = None, []
+    deadline = time.time() + rule.timeout
+    while url is None and time.time() < deadline:  # "  API:  http://127.0.0.1:PORT/v1  (...)"
+      text = proc.stdout.readline()
+      if not text:
+        break
+      printed.append(text)
+      if text.strip().startswith("API:"):
+        url = text.split()[1]
+    assert url, f"README.md:{line}: `{shell}` never said where it serves:\n{''.join(printed)}{proc.stderr.read()}"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def ask(path, body=None):
+      request = urllib.request.Request(url + path, headers=headers, method="POST" if body else "GET",
+                                       data=json.dumps(body).encode() if body else None)
+      with urllib.request.urlopen(request, timeout=300) as response:
+        return json.load(response)
+
+    served = [m["id"] for m in ask("/models")["data"]]
+    assert served == names, (served, names)
+    for name in names:
+      reply = ask("/chat/completions", {"model": name, "max_tokens": 4, "temperature": 0,
+                                        "messages": [{"role": "user", "content": "你好"}]})
+      assert reply["choices"][0]["message"]["role"] == "assistant", reply
+  finally:
+    proc.send_signal(signal.SIGINT)
+    try:
+      _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      _, err = proc.communicate()
+  assert proc.returncode == 0, f"README.md:{line}: `{shell}` exited {proc.returncode} on Ctrl-C:\n{err[-3000:]}"
 
 
 def _walk(clone, quick_only: bool, checks=None) -> dict[str, subprocess.CompletedProcess]:
