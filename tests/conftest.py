@@ -31,3 +31,22 @@ def trained_sft_run(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp("trained_sft"))
   loop.train_and_evaluate(tiny_sft_config(), workdir)
   return workdir
+
+
+# `@pytest.mark.slow` tests (the README walk) run only with `--run-slow` or LLM_JAX_SLOW=1.
+def pytest_addoption(parser):
+  parser.addoption("--run-slow", action="store_true", default=False,
+                   help="also run tests marked slow (or set LLM_JAX_SLOW=1)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes long; runs only with --run-slow or LLM_JAX_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--run-slow") or os.environ.get("LLM_JAX_SLOW") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow: run with --run-slow or LLM_JAX_SLOW=1")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

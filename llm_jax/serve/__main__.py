@@ -72,6 +72,8 @@ def main(argv):
   try:
     uvicorn.Server(uvicorn.Config(application, log_level="warning", timeout_graceful_shutdown=3)).run(
         sockets=[sock])
+  except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it: a stop, not an error
+    print("Stopped.", flush=True)
   finally:
     for m in models:
       m.engine.stop()
