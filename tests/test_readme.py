@@ -118,6 +118,7 @@ RULES = [
          skip="installs packages (needs the network); the test runs in the installed environment"),
     Rule("python -m pytest -q tests", skip="the test suite itself"),
     Rule("python -m pytest -q tests/test_readme.py --run-slow", skip="this test itself"),
+    Rule("python -m pytest -q tests/test_notebooks.py", skip="tests of the suite (the notebooks run in CI)"),
     # Quick start
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft", args=QUICK_SFT, quick=True,
          outputs=("runs/sft/config.json", "runs/sft/tokenizer.model", "runs/sft/final_metrics.json",
