@@ -734,7 +734,7 @@ DEVICES = [
         config = notebook.config("pretrain", preset, {**fields, **OVERRIDES})
         mesh = sharding.make_mesh(config.mesh)
         print("mesh:", dict(mesh.shape))
-        print("device ids laid out as (data, fsdp, tensor):")
+        print(f"device ids laid out as ({', '.join(mesh.axis_names)}):")
         print(np.vectorize(lambda d: d.id)(mesh.devices))
     '''),
     md('''

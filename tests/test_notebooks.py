@@ -54,7 +54,7 @@ SHOWS = {
                                 "adapter_model.safetensors", "transformers:", "llm_jax:",
                                 # the export in transformers answers as llm_jax did (float32)
                                 "same greedy tokens ("], 0),
-    "04_tpu_and_gpu": (["8 virtual CPU devices", "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}",
+    "04_tpu_and_gpu": (["8 virtual CPU devices", "mesh: {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}",
                         "| `embed` | fsdp |", "PartitionSpec", "per device", "tokens/s, MFU",
                         "attention: xla", "compute bfloat16, parameters float32"], 0),
 }
