@@ -45,31 +45,19 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def plot_runs(runs: dict[str, str], tags: Sequence[str], path: str, title: str = "") -> str:
   """One panel per tag, one line per run ({label: workdir}); a run without a tag is left out of
   that panel. Written to `path` (PNG); returns it."""
-  plt = plots.pyplot()
   curves = {label: read_scalars(wd) for label, wd in runs.items()}
   missing = [t for t in tags if not any(t in c for c in curves.values())]
   if missing:
     known = sorted(set().union(*curves.values()))
     raise ValueError(f"no run logged {missing}; logged tags: {known}")
-  cols = min(len(tags), 3)
-  rows = -(-len(tags) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-  for ax, tag in zip(axes.flat, tags):
+  plots.warn_if_cjk([title, *tags, *runs])
+  fig, axes = plots.panel_grid(len(tags), width=4.2, height=3.0)
+  for ax, tag in zip(axes, tags):
     for label, c in curves.items():
       if tag in c:
         steps, values = c[tag]
         ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3,
                 linewidth=1.5, label=label)
-    ax.set_title(tag, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
+    plots.style_panel(ax, tag)
     ax.legend(fontsize=7)
-  for ax in list(axes.flat)[len(tags):]:
-    ax.axis("off")
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, title)

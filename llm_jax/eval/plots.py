@@ -44,7 +44,7 @@ def _integer_locator():
   return MaxNLocator(integer=True, nbins=6)
 
 
-def _warn_if_cjk(texts: Sequence[str]) -> None:
+def warn_if_cjk(texts: Sequence[str]) -> None:
   if cjk_font() is None and any(_CJK_RE.search(t or "") for t in texts) and not _state.get("warned"):
     _state["warned"] = True
     logging.warning("no CJK font found: Chinese labels in the plots will show as boxes; install "
@@ -53,26 +53,39 @@ def _warn_if_cjk(texts: Sequence[str]) -> None:
 
 def metric_grid(series: dict, path: str, title: str = "", xlabel: str = "step") -> str:
   """One small panel per metric: series = {name: (xs, ys)}; written to `path` (PNG)."""
-  plt = pyplot()
-  _warn_if_cjk([title, *series])
-  n = max(len(series), 1)
-  cols = min(n, 3)
-  rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
-  for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
+  warn_if_cjk([title, *series])
+  fig, axes = panel_grid(len(series))
+  for ax, (name, (xs, ys)) in zip(axes, series.items()):
     ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5)
     ax.xaxis.set_major_locator(_integer_locator())
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(series):]:
+    style_panel(ax, name, xlabel)
+  return save(fig, path, title)
+
+
+def panel_grid(n: int, width: float = 3.6, height: float = 2.6):
+  """(figure, the first n axes) of a grid of small panels, at most 3 a row; the rest are hidden."""
+  cols = min(max(n, 1), 3)
+  rows = math.ceil(max(n, 1) / cols)
+  fig, axes = pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  for ax in list(axes.flat)[n:]:
     ax.axis("off")
+  return fig, list(axes.flat)[:n]
+
+
+def style_panel(ax, name: str, xlabel: str = "step") -> None:
+  ax.set_title(name, fontsize=9)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(alpha=0.3)
+
+
+def save(fig, path: str, title: str = "", suptitle: bool = True) -> str:
+  """Titles, lays out, writes `path` (PNG) and closes the figure; returns the path."""
   if title:
-    fig.suptitle(title, fontsize=10)
+    (fig.suptitle if suptitle else fig.axes[0].set_title)(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
-  plt.close(fig)
+  pyplot().close(fig)
   return path
 
 
@@ -80,7 +93,7 @@ def twin(xs, left: tuple[str, Sequence[float]], right: tuple[str, Sequence[float
          title: str = "", xlabel: str = "step") -> str:
   """Two metrics against the same x on two y axes (e.g. eval loss and seq-rep-4)."""
   plt = pyplot()
-  _warn_if_cjk([title, left[0], right[0]])
+  warn_if_cjk([title, left[0], right[0]])
   fig, ax = plt.subplots(figsize=(5.6, 3.4))
   ax.plot(xs, left[1], marker="o", markersize=3, color="tab:blue", label=left[0])
   ax.xaxis.set_major_locator(_integer_locator())
@@ -90,18 +103,13 @@ def twin(xs, left: tuple[str, Sequence[float]], right: tuple[str, Sequence[float
   ax2.plot(xs, right[1], marker="s", markersize=3, color="tab:red", label=right[0])
   ax2.set_ylabel(right[0], color="tab:red")
   ax.grid(alpha=0.3)
-  if title:
-    ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return save(fig, path, title, suptitle=False)
 
 
 def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel: str = "") -> str:
   """Grouped bars: one group per label, one bar per series (= {name: values per label})."""
   plt = pyplot()
-  _warn_if_cjk([title, ylabel, *labels, *series])
+  warn_if_cjk([title, ylabel, *labels, *series])
   fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2), 3.4 + 0.25 * len(series)))
   width = 0.8 / max(len(series), 1)
   for k, (name, values) in enumerate(series.items()):
@@ -117,9 +125,4 @@ def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel
   # Below the axes, so the legend never hides a bar.
   ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
   ax.grid(axis="y", alpha=0.3)
-  if title:
-    ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return save(fig, path, title, suptitle=False)
