@@ -90,12 +90,8 @@ class Embed(nn.Module):
   def attend(self, x_BxLxD):
     """Tied output projection: logits = x @ embedding^T, accumulated and returned in float32."""
     dtype = self.cfg.compute_dtype
-    if dtype == jnp.float32:  # one 2-D matmul on the CPU (cpu.py)
-      logits_BxLxV = cpu.flat_einsum("bld,vd->blv", x_BxLxD, self.embedding,
-                                     preferred_element_type=jnp.float32)
-    else:  # float32 out, bf16 matmuls backward too (precision.py)
-      logits_BxLxV = precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype),
-                                              self.embedding.astype(dtype))
+    logits_BxLxV = precision.einsum_f32_out("bld,vd->blv", x_BxLxD.astype(dtype),
+                                            self.embedding.astype(dtype))
     if self.lora_ab is not None:  # the adapted table is the tied head too (merge stays exact)
       logits_BxLxV = logits_BxLxV + lora_lib.embed_attend_delta(self, self.lora_ab, x_BxLxD)
     return logits_BxLxV
@@ -169,17 +165,17 @@ class Decoder(nn.Module):
       layer_cls = DecoderBlock
       if cfg.remat_policy != "none":
         layer_cls = nn.remat(DecoderBlock, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
-    scan_cache = cache
-    if blocks and cache is not None:
-      scan_cache = {name: c.reshape((-1, cfg.moe.every) + c.shape[1:]) for name, c in cache.items()}
     if cfg.scan_layers:
+      n_scanned = cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers
+      scan_cache = cache  # blocks: [n_blocks, every, ...]; `cache` stays whole for write_token
+      if blocks and cache is not None:
+        scan_cache = {name: c.reshape((n_scanned, cfg.moe.every) + c.shape[1:]) for name, c in cache.items()}
       # LoRA adapters ("lora") stack like the weights; each layer draws its own dropout masks.
       # "intermediates": MoE layers sow their routing statistics, one entry per scanned layer.
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0),
-                      length=cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers,
-                      unroll=cpu.scan_unroll(cfg.n_layers // cfg.moe.every if blocks else cfg.n_layers),
+                      length=n_scanned, unroll=cpu.scan_unroll(n_scanned),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       layer_args = (cfg,) if blocks else (cfg, cfg.moe.enabled)
       x_BxLxD, new_cache = stack(*layer_args, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL,

@@ -53,8 +53,7 @@ class Projection(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), tuple(self.axes)),
         tuple(self.shape), cfg.weight_dtype)
-    if self.out_dtype == jnp.float32 and cfg.compute_dtype != jnp.float32:
-      # logits from bf16: float32 out, bf16 matmuls backward too (precision.py)
+    if self.out_dtype == jnp.float32:  # logits: float32 out, matmuls backward in the compute dtype
       y = precision.einsum_f32_out(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
     else:  # one 2-D matmul on the CPU (cpu.py)
       y = cpu.flat_einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),

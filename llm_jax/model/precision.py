@@ -5,13 +5,15 @@ float32. Autodiff would then transpose it with the float32 cotangent against a b
 a mixed dot that XLA runs as a float32 matmul (TF32 on a GPU: half the bf16 rate), twice per
 step, on the largest matmul of a big-vocabulary model. Here the cotangent is cast to the operands'
 dtype first, so both backward matmuls are bf16 x bf16 with float32 accumulation, like every other
-matmul of the model. With float32 operands this is exactly jnp.einsum.
+matmul of the model. With float32 operands this is jnp.einsum (as one 2-D matmul on the CPU, cpu.py).
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+
+from llm_jax.model import cpu
 
 
 def _transposed(eq: str) -> tuple[str, str]:
@@ -46,6 +48,6 @@ def einsum_f32_out(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
   """jnp.einsum(eq, x, w, preferred_element_type=float32) with backward matmuls in x's dtype.
   `eq` is a plain two-operand contraction (every index of x and w appears in the other or the
   output), e.g. "bld,dv->blv"."""
-  if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+  if x.dtype == jnp.float32 and w.dtype == jnp.float32:  # plain autodiff; 2-D on the CPU
+    return cpu.flat_einsum(eq, x, w, preferred_element_type=jnp.float32)
   return _einsum_f32_out(eq, x, w)
