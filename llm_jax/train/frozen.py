@@ -14,8 +14,6 @@ without the adapters: no copy is loaded here, and the objective's `reference_var
 base (see train/dpo.py).
 """
 
-import os
-
 import ml_collections
 
 from llm_jax import sharding
@@ -44,28 +42,14 @@ def teacher_model_config(config, model_cfg: ModelConfig) -> ModelConfig | None:
     raise ValueError(f"config.distill.teacher={teacher_dir!r} has a vocabulary of "
                      f"{teacher_cfg.vocab_size} tokens, the student {model_cfg.vocab_size}: "
                      "logit distillation needs the same tokenizer for both.")
-  theirs = _tokenizer_bytes(checkpoint.tokenizer_path(teacher_dir, src))
-  ours = _tokenizer_bytes(config.data.tokenizer.path)
-  if theirs is not None and ours is not None and theirs != ours:
+  theirs = checkpoint.tokenizer_path(teacher_dir, src)
+  if theirs and config.data.tokenizer.path and run_setup.same_tokenizer(
+      theirs, config.data.tokenizer.path) is False:
     raise ValueError(f"config.distill.teacher={teacher_dir!r} uses another tokenizer than this "
                      f"run ({config.data.tokenizer.path}): logit distillation compares "
                      "distributions over the same token ids; train the student with the "
                      "teacher's tokenizer (config.data.tokenizer.path).")
   return teacher_cfg
-
-
-def _tokenizer_bytes(path: str) -> bytes | None:
-  if not path:
-    return None
-  if os.path.isdir(path):
-    for name in ("tokenizer.json", "tokenizer.model"):
-      if os.path.isfile(os.path.join(path, name)):
-        path = os.path.join(path, name)
-        break
-  if not os.path.isfile(path):
-    return None
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def shardings(config, model_cfg: ModelConfig, mesh, rules, param_shardings) -> dict:

@@ -85,7 +85,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                        f"(a resumed run keeps its model); {fix}.")
   own = checkpoint.tokenizer_path(workdir, saved)
   path = requested.data.tokenizer.path
-  if path and os.path.exists(own) and not _same_tokenizer(path, own):
+  if path and os.path.exists(own) and not same_tokenizer(path, own):
     raise ValueError(f"config.data.tokenizer.path={path!r}: {workdir} was trained with its own "
                      f"tokenizer ({own}), and a resumed run cannot switch tokenizers; {fix}.")
   if not path:
@@ -96,7 +96,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                          f"trained with {f}={have!r} (a resumed run keeps it); {fix}.")
 
 
-def _same_tokenizer(path: str, own: str) -> bool:
+def same_tokenizer(path: str, own: str) -> bool | None:
+  """Whether two tokenizers (a file, or a directory holding tokenizer.json / the SentencePiece
+  model) are the same bytes; None when either cannot be found."""
   def files(p):
     if os.path.isdir(p):
       for name in ("tokenizer.json", tok_lib.MODEL_FILE):
@@ -107,7 +109,7 @@ def _same_tokenizer(path: str, own: str) -> bool:
   if os.path.abspath(a) == os.path.abspath(b):
     return True
   if not (os.path.isfile(a) and os.path.isfile(b)):
-    return False
+    return None
   with open(a, "rb") as fa, open(b, "rb") as fb:
     return fa.read() == fb.read()
 
