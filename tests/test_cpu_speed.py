@@ -93,6 +93,61 @@ def test_blocked_attention_gradients_equal_one_block(small_blocks, monkeypatch):
     assert_close(a, b, rel=1e-5)
 
 
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,length", [
+    (4, 2, 8, 18),  # grouped heads, blocks of 4 with a short last block
+    (4, 4, 16, 20),  # one query head per kv head
+    (8, 1, 8, 12),  # multi-query
+    (2, 1, 8, 6),  # shorter than MIN_BLOCKED_LENGTH: one block
+])
+def test_cpu_attention_equals_xla_attention_with_gradients(small_blocks, n_heads, n_kv, head_dim, length):
+  """cpu_attention (flash-style forward and backward, head-major, query blocks) computes what the
+  plain softmax over the segment-causal mask computes, outputs and q/k/v gradients, for packed
+  documents that straddle blocks and a padded tail."""
+  del small_blocks
+  from llm_jax.model import attention, cpu_attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (
+      (2, length, n_heads, head_dim), (2, length, n_kv, head_dim), (2, length, n_kv, head_dim),
+      (2, length, n_heads, head_dim)))
+  seg = np.ones((2, length), np.int32)
+  seg[0, length // 3:] = 2
+  seg[0, length - 3:] = 0  # padding: its own segment
+  seg = jnp.asarray(seg)
+
+  def plain(*qkv):
+    return attention.xla_attention(*qkv, attention.segment_causal_mask(seg), jnp.float32)
+
+  def fast(*qkv):
+    return cpu_attention.causal_attention(*qkv, seg, jnp.float32)
+
+  for f in (plain, fast):
+    assert np.isfinite(np.asarray(jax.jit(f)(q, k, v))).all()
+  assert_close(jax.jit(fast)(q, k, v), jax.jit(plain)(q, k, v), rel=1e-5)
+  grads = [jax.jit(jax.grad(lambda *qkv, f=f: jnp.sum(w * f(*qkv)), argnums=(0, 1, 2)))(q, k, v)
+           for f in (fast, plain)]
+  for got, want in zip(*grads):
+    assert_close(got, want, rel=1e-5)
+
+
+def test_cpu_attention_bfloat16_tracks_float32(small_blocks):
+  """With bfloat16 matmul inputs (softmax still float32) the output and gradients stay within
+  bfloat16 round-off of the float32 computation."""
+  del small_blocks
+  from llm_jax.model import cpu_attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  q, k, v, w = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in ((2, 18, 4, 8), (2, 18, 2, 8), (2, 18, 2, 8), (2, 18, 4, 8)))
+  seg = jnp.asarray(np.repeat([[1, 2, 3]], 6, axis=1).repeat(2, axis=0), jnp.int32)
+  run = {dt: jax.jit(jax.value_and_grad(
+      lambda q, k, v, dt=dt: jnp.sum(w * cpu_attention.causal_attention(q, k, v, seg, dt).astype(jnp.float32)),
+      argnums=(0, 1, 2))) for dt in (jnp.float32, jnp.bfloat16)}
+  (loss32, g32), (loss16, g16) = run[jnp.float32](q, k, v), run[jnp.bfloat16](q, k, v)
+  assert abs(float(loss16) - float(loss32)) <= 3e-2 * float(jnp.sum(jnp.abs(w)))
+  for got, want in zip(g16, g32):
+    assert got.dtype == jnp.float32
+    assert_close(got, want, rel=5e-2)
+
+
 def test_one_token_decode_step_equals_forward_without_cache():
   """Prefill two rows of different lengths (one right-padded), then decode one token per row with
   the cache in the scan layout (what callers of Decoder other than Generator, which unstacks on

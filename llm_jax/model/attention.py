@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.model import kernels
 from llm_jax.model import cpu
+from llm_jax.model import cpu_attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, apply_rope
 
@@ -172,6 +173,10 @@ class Attention(nn.Module):
     elif not self.is_initializing() and kernels.fused_impl(cfg, q_BxLxNxH.shape[1]):
       # splash (TPU) / pallas_gpu, explicit or by `auto`; init's 1-token dummy takes the XLA path.
       out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, cfg)
+    elif cpu.on_cpu():
+      # The same function with a flash-style backward pass that XLA's CPU backend runs faster.
+      out_BxLxNxH = cpu_attention.causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL,
+                                                   cfg.compute_dtype)
     else:
       out_BxLxNxH = xla_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_causal_mask(segment_ids_BxL),
                                   cfg.compute_dtype, causal=True)
