@@ -148,14 +148,19 @@ def test_cpu_attention_bfloat16_tracks_float32(small_blocks):
     assert_close(got, want, rel=5e-2)
 
 
-def test_one_token_decode_step_equals_forward_without_cache():
-  """Prefill two rows of different lengths (one right-padded), then decode one token per row with
-  the cache in the scan layout (what callers of Decoder other than Generator, which unstacks on
-  the CPU, run; test_infer covers the unrolled path): its logits are those of a plain forward over
-  prompt + token, and its key/value land in the cache at its position only."""
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_one_token_decode_step_equals_forward_without_cache(layout):
+  """Prefill two rows of different lengths (one right-padded), then decode one token per row:
+  "stacked", the scan layout's [n_layers, ...] cache (callers of Decoder other than Generator);
+  "per_layer", unrolled layers each with its own cache buffer, written before it is read (what
+  Generator runs on the CPU). Its logits are those of a plain forward over prompt + token, and
+  its key/value land in the cache at its position only."""
   params = random_params(CFG, seed=4)
-  run_cfg, run_params = dataclasses.replace(CFG, scan_layers=True), _stacked(params)
-  assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(run_params, run_cfg)[0], params))
+  if layout == "stacked":
+    run_cfg, run_params = dataclasses.replace(CFG, scan_layers=True), _stacked(params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(run_params, run_cfg)[0], params))
+  else:
+    run_cfg, run_params = CFG, params
   prompts = [[5, 17, 3, 40, 8], [9, 1, 44]]
   lengths = np.array([len(p) for p in prompts], np.int32)
   ids = np.zeros((2, 8), np.int32)
@@ -164,7 +169,8 @@ def test_one_token_decode_step_equals_forward_without_cache():
   pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
   seg = (pos < lengths[:, None]).astype(np.int32)
   model = Decoder(run_cfg)
-  _, cache = jax.jit(model.apply)({"params": run_params}, ids, pos, seg, cache=init_cache(run_cfg, 2, 16))
+  _, cache = jax.jit(model.apply)({"params": run_params}, ids, pos, seg,
+                                  cache=init_cache(run_cfg, 2, 16, per_layer=layout == "per_layer"))
   nxt = np.array([[11], [23]], np.int32)
   step_logits, new_cache = jax.jit(model.apply)({"params": run_params}, nxt, lengths[:, None],
                                                 np.ones((2, 1), np.int32), cache=cache)
@@ -174,7 +180,8 @@ def test_one_token_decode_step_equals_forward_without_cache():
                                        np.ones_like(full))[0, -1]
     assert_close(np.asarray(step_logits[i, 0]), np.asarray(want), rel=1e-5)
   for name in ("k", "v"):
-    before, after = np.asarray(cache[name]), np.asarray(new_cache[name])
+    before, after = np.asarray(cache[name]), np.asarray(new_cache[name])  # per_layer: stacked here
+    assert before.shape == after.shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.head_dim)
     for i, n in enumerate(lengths):
       changed = np.any(before[:, i] != after[:, i], axis=(0, 2, 3))
       assert changed.nonzero()[0].tolist() == [n]

@@ -63,7 +63,8 @@ def write_token(cache_NxBxSxKxH, new_NxBx1xKxH, positions_Bx1, segment_ids_Bx1):
 def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1xKxH, v_Bx1xKxH,
                              positions_Bx1, dtype):
   """One query per row over cache slots j < p plus the token's own key/value (slot p): the same
-  softmax as writing the token into the cache first and attending to slots j <= p.
+  softmax as writing the token into the cache first and attending to slots j <= p. With
+  k_Bx1xKxH = v_Bx1xKxH = None the token is already in the cache, and slots j <= p are read.
 
   Written as broadcast products and sums rather than einsums: with G queries per key/value head
   there is nothing for a matmul to reuse, and XLA then reads the cache in its stored [B, S, K, H]
@@ -72,22 +73,28 @@ def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1x
   batch, _, n_heads, head_dim = q_Bx1xNxH.shape
   n_kv = k_cache_BxSxKxH.shape[2]
   f32 = jnp.float32
+  in_cache = k_Bx1xKxH is None
   q_Bx1xKxGxH = q_Bx1xNxH.astype(dtype).astype(f32).reshape(batch, 1, n_kv, n_heads // n_kv, head_dim)
   scale = head_dim ** -0.5
   k_BxSxKx1xH = k_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :]
   logits_BxSxKxG = jnp.sum(q_Bx1xKxGxH * k_BxSxKx1xH, axis=-1) * scale
   slots_S = jnp.arange(k_cache_BxSxKxH.shape[1], dtype=positions_Bx1.dtype)
-  before_BxSx1x1 = (slots_S[None] < positions_Bx1)[:, :, None, None]
-  logits_BxSxKxG = jnp.where(before_BxSx1x1, logits_BxSxKxG, jnp.finfo(f32).min)
-  self_Bx1xKxG = jnp.sum(q_Bx1xKxGxH * k_Bx1xKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=-1) * scale
-  max_Bx1xKxG = jnp.maximum(jnp.max(logits_BxSxKxG, axis=1, keepdims=True), self_Bx1xKxG)
+  seen_BxS = slots_S[None] <= positions_Bx1 if in_cache else slots_S[None] < positions_Bx1
+  logits_BxSxKxG = jnp.where(seen_BxS[:, :, None, None], logits_BxSxKxG, jnp.finfo(f32).min)
+  max_Bx1xKxG = jnp.max(logits_BxSxKxG, axis=1, keepdims=True)
+  if not in_cache:
+    self_Bx1xKxG = jnp.sum(q_Bx1xKxGxH * k_Bx1xKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=-1) * scale
+    max_Bx1xKxG = jnp.maximum(max_Bx1xKxG, self_Bx1xKxG)
   exp_BxSxKxG = jnp.exp(logits_BxSxKxG - max_Bx1xKxG)
-  exp_self_Bx1xKxG = jnp.exp(self_Bx1xKxG - max_Bx1xKxG)
-  denom_Bx1xKxG = jnp.sum(exp_BxSxKxG, axis=1, keepdims=True) + exp_self_Bx1xKxG
+  denom_Bx1xKxG = jnp.sum(exp_BxSxKxG, axis=1, keepdims=True)
+  if not in_cache:
+    exp_self_Bx1xKxG = jnp.exp(self_Bx1xKxG - max_Bx1xKxG)
+    denom_Bx1xKxG = denom_Bx1xKxG + exp_self_Bx1xKxG
   probs_BxSxKxG = (exp_BxSxKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
-  probs_self_Bx1xKxG = (exp_self_Bx1xKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
-  out_BxKxGxH = (jnp.sum(probs_BxSxKxG[..., None] * v_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=1)
-                 + probs_self_Bx1xKxG[:, 0, :, :, None] * v_Bx1xKxH.astype(dtype).astype(f32)[:, 0, :, None, :])
+  out_BxKxGxH = jnp.sum(probs_BxSxKxG[..., None] * v_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=1)
+  if not in_cache:
+    probs_self_Bx1xKxG = (exp_self_Bx1xKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
+    out_BxKxGxH = out_BxKxGxH + probs_self_Bx1xKxG[:, 0, :, :, None] * v_Bx1xKxH.astype(dtype).astype(f32)[:, 0, :, None, :]
   return out_BxKxGxH.astype(dtype).reshape(batch, 1, n_heads, head_dim)
 
 
@@ -134,6 +141,11 @@ def cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  # Decoding one token with a cache of this layer alone (decoder.init_cache(per_layer=True)):
+  # write the token's key/value into it first, then attend to slots j <= p. XLA updates the
+  # cache in place because the read depends on the write; reading the old cache and writing
+  # after made it copy the cache at every token. Returns the updated cache.
+  write_first: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -155,7 +167,12 @@ class Attention(nn.Module):
     v_BxLxKxH = nn.with_logical_constraint(v_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
     new_cache = None
-    if one_token_step(cache, q_BxLxNxH.shape[1]):
+    if self.write_first and one_token_step(cache, q_BxLxNxH.shape[1]):
+      new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL),
+                   "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)}
+      out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
+                                             positions_BxL, cfg.compute_dtype)
+    elif one_token_step(cache, q_BxLxNxH.shape[1]):
       # Decoding one token: its own key/value go back to the decoder, which writes all layers'.
       new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
       out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,

@@ -28,17 +28,37 @@ from llm_jax.model.moe import MoE
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
   """An empty KV cache: {"k", "v"} of [n_layers, batch, max_len, n_kv_heads, head_dim].
 
   Slot j holds the key/value of the token at position j; a query at position p attends to slots
   j <= p. Right-padded prompts of different lengths share one cache: their pad tokens are not
   written, and the slots after a prompt are filled by its generated tokens before any query can
   see them.
+
+  per_layer: {"k", "v"} of n_layers separate [batch, max_len, n_kv_heads, head_dim] arrays
+  instead (unrolled layers only, `scan_layers=False`). Each layer then reads its own buffer and
+  writes its token in place: a stacked cache made XLA's CPU backend copy every layer's slice out
+  of it, and the whole cache twice, at every decoded token (about a third of a step at batch 8).
   """
-  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if per_layer:
+    if cfg.scan_layers:
+      raise ValueError("a per-layer KV cache needs unrolled layers (scan_layers=False; see unstack_layers)")
+    return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)] for name in ("k", "v")}
+  return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name in ("k", "v")}
+
+
+def is_per_layer(cache) -> bool:
+  """True for init_cache(..., per_layer=True)'s layout (lists of per-layer arrays)."""
+  return cache is not None and isinstance(cache["k"], (list, tuple))
+
+
+def _constrain_cache(cache: dict) -> dict:
+  if is_per_layer(cache):
+    return {name: [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cs] for name, cs in cache.items()}
+  return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
 
 
 def unstack_layers(params, cfg: ModelConfig):
@@ -101,6 +121,7 @@ class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new cache)."""
   cfg: ModelConfig
   sparse: bool = False  # a mixture-of-experts MLP ("moe") instead of the dense one ("mlp")
+  write_first: bool = False  # decoding one token: see Attention.write_first
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -108,7 +129,8 @@ class DecoderLayer(nn.Module):
     act_axes = ("act_batch", "act_length", "act_embed")
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="attn_norm")(x_BxLxD)
-    h_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    h_BxLxD, new_cache = Attention(cfg, self.write_first, name="attn")(h_BxLxD, positions_BxL,
+                                                                      segment_ids_BxL, cache)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
     if self.sparse:
@@ -182,13 +204,23 @@ class Decoder(nn.Module):
                                                           scan_cache)
       if blocks and new_cache is not None:
         new_cache = {name: c.reshape((cfg.n_layers,) + c.shape[2:]) for name, c in new_cache.items()}
+      if one_token_step(cache, inputs_BxL.shape[1]):  # new_cache holds [n_layers, B, 1, K, H] tokens
+        new_cache = {name: write_token(cache[name], new_cache[name], positions_BxL, segment_ids_BxL)
+                     for name in cache}
     elif one_token_step(cache, inputs_BxL.shape[1]):
-      new_tokens = []  # each layer's new key/value, written into the cache below in one scatter
+      # Per-layer buffers: each layer writes its token into its own cache, then attends to it
+      # (in place). A stacked cache: each layer returns its token and all are written at the end.
+      per_layer = is_per_layer(cache)
+      outs = []
       for i in range(cfg.n_layers):
-        x_BxLxD, layer_new = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
+        x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), per_layer, name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
-        new_tokens.append(layer_new)
-      new_cache = {name: jnp.stack([t[name] for t in new_tokens]) for name in cache}
+        outs.append(layer_out)
+      if per_layer:
+        new_cache = {name: [o[name] for o in outs] for name in cache}
+      else:
+        new_cache = {name: write_token(cache[name], jnp.stack([o[name] for o in outs]),
+                                       positions_BxL, segment_ids_BxL) for name in cache}
     else:
       new_cache = None if cache is None else dict(cache)
       for i in range(cfg.n_layers):
@@ -196,13 +228,12 @@ class Decoder(nn.Module):
         layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
         x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
-        if cache is not None:
+        if is_per_layer(cache):
+          new_cache = {name: [*cs[:i], layer_cache[name], *cs[i + 1:]] for name, cs in new_cache.items()}
+        elif cache is not None:
           new_cache = {name: new_cache[name].at[i].set(layer_cache[name]) for name in new_cache}
-    if one_token_step(cache, inputs_BxL.shape[1]):  # new_cache holds [n_layers, B, 1, K, H] tokens
-      new_cache = {name: write_token(cache[name], new_cache[name], positions_BxL, segment_ids_BxL)
-                   for name in cache}
     if new_cache is not None:
-      new_cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in new_cache.items()}
+      new_cache = _constrain_cache(new_cache)
 
     if logits_at_BxK is not None:
       x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxK[:, :, None], axis=1)
