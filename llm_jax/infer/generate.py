@@ -44,8 +44,9 @@ def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int)
   positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
   segment_ids_BxP = (idx_P[None] < lengths_B[:, None]).astype(jnp.int32)  # 0 on right padding
   cache = init_cache(cfg, batch, cache_len, per_layer=not cfg.scan_layers)  # unrolled on the CPU
-  logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, tokens_BxP, positions_BxP, segment_ids_BxP,
-                                           cache=cache, logits_at_BxK=(lengths_B - 1)[:, None])
+  logits_Bx1xV, cache = Decoder(cfg, fresh_cache=True).apply(
+      {"params": params}, tokens_BxP, positions_BxP, segment_ids_BxP, cache=cache,
+      logits_at_BxK=(lengths_B - 1)[:, None])
   rows_Bx1 = jnp.arange(batch)[:, None]
   seen_BxV = jnp.zeros((batch, cfg.vocab_size), jnp.bool_).at[rows_Bx1, tokens_BxP].max(segment_ids_BxP > 0)
   return {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": lengths_B, "seen": seen_BxV,

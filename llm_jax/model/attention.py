@@ -146,6 +146,10 @@ class Attention(nn.Module):
   # cache in place because the read depends on the write; reading the old cache and writing
   # after made it copy the cache at every token. Returns the updated cache.
   write_first: bool = False
+  # Prefill of an empty cache (positions from 0): causal self-attention over the new tokens alone,
+  # as in training (the CPU's fast path included), then their keys/values are written; attending
+  # over the whole fixed-size cache did several times the work at a short prompt.
+  fresh_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -177,6 +181,10 @@ class Attention(nn.Module):
       new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
       out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,
                                              positions_BxL, cfg.compute_dtype)
+    elif cache is not None and self.fresh_cache:
+      new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL),
+                   "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)}
+      out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
     elif cache is not None:
       # Prefill: attend over the whole fixed-size cache (XLA path; one query per row is memory
       # bound, so a fused kernel buys little there).
@@ -185,18 +193,8 @@ class Attention(nn.Module):
       new_cache = {"k": k_cache, "v": v_cache}
       mask_BxLxS = cache_mask(positions_BxL, k_cache.shape[1])
       out_BxLxNxH = xla_attention(q_BxLxNxH, k_cache, v_cache, mask_BxLxS, cfg.compute_dtype)
-    elif cfg.attention == "cudnn":
-      out_BxLxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
-    elif not self.is_initializing() and kernels.fused_impl(cfg, q_BxLxNxH.shape[1]):
-      # splash (TPU) / pallas_gpu, explicit or by `auto`; init's 1-token dummy takes the XLA path.
-      out_BxLxNxH = kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, cfg)
-    elif cpu.on_cpu():
-      # The same function with a flash-style backward pass that XLA's CPU backend runs faster.
-      out_BxLxNxH = cpu_attention.causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL,
-                                                   cfg.compute_dtype)
     else:
-      out_BxLxNxH = xla_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_causal_mask(segment_ids_BxL),
-                                  cfg.compute_dtype, causal=True)
+      out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     # The remat policy "save_attn_out" keeps exactly this tensor, so the backward pass never
     # recomputes the softmax.
@@ -204,3 +202,18 @@ class Attention(nn.Module):
     y_BxLxD = Projection("blnh,nhd->bld", (n, h, d), ("q_heads", "head_dim", "embed"), cfg,
                          name="o_proj")(out_BxLxNxH)
     return y_BxLxD, new_cache
+
+  def _self_attention(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL):
+    """Causal attention within each segment of the given tokens, by the configured implementation."""
+    cfg = self.cfg
+    if cfg.attention == "cudnn":
+      return cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
+    if not self.is_initializing() and kernels.fused_impl(cfg, q_BxLxNxH.shape[1]):
+      # splash (TPU) / pallas_gpu, explicit or by `auto`; init's 1-token dummy takes the XLA path.
+      return kernels.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, cfg)
+    if cpu.on_cpu():
+      # The same function with a flash-style backward pass that XLA's CPU backend runs faster.
+      return cpu_attention.causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL,
+                                            cfg.compute_dtype)
+    return xla_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_causal_mask(segment_ids_BxL),
+                         cfg.compute_dtype, causal=True)

@@ -122,6 +122,7 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
   sparse: bool = False  # a mixture-of-experts MLP ("moe") instead of the dense one ("mlp")
   write_first: bool = False  # decoding one token: see Attention.write_first
+  fresh_cache: bool = False  # prefill of an empty cache: see Attention.fresh_cache
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -129,8 +130,8 @@ class DecoderLayer(nn.Module):
     act_axes = ("act_batch", "act_length", "act_embed")
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="attn_norm")(x_BxLxD)
-    h_BxLxD, new_cache = Attention(cfg, self.write_first, name="attn")(h_BxLxD, positions_BxL,
-                                                                      segment_ids_BxL, cache)
+    h_BxLxD, new_cache = Attention(cfg, self.write_first, self.fresh_cache, name="attn")(
+        h_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
     if self.sparse:
@@ -162,6 +163,10 @@ class DecoderBlock(nn.Module):
 
 class Decoder(nn.Module):
   cfg: ModelConfig
+  # The cache passed in holds nothing yet and positions start at 0 (a new prompt): each layer
+  # attends over the new tokens alone and writes them, instead of attending over the whole cache
+  # (unrolled layers; the scanned stack ignores it). Generation's prefill sets it.
+  fresh_cache: bool = False
 
   @nn.compact
   def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, cache=None, logits_at_BxK=None,
@@ -226,7 +231,8 @@ class Decoder(nn.Module):
       for i in range(cfg.n_layers):
         # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
         layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
-        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), name=f"layers_{i}")(
+        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), False, self.fresh_cache,
+                                         name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if is_per_layer(cache):
           new_cache = {name: [*cs[:i], layer_cache[name], *cs[i + 1:]] for name, cs in new_cache.items()}
