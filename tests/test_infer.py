@@ -74,6 +74,26 @@ def test_seed_reproduces_and_differs(params):
   assert [g.tokens for g in a] != [g.tokens for g in c]
 
 
+def test_chunked_decoding_equals_one_step_per_call(params):
+  """Decoding `Generator.chunk` tokens per device call (a scan) gives exactly the tokens and
+  log-probs of one step per call, sampled with penalties, and stops (end token, per-row limits)
+  land on the same token mid-chunk."""
+  s = [SamplingConfig(temperature=1.0, top_k=20, repetition_penalty=1.2, frequency_penalty=0.3,
+                      max_new_tokens=n, seed=11 + n) for n in (37, 21, 40, 5)]
+  def run(chunk, stop_ids):  # chunk 10**9: every token by itself
+    gen = Generator(params, CFG)
+    gen.chunk = chunk
+    return gen.generate(PROMPTS, s, stop_token_ids=stop_ids, return_logprobs=True)
+
+  end = run(10 ** 9, [])[2].tokens[9]  # a token that ends row 2 at its 10th token or before
+  chunked, single = run(4, [end]), run(10 ** 9, [end])
+  assert [g.tokens for g in chunked] == [g.tokens for g in single]
+  assert [g.finish_reason for g in chunked] == [g.finish_reason for g in single]
+  for a, b in zip(chunked, single):
+    assert_close(a.logprobs, b.logprobs, rel=1e-6)
+  assert {g.finish_reason for g in single} == {"stop", "length"}  # both kinds of stop happened
+
+
 def test_end_tokens_and_stop_strings_stop(params, greedy64):
   gen = Generator(params, CFG)
   ref = greedy64[1].tokens
