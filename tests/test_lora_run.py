@@ -18,6 +18,7 @@ from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint, loop
 from tests.model_reference import random_params
+from tests.numerics import assert_close
 
 CORPUS = [f"Who was person {i}? 李明宇 was born in 杭州 in 19{i % 90 + 10}." for i in range(200)]
 
@@ -93,7 +94,6 @@ def test_lora_sft_saves_adapters_only_resumes_exactly_and_reads_as_a_model(tmp_p
   a, b = adapters["layers/attn/q_proj/lora_a"], adapters["layers/attn/q_proj/lora_b"]
   w = np.asarray(base["layers"]["attn"]["q_proj"]["kernel"], np.float64)
   want = w + 2.0 * np.einsum("ldr,lrnh->ldnh", a.astype(np.float64), b.astype(np.float64))
-  np.testing.assert_allclose(loaded.params["layers"]["attn"]["q_proj"]["kernel"], want,
-                             rtol=1e-6, atol=1e-7)
+  assert_close(loaded.params["layers"]["attn"]["q_proj"]["kernel"], want, rel=1e-6)
   np.testing.assert_array_equal(loaded.params["layers"]["attn"]["k_proj"]["kernel"],
                                 base["layers"]["attn"]["k_proj"]["kernel"])
