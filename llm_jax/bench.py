@@ -8,7 +8,8 @@ Runs the real sharded train step on synthetic packed batches (random tokens, sev
 per row), writes nothing. Figures are printed, never asserted. Step time is the median of
 per-step times. --compare_torch also times the same shape in PyTorch (bench_torch.py) in the
 same process, alternating the two sides in --rounds blocks so that a change in the machine's load
-hits both, and prints the ratio.
+hits both, and prints the ratio. Each block starts with one untimed step: the first step after
+the other side has run was up to twice as slow on both sides (measured at the 26M shape).
 """
 
 import os
@@ -148,9 +149,12 @@ def main(argv):
     per_round = -(-_STEPS.value // rounds)
     times, torch_times = [], []
     for _ in range(rounds):  # alternate, so that load changes hit both sides alike
+      if torch_step:  # the first step after the other side ran is slow on both sides: untimed
+        state, m, _ = timed_steps(compiled, state, batch, 1)
       state, m, t_round = timed_steps(compiled, state, batch, per_round)
       times += t_round
       if torch_step:
+        torch_step.step()
         torch_times += torch_step.timed(per_round)
     step_s = float(np.median(times))
 

@@ -32,14 +32,16 @@ def _cpu_count() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_cpu_peak(dtype_name: str, n: int = 1024, repeats: int = 9) -> float:
+def _measured_cpu_peak(dtype_name: str, n: int = 1024, repeats: int = 15) -> float:
   """FLOP/s of an n x n matmul in `dtype_name` on all the cores this process may use.
 
   Timed by the process's CPU time, not the wall clock: FLOPs per CPU-second is what one core
   delivers, times the cores gives the machine's peak. On a quiet machine this equals the
   wall-clock rate; on a busy one (other jobs, data workers) the wall clock reads several times
-  low while CPU time barely moves, so MFU stays comparable between runs. Median of `repeats`
-  runs; measured once per process (lru_cache), before data workers start (train/loop.py).
+  low while CPU time barely moves, so MFU stays comparable between runs. The fastest of
+  `repeats` runs: disturbances (another process, threads spinning) only ever slow a run, and
+  the median of 9 moved by up to a fifth between processes on a quiet 2-core machine, the best
+  by under a tenth. Measured once per process (lru_cache), before data workers start.
   """
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
@@ -50,7 +52,7 @@ def _measured_cpu_peak(dtype_name: str, n: int = 1024, repeats: int = 9) -> floa
     t = time.process_time()
     f(x).block_until_ready()
     per_cpu_s.append(time.process_time() - t)
-  return 2 * n ** 3 / max(float(np.median(per_cpu_s)), 1e-9) * _cpu_count()
+  return 2 * n ** 3 / max(min(per_cpu_s), 1e-9) * _cpu_count()
 
 
 def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
