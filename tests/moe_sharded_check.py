@@ -48,9 +48,12 @@ def train(mesh_sizes, devices, grad_accum):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_sizes), devices)
   rules = config.sharding_rules
   tc = config.train
-  # Adam turns float noise in near-zero gradients into update differences proportional to lr;
-  # 3e-3 keeps them well inside the 1e-4 the parameters are compared at (the loss agrees to ~1e-7).
-  tc.lr, tc.warmup_steps, tc.steps = 3e-3, 2, 5
+  # Adam turns float noise in near-zero gradients into update differences proportional to lr:
+  # with eps 1e-8 a gradient element of 1e-9 on one mesh and -1e-9 on the other moves its
+  # parameter by +lr and -lr. eps 1e-6 keeps updates of such elements proportional to the
+  # gradient (real gradient elements here are far above 1e-6), and lr 3e-3 keeps what is left
+  # well inside the 1e-4 the parameters are compared at (the loss agrees to ~1e-7).
+  tc.lr, tc.warmup_steps, tc.steps, tc.eps = 3e-3, 2, 5, 1e-6
   opt, sched = opt_lib.make_optimizer(tc), opt_lib.make_schedule(tc)
   _, sh = state_lib.state_shardings(CFG, opt, mesh, rules)
   state = state_lib.create_state(CFG, opt, None, sh, mesh, rules, params=jax.device_put(PARAMS, sh["params"]))
