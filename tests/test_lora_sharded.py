@@ -24,4 +24,5 @@ def test_sharded_lora_equals_single_device():
   assert res["adapter_init_max_abs_diff"] == 0.0, res  # the same fresh adapters either way
   assert res["losses_1"][-1] < res["losses_1"][0], res  # it trained
   assert res["loss_rel_diff"] <= 1e-4, res
-  assert res["adapter_max_abs_diff"] <= 1e-5, res
+  # Per adapter, relative to its largest element (float noise that Adam carries for 3 steps).
+  assert res["adapter_rel_diff"] <= 1e-4, res

@@ -22,4 +22,5 @@ def test_sharded_equals_single_device(grad_accum):
   assert res["embedding_spec"] == "P('tensor', 'fsdp')"  # really sharded
   assert res["losses_1"][-1] < res["losses_1"][0]  # it trained
   assert res["loss_rel_diff"] <= 1e-4, res
-  assert res["param_max_abs_diff"] <= 1e-5, res
+  # Per parameter, relative to its largest element (float noise that Adam carries for 5 steps).
+  assert res["param_rel_diff"] <= 1e-4, res
