@@ -208,20 +208,24 @@ def test_compare_torch_builds_the_same_model():
   assert step.threads() == torch.get_num_threads()
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_fresh_cache_prefill_equals_attending_over_the_cache(per_layer):
+@pytest.mark.parametrize("layout", ["scanned", "stacked", "per_layer"])
+def test_fresh_cache_prefill_equals_attending_over_the_cache(layout):
   """Generation's prefill (Decoder(fresh_cache=True): causal attention over the prompt alone, then
   the keys/values written) gives the logits and the cache of the generic prefill that attends over
-  the whole fixed-size cache, for right-padded prompts of different lengths."""
+  the whole fixed-size cache, for right-padded prompts of different lengths: scanned layers,
+  unrolled layers with a stacked cache, and unrolled layers with one cache buffer each."""
   params = random_params(CFG, seed=6)
+  cfg, per_layer = CFG, layout == "per_layer"
+  if layout == "scanned":
+    cfg, params = dataclasses.replace(CFG, scan_layers=True), _stacked(params)
   lengths = np.array([7, 3], np.int32)
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 8)).astype(np.int32)
   pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
   seg = (pos < lengths[:, None]).astype(np.int32)
   runs = []
   for fresh in (True, False):
-    cache = init_cache(CFG, 2, 16, per_layer=per_layer)
-    logits, cache = jax.jit(Decoder(CFG, fresh_cache=fresh).apply)(
+    cache = init_cache(cfg, 2, 16, per_layer=per_layer)
+    logits, cache = jax.jit(Decoder(cfg, fresh_cache=fresh).apply)(
         {"params": params}, ids, pos, seg, cache=cache, logits_at_BxK=(lengths - 1)[:, None])
     runs.append((np.asarray(logits), {k: np.asarray(v) for k, v in cache.items()}))
   (fresh_logits, fresh_cache), (plain_logits, plain_cache) = runs

@@ -71,16 +71,10 @@ def _decode(params, state, settings, cfg: ModelConfig):
   return new_state, token_B, logprob_B
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def _step(params, state, settings, *, cfg: ModelConfig):
-  """One decoding step: (state, tokens [B], log-probs [B])."""
-  return _decode(params, state, settings, cfg)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "n"), donate_argnames=("state",))
 def _steps(params, state, settings, *, cfg: ModelConfig, n: int):
   """`n` decoding steps in one call (a scan of `_decode`): (state, tokens [n, B], log-probs [n, B]).
-  The same tokens as n calls of `_step` (a row's random key depends on its count of generated
+  The same tokens as n calls with n=1 (a row's random key depends on its count of generated
   tokens only), without the host's dispatch of every token."""
   def body(state, _):
     state, token_B, logprob_B = _decode(params, state, settings, cfg)
@@ -186,16 +180,15 @@ class Generator:
       settings = jax.device_put(settings)  # once, not at every step
       state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
                        cache_len=cache_len)
-      state, token_B, logprob_B = _step(self.params, state, settings, cfg=self.cfg)
-      current, done = (token_B[None], logprob_B[None]), 1
+      state, *current = _steps(self.params, state, settings, cfg=self.cfg, n=1)
+      done = 1
       while True:
         pending = None
-        if max_new - done >= self.chunk:  # queue the next chunk before blocking on this one's tokens
-          state, *pending = _steps(self.params, state, settings, cfg=self.cfg, n=self.chunk)
-          done += self.chunk
-        elif done < max_new:  # the last few one by one: no program compiled per tail length
-          state, token_B, logprob_B = _step(self.params, state, settings, cfg=self.cfg)
-          pending, done = (token_B[None], logprob_B[None]), done + 1
+        if done < max_new:  # queue the next chunk before blocking on this one's tokens
+          # The last few one by one: two programs in all, none compiled per tail length.
+          n = self.chunk if max_new - done >= self.chunk else 1
+          state, *pending = _steps(self.params, state, settings, cfg=self.cfg, n=n)
+          done += n
         tokens_np, logprobs_np = np.asarray(current[0]), np.asarray(current[1])
         for token_np, logprob_np in zip(tokens_np, logprobs_np):
           for row in range(n_rows):

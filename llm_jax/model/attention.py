@@ -171,28 +171,25 @@ class Attention(nn.Module):
     v_BxLxKxH = nn.with_logical_constraint(v_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
     new_cache = None
-    if self.write_first and one_token_step(cache, q_BxLxNxH.shape[1]):
-      new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL),
-                   "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)}
-      out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
-                                             positions_BxL, cfg.compute_dtype)
-    elif one_token_step(cache, q_BxLxNxH.shape[1]):
+    if one_token_step(cache, q_BxLxNxH.shape[1]) and not self.write_first:
       # Decoding one token: its own key/value go back to the decoder, which writes all layers'.
       new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
       out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,
                                              positions_BxL, cfg.compute_dtype)
-    elif cache is not None and self.fresh_cache:
+    elif cache is not None:
       new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL),
                    "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)}
-      out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
-    elif cache is not None:
-      # Prefill: attend over the whole fixed-size cache (XLA path; one query per row is memory
-      # bound, so a fused kernel buys little there).
-      k_cache = write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL)
-      v_cache = write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)
-      new_cache = {"k": k_cache, "v": v_cache}
-      mask_BxLxS = cache_mask(positions_BxL, k_cache.shape[1])
-      out_BxLxNxH = xla_attention(q_BxLxNxH, k_cache, v_cache, mask_BxLxS, cfg.compute_dtype)
+      if one_token_step(cache, q_BxLxNxH.shape[1]):  # write_first: slots j <= p, token included
+        out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
+                                               positions_BxL, cfg.compute_dtype)
+      elif self.fresh_cache:  # nothing before these tokens: attend among them alone
+        out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
+      else:
+        # Prefill: attend over the whole fixed-size cache (XLA path; one query per row is memory
+        # bound, so a fused kernel buys little there).
+        mask_BxLxS = cache_mask(positions_BxL, new_cache["k"].shape[1])
+        out_BxLxNxH = xla_attention(q_BxLxNxH, new_cache["k"], new_cache["v"], mask_BxLxS,
+                                    cfg.compute_dtype)
     else:
       out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("act_batch", "act_length", "act_heads", "act_head_dim"))

@@ -37,16 +37,19 @@ _NEG = jnp.finfo(jnp.float32).min
 def causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, dtype):
   """[B, L, N, H] attention output; a query sees the keys of its own segment up to itself
   (padding, segment 0, is one more segment). Matmul inputs in `dtype`, softmax in float32."""
-  return _attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, jnp.dtype(dtype))
+  # Cast outside the custom VJP: the casts' own gradients return dq/dk/dv in the inputs' dtypes.
+  dtype = jnp.dtype(dtype)
+  return _attention(q_BxLxNxH.astype(dtype), k_BxLxKxH.astype(dtype), v_BxLxKxH.astype(dtype),
+                    segment_ids_BxL, dtype)
 
 
-def _heads(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, dtype):
-  """Head-major copies: q [B, K, L, G, H], k and v [B, K, L, H], in the matmul dtype."""
+def _heads(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH):
+  """Head-major copies: q [B, K, L, G, H], k and v [B, K, L, H]."""
   batch, length, n_heads, head_dim = q_BxLxNxH.shape
   n_kv = k_BxLxKxH.shape[2]
-  q_BxKxLxGxH = q_BxLxNxH.astype(dtype).reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
-  return (q_BxKxLxGxH.transpose(0, 2, 1, 3, 4), k_BxLxKxH.astype(dtype).transpose(0, 2, 1, 3),
-          v_BxLxKxH.astype(dtype).transpose(0, 2, 1, 3))
+  q_BxKxLxGxH = q_BxLxNxH.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
+  return (q_BxKxLxGxH.transpose(0, 2, 1, 3, 4), k_BxLxKxH.transpose(0, 2, 1, 3),
+          v_BxLxKxH.transpose(0, 2, 1, 3))
 
 
 def _block_mask(segment_ids_BxL, start: int, end: int, group: int):
@@ -68,7 +71,7 @@ def _rows(x_BxKxLxG_, start: int, end: int):
 
 
 def _forward(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, dtype):
-  q_BxKxLxGxH, k_BxKxLxH, v_BxKxLxH = _heads(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, dtype)
+  q_BxKxLxGxH, k_BxKxLxH, v_BxKxLxH = _heads(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
   batch, n_kv, length, group, head_dim = q_BxKxLxGxH.shape
   scale = head_dim ** -0.5
   outs, lses = [], []
@@ -97,13 +100,11 @@ def _attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, dtype):
 
 def _attention_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, dtype):
   out_BxLxNxH, res = _forward(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, dtype)
-  # The input dtypes ride along as zero-size arrays (residuals must be arrays).
-  dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH))
-  return out_BxLxNxH, (res, segment_ids_BxL, dtypes)
+  return out_BxLxNxH, (res, segment_ids_BxL)
 
 
 def _attention_bwd(dtype, saved, dout_BxLxNxH):
-  (q_BxKxLxGxH, k_BxKxLxH, v_BxKxLxH, o_BxKxLxGxH, lse_BxKxLxG), segment_ids_BxL, dtypes = saved
+  (q_BxKxLxGxH, k_BxKxLxH, v_BxKxLxH, o_BxKxLxGxH, lse_BxKxLxG), segment_ids_BxL = saved
   batch, n_kv, length, group, head_dim = q_BxKxLxGxH.shape
   scale = head_dim ** -0.5
   do_BxKxLxGxH = dout_BxLxNxH.astype(dtype).reshape(batch, length, n_kv, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -132,8 +133,7 @@ def _attention_bwd(dtype, saved, dout_BxLxNxH):
     dv_BxKxLxH = jnp.pad(dv_blk, pad) if dv_BxKxLxH is None else dv_BxKxLxH + jnp.pad(dv_blk, pad)
   dq_BxLxNxH = jnp.concatenate(dqs, axis=2).transpose(0, 2, 1, 3, 4).reshape(batch, length, -1, head_dim)
   dk_BxLxKxH, dv_BxLxKxH = dk_BxKxLxH.transpose(0, 2, 1, 3), dv_BxKxLxH.transpose(0, 2, 1, 3)
-  return (dq_BxLxNxH.astype(dtypes[0].dtype), dk_BxLxKxH.astype(dtypes[1].dtype),
-          dv_BxLxKxH.astype(dtypes[2].dtype), None)
+  return dq_BxLxNxH.astype(dtype), dk_BxLxKxH.astype(dtype), dv_BxLxKxH.astype(dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -146,6 +146,7 @@ class DecoderBlock(nn.Module):
   """`cfg.moe.every` consecutive layers, the last one sparse ("layer_0".."layer_{k-1}"): the unit
   scanned when only every k-th layer is a mixture of experts. The cache holds [k, ...] arrays."""
   cfg: ModelConfig
+  fresh_cache: bool = False  # see Attention.fresh_cache
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -153,7 +154,8 @@ class DecoderBlock(nn.Module):
     caches = []
     for j in range(k):
       layer_cache = None if cache is None else {name: c[j] for name, c in cache.items()}
-      x_BxLxD, layer_cache = DecoderLayer(self.cfg, j == k - 1, name=f"layer_{j}")(
+      x_BxLxD, layer_cache = DecoderLayer(self.cfg, j == k - 1, fresh_cache=self.fresh_cache,
+                                          name=f"layer_{j}")(
           x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
       caches.append(layer_cache)
     if cache is None:
@@ -164,8 +166,8 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
   cfg: ModelConfig
   # The cache passed in holds nothing yet and positions start at 0 (a new prompt): each layer
-  # attends over the new tokens alone and writes them, instead of attending over the whole cache
-  # (unrolled layers; the scanned stack ignores it). Generation's prefill sets it.
+  # attends over the new tokens alone and writes them, instead of attending over the whole cache.
+  # Generation's prefill sets it.
   fresh_cache: bool = False
 
   @nn.compact
@@ -205,7 +207,7 @@ class Decoder(nn.Module):
                       length=n_scanned, unroll=cpu.scan_unroll(n_scanned),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       layer_args = (cfg,) if blocks else (cfg, cfg.moe.enabled)
-      x_BxLxD, new_cache = stack(*layer_args, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL,
+      x_BxLxD, new_cache = stack(*layer_args, fresh_cache=self.fresh_cache, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL,
                                                           scan_cache)
       if blocks and new_cache is not None:
         new_cache = {name: c.reshape((cfg.n_layers,) + c.shape[2:]) for name, c in new_cache.items()}
@@ -218,7 +220,8 @@ class Decoder(nn.Module):
       per_layer = is_per_layer(cache)
       outs = []
       for i in range(cfg.n_layers):
-        x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), per_layer, name=f"layers_{i}")(
+        x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), write_first=per_layer,
+                                       name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
         outs.append(layer_out)
       if per_layer:
@@ -231,7 +234,7 @@ class Decoder(nn.Module):
       for i in range(cfg.n_layers):
         # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
         layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
-        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), False, self.fresh_cache,
+        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), fresh_cache=self.fresh_cache,
                                          name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if is_per_layer(cache):
