@@ -1,12 +1,13 @@
-"""Batched generation over a fixed-size KV cache: one jitted prefill, then one jitted step per token.
+"""Batched generation over a fixed-size KV cache: one jitted prefill, then jitted chunks of decoding steps.
 
 Compiled shapes are bucketed so a chat session compiles a handful of programs, not one per token
 or per prompt: prompts are right-padded to a power of two (at least `min_bucket`), the cache length
 is the power of two >= longest prompt + max_new_tokens, and the batch is padded to a multiple of
 the mesh's batch shards. Sampling settings are traced arrays (no recompilation when they change).
 
-The first token is decoded alone (time to first token); then `Generator.chunk` tokens per device
-call (a scan of the decoding step). The host loop dispatches chunk c+1 before it reads chunk c's
+The prefill samples the first token in the same program (time to first token is one call); then
+`Generator.chunk` tokens per device call (a scan of the decoding step: the last token through the
+model, then the next one sampled). The host loop dispatches chunk c+1 before it reads chunk c's
 tokens back, so the device never waits for Python (stop checks, streaming) except on the last.
 """
 
@@ -38,8 +39,23 @@ def bucket(n: int, minimum: int = 16) -> int:
   return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def _sample_next(logits_BxV, state, settings):
+  """Samples each row's next token from `logits_BxV` under its settings: (state with the token
+  fed next and counted, token [1, B], log p(token) [1, B] under the unmodified distribution)."""
+  keys_B = row_keys(settings["seed"], state["generated"])
+  token_B = sample(keys_B, logits_BxV, state["seen"], state["counts"], settings)
+  rows_B = jnp.arange(token_B.shape[0])
+  logprob_B = jax.nn.log_softmax(logits_BxV, axis=-1)[rows_B, token_B]
+  state = {**state, "token": token_B, "seen": state["seen"].at[rows_B, token_B].set(True),
+           "counts": state["counts"].at[rows_B, token_B].add(1), "generated": state["generated"] + 1}
+  return state, token_B[None], logprob_B[None]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int):
+def _prefill(params, tokens_BxP, lengths_B, settings, *, cfg: ModelConfig, cache_len: int):
+  """The prompts through the model, and each row's first token sampled from their last logits:
+  (state, tokens [1, B], log-probs [1, B]). One program: the first token reaches the host without
+  waiting for a decoding step."""
   batch, length = tokens_BxP.shape
   idx_P = jnp.arange(length, dtype=jnp.int32)
   positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
@@ -50,25 +66,20 @@ def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int)
       logits_at_BxK=(lengths_B - 1)[:, None])
   rows_Bx1 = jnp.arange(batch)[:, None]
   seen_BxV = jnp.zeros((batch, cfg.vocab_size), jnp.bool_).at[rows_Bx1, tokens_BxP].max(segment_ids_BxP > 0)
-  return {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": lengths_B, "seen": seen_BxV,
-          "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
-          "generated": jnp.zeros((batch,), jnp.int32)}
+  state = {"cache": cache, "positions": lengths_B, "seen": seen_BxV,
+           "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
+           "generated": jnp.zeros((batch,), jnp.int32)}
+  return _sample_next(logits_Bx1xV[:, 0], state, settings)
 
 
 def _decode(params, state, settings, cfg: ModelConfig):
-  """Samples one token per row from the current logits and runs it through the model."""
-  keys_B = row_keys(settings["seed"], state["generated"])
-  token_B = sample(keys_B, state["logits"], state["seen"], state["counts"], settings)
-  rows_B = jnp.arange(token_B.shape[0])
-  logprob_B = jax.nn.log_softmax(state["logits"], axis=-1)[rows_B, token_B]
-  positions_B = state["positions"]
+  """Runs each row's last sampled token through the model and samples the one after it."""
+  token_B, positions_B = state["token"], state["positions"]
   logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, token_B[:, None], positions_B[:, None],
                                            jnp.ones_like(token_B)[:, None], cache=state["cache"])
-  new_state = {"cache": cache, "logits": logits_Bx1xV[:, 0], "positions": positions_B + 1,
-               "seen": state["seen"].at[rows_B, token_B].set(True),
-               "counts": state["counts"].at[rows_B, token_B].add(1),
-               "generated": state["generated"] + 1}
-  return new_state, token_B, logprob_B
+  state = {**state, "cache": cache, "positions": positions_B + 1}
+  state, token_1xB, logprob_1xB = _sample_next(logits_Bx1xV[:, 0], state, settings)
+  return state, token_1xB[0], logprob_1xB[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n"), donate_argnames=("state",))
@@ -88,7 +99,7 @@ class Generator:
   inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, so the KV cache is sharded by the
   cache_* rules and activations as in training."""
 
-  # Tokens decoded per device call after the first (which comes alone: time to first token).
+  # Tokens decoded per device call after the first (which comes with the prefill).
   # On a 2-core CPU, 16 per call decoded 8-18% more tokens/s than one per call (README, Benchmarks);
   # streaming then arrives in bursts of up to this many tokens, and a stop (end token, stop string,
   # should_stop) wastes at most a burst's compute.
@@ -178,9 +189,8 @@ class Generator:
 
     with self._context():
       settings = jax.device_put(settings)  # once, not at every step
-      state = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
-                       cache_len=cache_len)
-      state, *current = _steps(self.params, state, settings, cfg=self.cfg, n=1)
+      state, *current = _prefill(self.params, tokens, np.asarray(lengths, np.int32), settings,
+                                 cfg=self.cfg, cache_len=cache_len)
       done = 1
       while True:
         pending = None
