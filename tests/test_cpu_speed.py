@@ -148,6 +148,14 @@ def test_cpu_attention_bfloat16_tracks_float32(small_blocks):
     assert_close(got, want, rel=5e-2)
 
 
+def _as_stacked(cache_array):
+  """A cache array in the stacked [n_layers, B, S, K, H] layout: per-layer caches are lists of
+  head-major [B, K, S, H] arrays."""
+  if isinstance(cache_array, (list, tuple)):
+    return np.swapaxes(np.stack([np.asarray(c) for c in cache_array]), 2, 3)
+  return np.asarray(cache_array)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "per_layer"])
 def test_one_token_decode_step_equals_forward_without_cache(layout):
   """Prefill two rows of different lengths (one right-padded), then decode one token per row:
@@ -180,7 +188,7 @@ def test_one_token_decode_step_equals_forward_without_cache(layout):
                                        np.ones_like(full))[0, -1]
     assert_close(np.asarray(step_logits[i, 0]), np.asarray(want), rel=1e-5)
   for name in ("k", "v"):
-    before, after = np.asarray(cache[name]), np.asarray(new_cache[name])  # per_layer: stacked here
+    before, after = _as_stacked(cache[name]), _as_stacked(new_cache[name])
     assert before.shape == after.shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.head_dim)
     for i, n in enumerate(lengths):
       changed = np.any(before[:, i] != after[:, i], axis=(0, 2, 3))
@@ -227,7 +235,7 @@ def test_fresh_cache_prefill_equals_attending_over_the_cache(layout):
     cache = init_cache(cfg, 2, 16, per_layer=per_layer)
     logits, cache = jax.jit(Decoder(cfg, fresh_cache=fresh).apply)(
         {"params": params}, ids, pos, seg, cache=cache, logits_at_BxK=(lengths - 1)[:, None])
-    runs.append((np.asarray(logits), {k: np.asarray(v) for k, v in cache.items()}))
+    runs.append((np.asarray(logits), {k: _as_stacked(v) for k, v in cache.items()}))
   (fresh_logits, fresh_cache), (plain_logits, plain_cache) = runs
   assert_close(fresh_logits, plain_logits, rel=1e-5)
   for name in ("k", "v"):

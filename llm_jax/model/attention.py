@@ -35,12 +35,16 @@ def cache_mask(positions_BxL: jax.Array, cache_len: int) -> jax.Array:
   return slots_S[None, None, :] <= positions_BxL[:, :, None]
 
 
-def write_cache(cache_BxSxKxH, new_BxLxKxH, positions_BxL, segment_ids_BxL):
-  """Scatters each token's key/value into slot = its position; padding tokens are dropped."""
-  batch, cache_len = cache_BxSxKxH.shape[:2]
+def write_cache(cache_BxSxKxH, new_BxLxKxH, positions_BxL, segment_ids_BxL, head_major: bool = False):
+  """Scatters each token's key/value into slot = its position; padding tokens are dropped.
+  head_major: the cache is [B, K, S, H] (decoder.init_cache(per_layer=True)) instead."""
+  batch, cache_len = cache_BxSxKxH.shape[0], cache_BxSxKxH.shape[2 if head_major else 1]
   slot_BxL = jnp.where(segment_ids_BxL > 0, positions_BxL, cache_len)  # out of range -> dropped
   batch_Bx1 = jnp.arange(batch)[:, None]
-  return cache_BxSxKxH.at[batch_Bx1, slot_BxL].set(new_BxLxKxH.astype(cache_BxSxKxH.dtype), mode="drop")
+  new_BxLxKxH = new_BxLxKxH.astype(cache_BxSxKxH.dtype)
+  if head_major:  # indices around a slice: the indexed view is [B, L, K, H], as new_BxLxKxH
+    return cache_BxSxKxH.at[batch_Bx1, :, slot_BxL].set(new_BxLxKxH, mode="drop")
+  return cache_BxSxKxH.at[batch_Bx1, slot_BxL].set(new_BxLxKxH, mode="drop")
 
 
 def one_token_step(cache, length: int) -> bool:
@@ -98,6 +102,26 @@ def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1x
   return out_BxKxGxH.astype(dtype).reshape(batch, 1, n_heads, head_dim)
 
 
+def attention_over_cache(q_Bx1xNxH, k_cache_BxKxSxH, v_cache_BxKxSxH, positions_Bx1, dtype):
+  """One query per row over a head-major cache whose slot p already holds the query's own key and
+  value: slots j <= p. The same softmax as `attention_with_new_token(..., None, None, ...)` on the
+  [B, S, K, H] layout; here the scores and the value sum are batched matmuls over (b, k) with G
+  query rows each, reading contiguous [S, H] blocks (decode attention at 26M: 55 -> 25 us per
+  layer at batch 1, 231 -> 170 at batch 8, this machine)."""
+  batch, _, n_heads, head_dim = q_Bx1xNxH.shape
+  n_kv = k_cache_BxKxSxH.shape[1]
+  q_BxKxGxH = q_Bx1xNxH.astype(dtype).reshape(batch, n_kv, n_heads // n_kv, head_dim)
+  logits_BxKxGxS = jnp.einsum("bkgh,bksh->bkgs", q_BxKxGxH, k_cache_BxKxSxH.astype(dtype),
+                              preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  slots_S = jnp.arange(k_cache_BxKxSxH.shape[2], dtype=positions_Bx1.dtype)
+  seen_Bx1x1xS = (slots_S[None] <= positions_Bx1)[:, None, None, :]
+  logits_BxKxGxS = jnp.where(seen_Bx1x1xS, logits_BxKxGxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dtype)
+  out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs_BxKxGxS, v_cache_BxKxSxH.astype(dtype),
+                           preferred_element_type=jnp.float32)
+  return out_BxKxGxH.astype(dtype).reshape(batch, 1, n_heads, head_dim)
+
+
 def xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, dtype, causal=False):
   """Softmax attention in plain jnp: logits and softmax in float32, GQA without repeating k/v.
 
@@ -150,6 +174,9 @@ class Attention(nn.Module):
   # as in training (the CPU's fast path included), then their keys/values are written; attending
   # over the whole fixed-size cache did several times the work at a short prompt.
   fresh_cache: bool = False
+  # The cache given is this layer's own head-major [B, K, S, H] buffer (decoder.init_cache with
+  # per_layer=True), not a [B, S, K, H] slice of the stacked one.
+  head_major_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -177,19 +204,26 @@ class Attention(nn.Module):
       out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,
                                              positions_BxL, cfg.compute_dtype)
     elif cache is not None:
-      new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL),
-                   "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL)}
+      head_major = self.head_major_cache
+      new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL, head_major),
+                   "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL, head_major)}
       if one_token_step(cache, q_BxLxNxH.shape[1]):  # write_first: slots j <= p, token included
-        out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
-                                               positions_BxL, cfg.compute_dtype)
+        if head_major:
+          out_BxLxNxH = attention_over_cache(q_BxLxNxH, new_cache["k"], new_cache["v"], positions_BxL,
+                                             cfg.compute_dtype)
+        else:
+          out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
+                                                 positions_BxL, cfg.compute_dtype)
       elif self.fresh_cache:  # nothing before these tokens: attend among them alone
         out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
       else:
         # Prefill: attend over the whole fixed-size cache (XLA path; one query per row is memory
         # bound, so a fused kernel buys little there).
-        mask_BxLxS = cache_mask(positions_BxL, new_cache["k"].shape[1])
-        out_BxLxNxH = xla_attention(q_BxLxNxH, new_cache["k"], new_cache["v"], mask_BxLxS,
-                                    cfg.compute_dtype)
+        k_BxSxKxH, v_BxSxKxH = new_cache["k"], new_cache["v"]
+        if head_major:
+          k_BxSxKxH, v_BxSxKxH = jnp.swapaxes(k_BxSxKxH, 1, 2), jnp.swapaxes(v_BxSxKxH, 1, 2)
+        mask_BxLxS = cache_mask(positions_BxL, k_BxSxKxH.shape[1])
+        out_BxLxNxH = xla_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, cfg.compute_dtype)
     else:
       out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
     out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, ("act_batch", "act_length", "act_heads", "act_head_dim"))

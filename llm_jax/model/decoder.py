@@ -26,6 +26,8 @@ from llm_jax.model.moe import MoE
 
 # Logical axes of each cache array ([n_layers, batch, max_len, n_kv_heads, head_dim]).
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
+# ... and of each layer's array in the per-layer layout ([batch, n_kv_heads, max_len, head_dim]).
+LAYER_CACHE_AXES = ("cache_batch", "act_kv_heads", "cache_length", "act_head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
@@ -36,16 +38,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer
   written, and the slots after a prompt are filled by its generated tokens before any query can
   see them.
 
-  per_layer: {"k", "v"} of n_layers separate [batch, max_len, n_kv_heads, head_dim] arrays
-  instead (unrolled layers only, `scan_layers=False`). Each layer then reads its own buffer and
-  writes its token in place: a stacked cache made XLA's CPU backend copy every layer's slice out
-  of it, and the whole cache twice, at every decoded token (about a third of a step at batch 8).
+  per_layer: {"k", "v"} of n_layers separate head-major [batch, n_kv_heads, max_len, head_dim]
+  arrays instead (unrolled layers only, `scan_layers=False`). Each layer then reads its own
+  buffer and writes its token in place: a stacked cache made XLA's CPU backend copy every layer's
+  slice out of it, and the whole cache twice, at every decoded token (about a third of a step at
+  batch 8). Head-major, a decoding query's scores and its value sum are two batched matmuls over
+  contiguous [max_len, head_dim] blocks (`attention.attention_over_cache`).
   """
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   dtype = cfg.compute_dtype if dtype is None else dtype
   if per_layer:
     if cfg.scan_layers:
       raise ValueError("a per-layer KV cache needs unrolled layers (scan_layers=False; see unstack_layers)")
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)] for name in ("k", "v")}
   return {name: jnp.zeros((cfg.n_layers,) + shape, dtype) for name in ("k", "v")}
 
@@ -57,7 +62,7 @@ def is_per_layer(cache) -> bool:
 
 def _constrain_cache(cache: dict) -> dict:
   if is_per_layer(cache):
-    return {name: [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cs] for name, cs in cache.items()}
+    return {name: [nn.with_logical_constraint(c, LAYER_CACHE_AXES) for c in cs] for name, cs in cache.items()}
   return {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
 
 
@@ -123,6 +128,7 @@ class DecoderLayer(nn.Module):
   sparse: bool = False  # a mixture-of-experts MLP ("moe") instead of the dense one ("mlp")
   write_first: bool = False  # decoding one token: see Attention.write_first
   fresh_cache: bool = False  # prefill of an empty cache: see Attention.fresh_cache
+  head_major_cache: bool = False  # this layer's own [B, K, S, H] cache: see init_cache(per_layer=True)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -130,7 +136,8 @@ class DecoderLayer(nn.Module):
     act_axes = ("act_batch", "act_length", "act_embed")
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="attn_norm")(x_BxLxD)
-    h_BxLxD, new_cache = Attention(cfg, self.write_first, self.fresh_cache, name="attn")(
+    h_BxLxD, new_cache = Attention(cfg, self.write_first, self.fresh_cache, self.head_major_cache,
+                                   name="attn")(
         h_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
@@ -221,7 +228,7 @@ class Decoder(nn.Module):
       outs = []
       for i in range(cfg.n_layers):
         x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), write_first=per_layer,
-                                       name=f"layers_{i}")(
+                                       head_major_cache=per_layer, name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
         outs.append(layer_out)
       if per_layer:
@@ -235,7 +242,7 @@ class Decoder(nn.Module):
         # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
         layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
         x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), fresh_cache=self.fresh_cache,
-                                         name=f"layers_{i}")(
+                                         head_major_cache=is_per_layer(cache), name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if is_per_layer(cache):
           new_cache = {name: [*cs[:i], layer_cache[name], *cs[i + 1:]] for name, cs in new_cache.items()}
