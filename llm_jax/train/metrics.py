@@ -32,16 +32,18 @@ def _cpu_count() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_cpu_peak(dtype_name: str, n: int = 1024, repeats: int = 15) -> float:
+def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of an n x n matmul in `dtype_name` on all the cores this process may use.
 
   Timed by the process's CPU time, not the wall clock: FLOPs per CPU-second is what one core
   delivers, times the cores gives the machine's peak. On a quiet machine this equals the
   wall-clock rate; on a busy one (other jobs, data workers) the wall clock reads several times
   low while CPU time barely moves, so MFU stays comparable between runs. The fastest of
-  `repeats` runs: disturbances (another process, threads spinning) only ever slow a run, and
-  the median of 9 moved by up to a fifth between processes on a quiet 2-core machine, the best
-  by under a tenth. Measured once per process (lru_cache), before data workers start.
+  `repeats` runs: disturbances (another process, threads spinning) only ever slow a run.
+  2048, not 1024: a 1024 matmul (8 ms here) is short enough for thread start-up and scheduling
+  to show, and its fastest of 15 read 0.26-0.38 TFLOP/s between processes on a quiet 2-core
+  machine; the fastest of 5 at 2048 (60 ms each) read 0.277-0.292, quiet or with a busy core
+  beside it. Measured once per process (lru_cache), before data workers start.
   """
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
