@@ -241,3 +241,14 @@ def test_fresh_cache_prefill_equals_attending_over_the_cache(layout):
   for name in ("k", "v"):
     assert_close(fresh_cache[name], plain_cache[name], rel=1e-5)
     assert not fresh_cache[name][:, 1, 3:].any()  # padding and later slots stay empty
+
+
+def test_bench_matmul_runs_every_side():
+  """`python -m llm_jax.bench_matmul` (README, Benchmarks) times each shape in JAX and in torch with
+  1 and with all threads; tiny shapes here, only that every side runs and yields a rate."""
+  pytest.importorskip("torch")
+  from llm_jax import bench_matmul  # pylint: disable=g-import-not-at-top
+  shapes = bench_matmul._shapes(dim=32, mlp=48, tokens=16)
+  assert [s[1:] for s in shapes] == [(1, 1, 32, 48), (1, 8, 32, 48), (1, 16, 32, 48), (16, 256, 64, 288)]
+  for rate in (bench_matmul._jax_rate(2, 4, 8, 16), bench_matmul._torch_rate(2, 4, 8, 16, 1)):
+    assert np.isfinite(rate) and rate > 0
