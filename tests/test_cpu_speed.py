@@ -3,6 +3,7 @@ one-token decoding attention), against independent references: numpy einsum in f
 float64 numpy decoder, a forward pass without any cache."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -252,3 +253,29 @@ def test_bench_matmul_runs_every_side():
   assert [s[1:] for s in shapes] == [(1, 1, 32, 48), (1, 8, 32, 48), (1, 16, 32, 48), (16, 256, 64, 288)]
   for rate in (bench_matmul._jax_rate(2, 4, 8, 16), bench_matmul._torch_rate(2, 4, 8, 16, 1)):
     assert np.isfinite(rate) and rate > 0
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+  """MFU's CPU peak is measured on a machine's first run and read back afterwards (README: it
+  takes about 0.7 s); an unreadable file is measured over and rewritten whole."""
+  from llm_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  path = metrics.cpu_peak_cache_path()
+  assert path == str(tmp_path / "llm_jax" / "cpu_peak.json")
+  measure = metrics._measured_cpu_peak.__wrapped__  # without the per-process lru_cache
+  peak = measure("float32", n=256, repeats=2)
+  assert np.isfinite(peak) and peak > 0
+  with open(path) as f:
+    kept = json.load(f)
+  (key,) = [k for k in kept if k.endswith("float32 | 256")]
+  assert kept[key] == peak
+  kept[key] = 123.0  # a later run reads the kept figure instead of measuring
+  with open(path, "w") as f:
+    json.dump(kept, f)
+  assert measure("float32", n=256, repeats=2) == 123.0
+  with open(path, "w") as f:
+    f.write("{not json")
+  again = measure("float32", n=256, repeats=2)
+  assert again > 0 and again != 123.0
+  with open(path) as f:
+    assert json.load(f) == {key: again}

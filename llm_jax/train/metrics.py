@@ -1,12 +1,13 @@
 """What a user reads while training: throughput, MFU and the console line (writers.py sends them).
 
 MFU = model FLOPs per second / peak FLOPs of the devices in use. Peaks are dense bf16 figures
-from vendor spec sheets; on CPU (no spec sheet) the peak is measured once per process with a
+from vendor spec sheets; on CPU (no spec sheet) the peak is measured once per machine with a
 matmul in the model's compute dtype, so MFU there reads as "share of what this CPU's XLA matmul
-reaches" (see `_measured_cpu_peak` for why it is robust to a busy machine).
+reaches" (see `_measured_cpu_peak` for why it is robust to a busy machine, and where it is kept).
 """
 
 import functools
+import json
 import os
 import time
 
@@ -31,6 +32,20 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_peak_cache_path() -> str:
+  """Where measured CPU peaks are kept between processes (delete it to measure again)."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+  return os.path.join(root, "llm_jax", "cpu_peak.json")
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  except OSError:  # not Linux
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of an n x n matmul in `dtype_name` on all the cores this process may use.
@@ -43,8 +58,18 @@ def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> floa
   2048, not 1024: a 1024 matmul (8 ms here) is short enough for thread start-up and scheduling
   to show, and its fastest of 15 read 0.26-0.38 TFLOP/s between processes on a quiet 2-core
   machine; the fastest of 5 at 2048 (60 ms each) read 0.277-0.292, quiet or with a busy core
-  beside it. Measured once per process (lru_cache), before data workers start.
+  beside it. It takes about 0.7 s, so the figure is kept in `cpu_peak_cache_path()` per CPU
+  model, core count, jax version and dtype, and measured once per machine, not per run.
   """
+  key = f"{_cpu_model()} | {_cpu_count()} cores | jax {jax.__version__} | {dtype_name} | {n}"
+  path = cpu_peak_cache_path()
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+  except (OSError, ValueError):  # none yet, or unreadable: measure
+    cached = {}
+  if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+    return float(cached[key])
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
   f = jax.jit(lambda a: a @ a)
@@ -54,7 +79,16 @@ def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> floa
     t = time.process_time()
     f(x).block_until_ready()
     per_cpu_s.append(time.process_time() - t)
-  return 2 * n ** 3 / max(min(per_cpu_s), 1e-9) * _cpu_count()
+  peak = 2 * n ** 3 / max(min(per_cpu_s), 1e-9) * _cpu_count()
+  try:  # best effort, atomic: a concurrent run keeps either file whole
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({**(cached if isinstance(cached, dict) else {}), key: peak}, f, indent=1)
+    os.replace(tmp, path)
+  except OSError:
+    pass
+  return peak
 
 
 def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
@@ -63,7 +97,8 @@ def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
   if dev.platform == "cpu":
     # Virtual CPU devices share the same cores, so the host's peak is the whole budget.
     return (_measured_cpu_peak(compute_dtype),
-            f"measured {compute_dtype} matmul on this CPU's {_cpu_count()} cores, by CPU time")
+            f"measured {compute_dtype} matmul on this CPU's {_cpu_count()} cores, by CPU time; "
+            f"kept in {cpu_peak_cache_path()}")
   for key, flops in PEAK_FLOPS:
     if key.lower() in dev.device_kind.lower():
       return flops * jax.device_count(), f"{dev.device_kind} bf16 spec x {jax.device_count()}"
