@@ -5,9 +5,9 @@ or per prompt: prompts are right-padded to a power of two (at least `min_bucket`
 is the power of two >= longest prompt + max_new_tokens, and the batch is padded to a multiple of
 the mesh's batch shards. Sampling settings are traced arrays (no recompilation when they change).
 
-The prefill samples the first token in the same program (time to first token is one call); then
-`Generator.chunk` tokens per device call (a scan of the decoding step: the last token through the
-model, then the next one sampled). The host loop dispatches chunk c+1 before it reads chunk c's
+The first token is sampled straight from the prefill's logits (time to first token is the prefill
+and a sampling call, no decoding step); then `Generator.chunk` tokens per device call (a scan of
+the decoding step: the last token through the model, then the next one sampled). The host loop dispatches chunk c+1 before it reads chunk c's
 tokens back, so the device never waits for Python (stop checks, streaming) except on the last.
 """
 
@@ -41,7 +41,8 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def _sample_next(logits_BxV, state, settings):
   """Samples each row's next token from `logits_BxV` under its settings: (state with the token
-  fed next and counted, token [1, B], log p(token) [1, B] under the unmodified distribution)."""
+  fed next and counted, token [1, B], log p(token) [1, B] under the unmodified distribution).
+  `state` needs "seen", "counts" and "generated"; other entries pass through."""
   keys_B = row_keys(settings["seed"], state["generated"])
   token_B = sample(keys_B, logits_BxV, state["seen"], state["counts"], settings)
   rows_B = jnp.arange(token_B.shape[0])
@@ -52,10 +53,8 @@ def _sample_next(logits_BxV, state, settings):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(params, tokens_BxP, lengths_B, settings, *, cfg: ModelConfig, cache_len: int):
-  """The prompts through the model, and each row's first token sampled from their last logits:
-  (state, tokens [1, B], log-probs [1, B]). One program: the first token reaches the host without
-  waiting for a decoding step."""
+def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int):
+  """The prompts through the model: (state, each row's logits after its last prompt token [B, V])."""
   batch, length = tokens_BxP.shape
   idx_P = jnp.arange(length, dtype=jnp.int32)
   positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
@@ -69,7 +68,16 @@ def _prefill(params, tokens_BxP, lengths_B, settings, *, cfg: ModelConfig, cache
   state = {"cache": cache, "positions": lengths_B, "seen": seen_BxV,
            "counts": jnp.zeros((batch, cfg.vocab_size), jnp.int32),
            "generated": jnp.zeros((batch,), jnp.int32)}
-  return _sample_next(logits_Bx1xV[:, 0], state, settings)
+  return state, logits_Bx1xV[:, 0]
+
+
+@jax.jit
+def _first_token(logits_BxV, sampler_state, settings):
+  """The first token sampled from the prefill's logits, as `_sample_next` (sampler_state: the
+  state's "seen", "counts" and "generated"). Its own program, not part of the prefill: compiled
+  once per batch size, where the prefill compiles once per prompt bucket (sampling's sort and
+  draw took 0.6 s of XLA's time on every new bucket)."""
+  return _sample_next(logits_BxV, sampler_state, settings)
 
 
 def _decode(params, state, settings, cfg: ModelConfig):
@@ -189,8 +197,11 @@ class Generator:
 
     with self._context():
       settings = jax.device_put(settings)  # once, not at every step
-      state, *current = _prefill(self.params, tokens, np.asarray(lengths, np.int32), settings,
-                                 cfg=self.cfg, cache_len=cache_len)
+      state, logits = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
+                               cache_len=cache_len)
+      sampler_state, *current = _first_token(
+          logits, {k: state[k] for k in ("seen", "counts", "generated")}, settings)
+      state = {**state, **sampler_state}  # the first token: fed to the first decoding step
       done = 1
       while True:
         pending = None
