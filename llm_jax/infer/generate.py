@@ -1,4 +1,4 @@
-"""Batched generation over a fixed-size KV cache: one jitted prefill, then jitted chunks of decoding steps.
+"""Batched generation over a fixed-size KV cache: a jitted prefill, then jitted chunks of decode steps.
 
 Compiled shapes are bucketed so a chat session compiles a handful of programs, not one per token
 or per prompt: prompts are right-padded to a power of two (at least `min_bucket`), the cache length
@@ -7,8 +7,9 @@ the mesh's batch shards. Sampling settings are traced arrays (no recompilation w
 
 The first token is sampled straight from the prefill's logits (time to first token is the prefill
 and a sampling call, no decoding step); then `Generator.chunk` tokens per device call (a scan of
-the decoding step: the last token through the model, then the next one sampled). The host loop dispatches chunk c+1 before it reads chunk c's
-tokens back, so the device never waits for Python (stop checks, streaming) except on the last.
+the decoding step: the last token through the model, then the next one sampled). The host loop
+dispatches chunk c+1 before it reads chunk c's tokens back, so the device never waits for Python
+(stop checks, streaming) except on the last.
 """
 
 import dataclasses
