@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax import paths
+
 _CHUNK = 1 << 22  # bytes scanned at once while indexing (bounded memory on large files)
 _WHITESPACE = np.array([9, 10, 13, 32], np.uint8)
 
@@ -434,8 +436,7 @@ def decompressed(path: str) -> str:
   import shutil  # pylint: disable=g-import-not-at-top
   st = os.stat(path)
   key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                       "llm_jax", "decompressed")
+  cache = paths.cache_dir("decompressed")
   os.makedirs(cache, exist_ok=True)
   out = os.path.join(cache, f"{key}-{os.path.basename(path)[:-3]}")
   if not os.path.exists(out):

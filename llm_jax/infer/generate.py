@@ -42,7 +42,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def _sample_next(logits_BxV, state, settings):
   """Samples each row's next token from `logits_BxV` under its settings: (state with the token
-  fed next and counted, token [1, B], log p(token) [1, B] under the unmodified distribution).
+  fed next and counted, token [B], log p(token) [B] under the unmodified distribution).
   `state` needs "seen", "counts" and "generated"; other entries pass through."""
   keys_B = row_keys(settings["seed"], state["generated"])
   token_B = sample(keys_B, logits_BxV, state["seen"], state["counts"], settings)
@@ -50,7 +50,7 @@ def _sample_next(logits_BxV, state, settings):
   logprob_B = jax.nn.log_softmax(logits_BxV, axis=-1)[rows_B, token_B]
   state = {**state, "token": token_B, "seen": state["seen"].at[rows_B, token_B].set(True),
            "counts": state["counts"].at[rows_B, token_B].add(1), "generated": state["generated"] + 1}
-  return state, token_B[None], logprob_B[None]
+  return state, token_B, logprob_B
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
@@ -74,11 +74,13 @@ def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int)
 
 @jax.jit
 def _first_token(logits_BxV, sampler_state, settings):
-  """The first token sampled from the prefill's logits, as `_sample_next` (sampler_state: the
-  state's "seen", "counts" and "generated"). Its own program, not part of the prefill: compiled
+  """The first token sampled from the prefill's logits: (sampler_state, tokens [1, B], log-probs
+  [1, B]), as a chunk of one. sampler_state is the state's "seen", "counts" and "generated" only,
+  so the cache is neither passed nor copied. Its own program, not part of the prefill: compiled
   once per batch size, where the prefill compiles once per prompt bucket (sampling's sort and
   draw took 0.6 s of XLA's time on every new bucket)."""
-  return _sample_next(logits_BxV, sampler_state, settings)
+  sampler_state, token_B, logprob_B = _sample_next(logits_BxV, sampler_state, settings)
+  return sampler_state, token_B[None], logprob_B[None]
 
 
 def _decode(params, state, settings, cfg: ModelConfig):
@@ -87,8 +89,7 @@ def _decode(params, state, settings, cfg: ModelConfig):
   logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, token_B[:, None], positions_B[:, None],
                                            jnp.ones_like(token_B)[:, None], cache=state["cache"])
   state = {**state, "cache": cache, "positions": positions_B + 1}
-  state, token_1xB, logprob_1xB = _sample_next(logits_Bx1xV[:, 0], state, settings)
-  return state, token_1xB[0], logprob_1xB[0]
+  return _sample_next(logits_Bx1xV[:, 0], state, settings)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n"), donate_argnames=("state",))

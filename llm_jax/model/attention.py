@@ -67,8 +67,7 @@ def write_token(cache_NxBxSxKxH, new_NxBx1xKxH, positions_Bx1, segment_ids_Bx1):
 def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1xKxH, v_Bx1xKxH,
                              positions_Bx1, dtype):
   """One query per row over cache slots j < p plus the token's own key/value (slot p): the same
-  softmax as writing the token into the cache first and attending to slots j <= p. With
-  k_Bx1xKxH = v_Bx1xKxH = None the token is already in the cache, and slots j <= p are read.
+  softmax as writing the token into the cache first and attending to slots j <= p.
 
   Written as broadcast products and sums rather than einsums: with G queries per key/value head
   there is nothing for a matmul to reuse, and XLA then reads the cache in its stored [B, S, K, H]
@@ -77,37 +76,31 @@ def attention_with_new_token(q_Bx1xNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, k_Bx1x
   batch, _, n_heads, head_dim = q_Bx1xNxH.shape
   n_kv = k_cache_BxSxKxH.shape[2]
   f32 = jnp.float32
-  in_cache = k_Bx1xKxH is None
   q_Bx1xKxGxH = q_Bx1xNxH.astype(dtype).astype(f32).reshape(batch, 1, n_kv, n_heads // n_kv, head_dim)
   scale = head_dim ** -0.5
   k_BxSxKx1xH = k_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :]
   logits_BxSxKxG = jnp.sum(q_Bx1xKxGxH * k_BxSxKx1xH, axis=-1) * scale
   slots_S = jnp.arange(k_cache_BxSxKxH.shape[1], dtype=positions_Bx1.dtype)
-  seen_BxS = slots_S[None] <= positions_Bx1 if in_cache else slots_S[None] < positions_Bx1
+  seen_BxS = slots_S[None] < positions_Bx1
   logits_BxSxKxG = jnp.where(seen_BxS[:, :, None, None], logits_BxSxKxG, jnp.finfo(f32).min)
-  max_Bx1xKxG = jnp.max(logits_BxSxKxG, axis=1, keepdims=True)
-  if not in_cache:
-    self_Bx1xKxG = jnp.sum(q_Bx1xKxGxH * k_Bx1xKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=-1) * scale
-    max_Bx1xKxG = jnp.maximum(max_Bx1xKxG, self_Bx1xKxG)
+  self_Bx1xKxG = jnp.sum(q_Bx1xKxGxH * k_Bx1xKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=-1) * scale
+  max_Bx1xKxG = jnp.maximum(jnp.max(logits_BxSxKxG, axis=1, keepdims=True), self_Bx1xKxG)
   exp_BxSxKxG = jnp.exp(logits_BxSxKxG - max_Bx1xKxG)
-  denom_Bx1xKxG = jnp.sum(exp_BxSxKxG, axis=1, keepdims=True)
-  if not in_cache:
-    exp_self_Bx1xKxG = jnp.exp(self_Bx1xKxG - max_Bx1xKxG)
-    denom_Bx1xKxG = denom_Bx1xKxG + exp_self_Bx1xKxG
+  exp_self_Bx1xKxG = jnp.exp(self_Bx1xKxG - max_Bx1xKxG)
+  denom_Bx1xKxG = jnp.sum(exp_BxSxKxG, axis=1, keepdims=True) + exp_self_Bx1xKxG
   probs_BxSxKxG = (exp_BxSxKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
   out_BxKxGxH = jnp.sum(probs_BxSxKxG[..., None] * v_cache_BxSxKxH.astype(dtype).astype(f32)[:, :, :, None, :], axis=1)
-  if not in_cache:
-    probs_self_Bx1xKxG = (exp_self_Bx1xKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
-    out_BxKxGxH = out_BxKxGxH + probs_self_Bx1xKxG[:, 0, :, :, None] * v_Bx1xKxH.astype(dtype).astype(f32)[:, 0, :, None, :]
+  probs_self_Bx1xKxG = (exp_self_Bx1xKxG / denom_Bx1xKxG).astype(dtype).astype(f32)
+  out_BxKxGxH = out_BxKxGxH + probs_self_Bx1xKxG[:, 0, :, :, None] * v_Bx1xKxH.astype(dtype).astype(f32)[:, 0, :, None, :]
   return out_BxKxGxH.astype(dtype).reshape(batch, 1, n_heads, head_dim)
 
 
 def attention_over_cache(q_Bx1xNxH, k_cache_BxKxSxH, v_cache_BxKxSxH, positions_Bx1, dtype):
   """One query per row over a head-major cache whose slot p already holds the query's own key and
-  value: slots j <= p. The same softmax as `attention_with_new_token(..., None, None, ...)` on the
-  [B, S, K, H] layout; here the scores and the value sum are batched matmuls over (b, k) with G
-  query rows each, reading contiguous [S, H] blocks (decode attention at 26M: 55 -> 25 us per
-  layer at batch 1, 231 -> 170 at batch 8, this machine)."""
+  value: slots j <= p. The scores and the value sum are batched matmuls over (b, k) with G query
+  rows each, reading contiguous [S, H] blocks (decode attention at 26M: 55 -> 25 us per layer at
+  batch 1, 231 -> 170 at batch 8 against broadcast products and sums over a [B, S, K, H]
+  cache, this machine)."""
   batch, _, n_heads, head_dim = q_Bx1xNxH.shape
   n_kv = k_cache_BxKxSxH.shape[1]
   q_BxKxGxH = q_Bx1xNxH.astype(dtype).reshape(batch, n_kv, n_heads // n_kv, head_dim)
@@ -165,18 +158,16 @@ def cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL):
 
 class Attention(nn.Module):
   cfg: ModelConfig
-  # Decoding one token with a cache of this layer alone (decoder.init_cache(per_layer=True)):
-  # write the token's key/value into it first, then attend to slots j <= p. XLA updates the
-  # cache in place because the read depends on the write; reading the old cache and writing
-  # after made it copy the cache at every token. Returns the updated cache.
-  write_first: bool = False
+  # The cache given is this layer's own head-major [B, K, S, H] buffer (decoder.init_cache with
+  # per_layer=True), not a [B, S, K, H] slice of the stacked one. Decoding one token then writes
+  # its key/value first and attends to slots j <= p: XLA updates the cache in place because the
+  # read depends on the write; reading the old cache and writing after made it copy the cache at
+  # every token. Returns the updated cache.
+  own_cache: bool = False
   # Prefill of an empty cache (positions from 0): causal self-attention over the new tokens alone,
   # as in training (the CPU's fast path included), then their keys/values are written; attending
   # over the whole fixed-size cache did several times the work at a short prompt.
   fresh_cache: bool = False
-  # The cache given is this layer's own head-major [B, K, S, H] buffer (decoder.init_cache with
-  # per_layer=True), not a [B, S, K, H] slice of the stacked one.
-  head_major_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -198,22 +189,18 @@ class Attention(nn.Module):
     v_BxLxKxH = nn.with_logical_constraint(v_BxLxKxH, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
     new_cache = None
-    if one_token_step(cache, q_BxLxNxH.shape[1]) and not self.write_first:
+    if one_token_step(cache, q_BxLxNxH.shape[1]) and not self.own_cache:
       # Decoding one token: its own key/value go back to the decoder, which writes all layers'.
       new_cache = {"k": k_BxLxKxH, "v": v_BxLxKxH}
       out_BxLxNxH = attention_with_new_token(q_BxLxNxH, cache["k"], cache["v"], k_BxLxKxH, v_BxLxKxH,
                                              positions_BxL, cfg.compute_dtype)
     elif cache is not None:
-      head_major = self.head_major_cache
+      head_major = self.own_cache
       new_cache = {"k": write_cache(cache["k"], k_BxLxKxH, positions_BxL, segment_ids_BxL, head_major),
                    "v": write_cache(cache["v"], v_BxLxKxH, positions_BxL, segment_ids_BxL, head_major)}
-      if one_token_step(cache, q_BxLxNxH.shape[1]):  # write_first: slots j <= p, token included
-        if head_major:
-          out_BxLxNxH = attention_over_cache(q_BxLxNxH, new_cache["k"], new_cache["v"], positions_BxL,
-                                             cfg.compute_dtype)
-        else:
-          out_BxLxNxH = attention_with_new_token(q_BxLxNxH, new_cache["k"], new_cache["v"], None, None,
-                                                 positions_BxL, cfg.compute_dtype)
+      if one_token_step(cache, q_BxLxNxH.shape[1]):  # own cache, token written: slots j <= p
+        out_BxLxNxH = attention_over_cache(q_BxLxNxH, new_cache["k"], new_cache["v"], positions_BxL,
+                                           cfg.compute_dtype)
       elif self.fresh_cache:  # nothing before these tokens: attend among them alone
         out_BxLxNxH = self._self_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL)
       else:

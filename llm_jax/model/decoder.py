@@ -126,9 +126,8 @@ class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this layer's new cache)."""
   cfg: ModelConfig
   sparse: bool = False  # a mixture-of-experts MLP ("moe") instead of the dense one ("mlp")
-  write_first: bool = False  # decoding one token: see Attention.write_first
+  own_cache: bool = False  # this layer's own [B, K, S, H] cache buffer: see Attention.own_cache
   fresh_cache: bool = False  # prefill of an empty cache: see Attention.fresh_cache
-  head_major_cache: bool = False  # this layer's own [B, K, S, H] cache: see init_cache(per_layer=True)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
@@ -136,8 +135,7 @@ class DecoderLayer(nn.Module):
     act_axes = ("act_batch", "act_length", "act_embed")
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="attn_norm")(x_BxLxD)
-    h_BxLxD, new_cache = Attention(cfg, self.write_first, self.fresh_cache, self.head_major_cache,
-                                   name="attn")(
+    h_BxLxD, new_cache = Attention(cfg, self.own_cache, self.fresh_cache, name="attn")(
         h_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, act_axes)
     h_BxLxD = RMSNorm(cfg.rms_eps, cfg.compute_dtype, cfg.weight_dtype, name="mlp_norm")(x_BxLxD)
@@ -227,8 +225,8 @@ class Decoder(nn.Module):
       per_layer = is_per_layer(cache)
       outs = []
       for i in range(cfg.n_layers):
-        x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), write_first=per_layer,
-                                       head_major_cache=per_layer, name=f"layers_{i}")(
+        x_BxLxD, layer_out = layer_cls(cfg, cfg.is_sparse_layer(i), own_cache=per_layer,
+                                       name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, {name: c[i] for name, c in cache.items()})
         outs.append(layer_out)
       if per_layer:
@@ -241,8 +239,8 @@ class Decoder(nn.Module):
       for i in range(cfg.n_layers):
         # Read layer i from the running cache (equal to the input there), so XLA updates it in place.
         layer_cache = None if cache is None else {name: c[i] for name, c in new_cache.items()}
-        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), fresh_cache=self.fresh_cache,
-                                         head_major_cache=is_per_layer(cache), name=f"layers_{i}")(
+        x_BxLxD, layer_cache = layer_cls(cfg, cfg.is_sparse_layer(i), own_cache=is_per_layer(cache),
+                                         fresh_cache=self.fresh_cache, name=f"layers_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, layer_cache)
         if is_per_layer(cache):
           new_cache = {name: [*cs[:i], layer_cache[name], *cs[i + 1:]] for name, cs in new_cache.items()}

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import paths
+
 # Dense bf16 peak FLOP/s per chip, matched as substrings of `device.device_kind`.
 PEAK_FLOPS = (
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
@@ -34,8 +36,7 @@ def _cpu_count() -> int:
 
 def cpu_peak_cache_path() -> str:
   """Where measured CPU peaks are kept between processes (delete it to measure again)."""
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-  return os.path.join(root, "llm_jax", "cpu_peak.json")
+  return paths.cache_dir("cpu_peak.json")
 
 
 def _cpu_model() -> str:
@@ -68,7 +69,8 @@ def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> floa
       cached = json.load(f)
   except (OSError, ValueError):  # none yet, or unreadable: measure
     cached = {}
-  if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+  cached = cached if isinstance(cached, dict) else {}
+  if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
     return float(cached[key])
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
@@ -84,7 +86,7 @@ def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> floa
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-      json.dump({**(cached if isinstance(cached, dict) else {}), key: peak}, f, indent=1)
+      json.dump({**cached, key: peak}, f, indent=1)
     os.replace(tmp, path)
   except OSError:
     pass
