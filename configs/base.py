@@ -37,7 +37,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   """`model`: a preset name from configs/models.py; job files pass on what follows the ':' in
   `--config=configs/sft.py:minimind-26m`."""
   c = ml_collections.ConfigDict()
-  c.job = "sft"  # which job main.py runs: pretrain | sft | eval | tokenizer
+  c.job = "sft"  # which job main.py runs: pretrain | sft | dpo | distill | eval
   c.seed = 0  # seeds parameter init, dropout-free training and data shuffling
   c.init_from = ""  # start from another run's parameters only (its workdir or a checkpoint dir)
   c.init_step = -1  # with init_from: which step to take; -1 is the latest

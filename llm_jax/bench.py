@@ -128,11 +128,11 @@ def main(argv):
   host = synthetic_batch(B // jax.process_count(), L, vocab, _DOCS.value, seed=jax.process_index())
 
   _, sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)  # outside the mesh context
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     state = state_lib.create_state(model_cfg, optimizer, jax.random.key(0), sh, mesh, rules)
     step = step_lib.jit_train_step(step_lib.make_train_step(
         model_cfg, optimizer, schedule, grad_accum=tc.grad_accum, z_loss=tc.z_loss), sh, mesh, rules)
-    batch = step_lib.to_global(host, mesh, rules)
+    batch = sharding.to_global(host, mesh, rules)
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t

@@ -6,15 +6,13 @@ typed); these catch values of the right type that cannot work.
 
 import ml_collections
 
+from llm_jax.console import ConfigError
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.train.optimizer import SCHEDULES
 
-
-class ConfigError(ValueError):
-  """A config value or override the job cannot use; CLIs print its one line and exit 2 (the
-  usage-error status, as for a misspelt flag)."""
-  exit_code = 2
+# config.job -> the function that runs it: jobs.run.
+JOBS = ("pretrain", "sft", "dpo", "distill", "eval")
 
 
 def _fail(field: str, value, why: str):
@@ -22,7 +20,10 @@ def _fail(field: str, value, why: str):
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  from llm_jax.jobs import JOBS
+  if c.job == "tokenizer":
+    _fail("job", c.job, "the tokenizer job is now a command of its own: python -m "
+          "llm_jax.data.train_tokenizer --input=FILES --vocab_size=N --out=DIR (a training job "
+          "also trains one on its data when config.data.tokenizer.path is empty)")
   if c.job not in JOBS:
     _fail("job", c.job, f"must be one of {JOBS}")
   t = c.train
@@ -76,7 +77,7 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
   if lc.init not in lora.INITS:
     _fail("lora.init", lc.init, f"must be one of {lora.INITS}")
   lora.parse_targets(lc.targets)  # raises naming config.lora.targets
-  if lc.rank > 0 and c.job not in ("eval", "tokenizer") and not c.init_from:
+  if lc.rank > 0 and c.job != "eval" and not c.init_from:
     _fail("init_from", c.init_from, "LoRA (config.lora.rank > 0) adapts a base model: set it to "
           "the base's run directory (a training run, or llm_jax.convert.hf_import's output)")
 

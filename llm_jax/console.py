@@ -39,6 +39,12 @@ def verbose() -> bool:
   return not any(isinstance(f, _OwnInfoOnly) for f in logging.get_absl_handler().filters)
 
 
+class ConfigError(ValueError):
+  """A config value or override the job cannot use; CLIs print its one line and exit 2 (the
+  usage-error status, as for a misspelt flag)."""
+  exit_code = 2
+
+
 # Errors a user can cause and fix (a bad value, file, path or record; a diverging loss): their
 # messages name the field or file and the fix, so the traceback adds nothing.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -47,7 +53,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 def run_reporting_errors(fn, *args, **kwargs):
   """fn(*args, **kwargs); a user error ends the program with one line `error: ...` on stderr
   and exit status 1, or the error's `exit_code` (2 for a bad config value, see
-  config_check.ConfigError); `--verbose` shows the traceback instead."""
+  ConfigError); `--verbose` shows the traceback instead."""
   import sys  # pylint: disable=g-import-not-at-top
   try:
     return fn(*args, **kwargs)

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import console, jobs
+from llm_jax import console, fields, jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file; override "
                                           "fields with --config.train.steps=100 etc.",
@@ -24,25 +24,14 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show libraries' INFO logs (
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def explicit_fields(argv: list[str]) -> set[str]:
-  """Config fields the command line sets: `--config.model.dim=256` -> "model.dim"; a model preset
-  (`--config=configs/sft.py:minimind-26m`) sets every model field."""
-  out = set()
-  for arg in argv:
-    if arg.startswith("--config."):
-      out.add(arg[len("--config."):].split("=", 1)[0])
-    elif arg.startswith("--config=") and ":" in arg:
-      from llm_jax.train.run_setup import SHAPE_FIELDS  # pylint: disable=g-import-not-at-top
-      out.update(f"model.{f}" for f in SHAPE_FIELDS)
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(_VERBOSE.value)
-  result = console.run_reporting_errors(jobs.run, _CONFIG.value, _WORKDIR.value,
-                                        explicit=explicit_fields(sys.argv))
+  from llm_jax.train.run_setup import SHAPE_FIELDS  # pylint: disable=g-import-not-at-top
+  # A model preset (--config=configs/sft.py:minimind-26m) sets every shape field.
+  explicit = fields.explicit_fields(sys.argv, [f"model.{f}" for f in SHAPE_FIELDS])
+  result = console.run_reporting_errors(jobs.run, _CONFIG.value, _WORKDIR.value, explicit=explicit)
   if isinstance(result, dict) and result.get("preempted"):
     from llm_jax.train.loop import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -24,6 +24,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 from llm_jax import config_check, console  # pylint: disable=g-import-not-at-top
+from llm_jax.model import init as model_init
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +147,7 @@ def params_table(model_cfg, mesh, rules) -> str:
   """Every parameter with its shape, PartitionSpec and the shard one device holds, computed
   with jax.eval_shape exactly as the trainer places them (nothing is allocated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from llm_jax import sharding  # pylint: disable=g-import-not-at-top
-  abstract, shardings = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
+  abstract, shardings = model_init.abstract(model_cfg, mesh, rules)
   rows = []
   total = per_device = 0
   flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from llm_jax import config_check, console, devices as devices_lib
 from llm_jax.model import flops
 from llm_jax.planner import POLICY_ORDER, model_config, plan
-from llm_jax.train import memory
+from llm_jax.model import init as model_init
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _DEVICES = flags.DEFINE_string("devices", None, "tpu-v5p-64, v5litepod-16, 8xH100, 2x8xA100, ...")
@@ -49,7 +49,7 @@ def main(argv):
     sys.stderr.write(f"error: {e}\n")
     return 2
   budget = _USABLE.value * devices.hbm_bytes
-  shapes, _ = memory.abstract_params(cfg, tuple(tuple(r) for r in config.sharding_rules))
+  shapes, _ = model_init.mesh_specs(cfg, tuple(tuple(r) for r in config.sharding_rules))
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
   B, L = config.data.batch_size, config.data.seq_len
   print(f"model      {n_params:,} parameters ({cfg.param_dtype} params and optimizer, "

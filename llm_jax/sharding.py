@@ -11,7 +11,7 @@ mesh axes). How callers must wrap tracing so the model's `nn.with_logical_constr
 
   mesh = make_mesh(config.mesh)
   rules = config.sharding_rules
-  params = init_params(model_cfg, rng, mesh, rules)           # already sharded
+  params = model_init.init(model_cfg, rng, mesh, rules)       # llm_jax/model/init.py: sharded
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):      # around jit *tracing and calls*
     logits = jax.jit(lambda p, b: Decoder(model_cfg).apply({"params": p}, ...))(params, batch)
 
@@ -20,18 +20,15 @@ be entered outside jit. Without a mesh in context the constraints are no-ops, so
 code needs no wrapping at all.
 """
 
+import contextlib
 import logging
 import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
-
-from llm_jax.model.config import ModelConfig
-from llm_jax.model.decoder import CACHE_AXES, Decoder
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -85,36 +82,24 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return logical_sharding(mesh, rules, "act_batch", "act_length")
 
 
-def cache_shardings(mesh: Mesh, rules) -> dict:
-  """Shardings of `decoder.init_cache`'s {"k", "v"} arrays (batch over the cache_batch rule)."""
-  s = logical_sharding(mesh, rules, *CACHE_AXES)
-  return {"k": s, "v": s}
+def row_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Every batch array is split over its leading (row) axis by the act_batch rule, whatever its
+  rank, so objectives may carry keys of any shape ([B, L] tokens, [B] pair ids, ...)."""
+  return NamedSharding(mesh, P(batch_sharding(mesh, rules).spec[0]))
 
 
-def _init_fn(model_cfg: ModelConfig):
-  def init(rng):
-    ids_BxL = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(model_cfg).init(rng, ids_BxL, ids_BxL, jnp.ones_like(ids_BxL))["params"]
-  return init
+def to_global(batch: dict, mesh: Mesh, rules) -> dict:
+  """Per-process numpy rows -> one global jax.Array per key (multi-host safe)."""
+  sh = row_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
 
 
-def abstract_params_and_shardings(model_cfg: ModelConfig, mesh: Mesh, rules):
-  """(ShapeDtypeStruct tree of the unboxed params, NamedSharding tree), without allocating."""
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """Tracing context: the mesh for sharding constraints and the logical -> mesh axis rules
+  the model's `nn.with_logical_constraint` calls read."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(_init_fn(model_cfg), jax.random.key(0))
-  shardings = logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  # No sharding constraint on abstract values: callers may already be inside a mesh context.
-  abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return abstract, shardings
-
-
-def init_params(model_cfg: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
-  """Plain (unboxed) parameter arrays, each created directly in its sharding (no host copy)."""
-  _, shardings = abstract_params_and_shardings(model_cfg, mesh, rules)
-  init = _init_fn(model_cfg)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    yield
 
 
 def maybe_initialize_distributed() -> None:

@@ -5,7 +5,6 @@ one device, inside the model forward and with gradients. Prints JSON of relative
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from llm_jax.model import kernels
 from llm_jax.model.attention import segment_causal_mask, xla_attention
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import step as step_lib
+from llm_jax.model import init as model_init
 from tests.model_reference import random_params
 from tests.test_kernels import CASES, packed_segment_ids
 
@@ -53,10 +52,10 @@ def model_forward(impl: str, mesh_shape) -> tuple[float, bool]:
 
   cfg = dataclasses.replace(CFG, attention=impl)
   mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
-  _, shardings = sharding.abstract_params_and_shardings(cfg, mesh, RULES)
-  with step_lib.mesh_context(mesh, RULES):
+  _, shardings = model_init.abstract(cfg, mesh, RULES)
+  with sharding.mesh_context(mesh, RULES):
     params = jax.device_put(params, shardings)
-    batch = step_lib.to_global({"ids": ids, "pos": pos, "seg": seg}, mesh, RULES)
+    batch = sharding.to_global({"ids": ids, "pos": pos, "seg": seg}, mesh, RULES)
     fwd = jax.jit(lambda p, b: Decoder(cfg).apply({"params": p}, b["ids"], b["pos"], b["seg"]))
     has_shard_map = "shard_map" in str(jax.make_jaxpr(fwd)(params, batch))
     got = fwd(params, batch)
@@ -80,7 +79,7 @@ def attention_grads(impl: str, mesh_shape) -> dict:
 
   (_, want), want_g = jax.jit(loss(lambda q, k, v: xla_attention(q, k, v, segment_causal_mask(seg), jnp.float32)))(q, k, v)
   mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
-  with step_lib.mesh_context(mesh, RULES):
+  with sharding.mesh_context(mesh, RULES):
     (_, got), got_g = jax.jit(loss(lambda q, k, v: kernels.attention(q, k, v, jnp.asarray(seg), cfg)))(q, k, v)
   errs = {"out": rel_err(got, want)}
   errs.update({f"d{n}": rel_err(g, w) for n, g, w in zip("qkv", got_g, want_g)})

@@ -45,10 +45,10 @@ def run(mesh_sizes, devices):
   adapters0 = jax.device_get(state["params"])
   step = step_lib.jit_train_step(step_lib.make_train_step(lcfg, opt, sched), sh, mesh, rules)
   losses = []
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     for i in range(STEPS):
       batch = synthetic_batch(8, 32, 128, 3, seed=0)  # one batch again and again: loss must fall
-      state, m = step(state, step_lib.to_global(batch, mesh, rules))
+      state, m = step(state, sharding.to_global(batch, mesh, rules))
       losses.append(float(m["loss"]))
   frozen = jax.device_get(state["frozen"])
   base_same = all(np.array_equal(a, b) for a, b in

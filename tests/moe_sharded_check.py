@@ -21,6 +21,7 @@ from llm_jax.bench import synthetic_batch
 from llm_jax.model.config import ModelConfig, MoEConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
+from llm_jax.model import init as model_init
 
 CFG = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
                   tie_embeddings=False,
@@ -32,7 +33,7 @@ MESH_1 = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 def _numpy_params():
   """Initial parameters from numpy (compiling the PRNG init costs seconds; any weights will do):
   normal(0.02) kernels, norm scales 1."""
-  shapes, _ = sharding.abstract_params_and_shardings(
+  shapes, _ = model_init.abstract(
       CFG, sharding.make_mesh(ml_collections.ConfigDict(MESH_1), jax.devices()[:1]), base.SHARDING_RULES)
   rng = np.random.default_rng(0)
   return jax.tree_util.tree_map_with_path(
@@ -60,9 +61,9 @@ def train(mesh_sizes, devices, grad_accum):
   step = step_lib.jit_train_step(step_lib.make_train_step(CFG, opt, sched, grad_accum=grad_accum),
                                  sh, mesh, rules)
   losses, aux = [], []
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     for i in range(5):
-      batch = step_lib.to_global(synthetic_batch(16, 16, 128, 3, seed=0), mesh, rules)
+      batch = sharding.to_global(synthetic_batch(16, 16, 128, 3, seed=0), mesh, rules)
       state, m = step(state, batch)
       losses.append(float(m["loss"]))
       aux.append(float(m["moe_aux_loss"]))
@@ -74,13 +75,13 @@ def forward(mesh_sizes, devices, params):
   config = base.get_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_sizes), devices)
   rules = config.sharding_rules
-  _, shardings = sharding.abstract_params_and_shardings(CFG, mesh, rules)
+  _, shardings = model_init.abstract(CFG, mesh, rules)
   params = jax.device_put(params, shardings)
   b = synthetic_batch(8, 16, 128, 3, seed=9)
   b["segment_ids"][1, 10:] = 0  # padding
   fwd = lambda p, i, q, s: Decoder(CFG).apply({"params": p}, i, q, s, mutable=["intermediates"])
-  with step_lib.mesh_context(mesh, rules):
-    batch = step_lib.to_global(b, mesh, rules)
+  with sharding.mesh_context(mesh, rules):
+    batch = sharding.to_global(b, mesh, rules)
     logits, state = jax.jit(fwd)(params, batch["inputs"], batch["positions"], batch["segment_ids"])
   return np.asarray(logits), jax.device_get(state["intermediates"])
 

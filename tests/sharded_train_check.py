@@ -34,9 +34,9 @@ def run(mesh_sizes, devices, grad_accum):
   step = step_lib.jit_train_step(
       step_lib.make_train_step(cfg, opt, sched, grad_accum=grad_accum), sh, mesh, rules)
   losses = []
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     for i in range(5):
-      state, m = step(state, step_lib.to_global(synthetic_batch(8, 32, 128, 3, seed=0), mesh, rules))
+      state, m = step(state, sharding.to_global(synthetic_batch(8, 32, 128, 3, seed=0), mesh, rules))
       losses.append(float(m["loss"]))
   emb_spec = state["params"]["embed"]["embedding"].sharding.spec
   return losses, jax.device_get(state["params"]), str(emb_spec)

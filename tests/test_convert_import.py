@@ -277,6 +277,7 @@ from llm_jax import sharding
 from llm_jax.convert import hf_import
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
+from llm_jax.model import init as model_init
 d = sys.argv[1]
 T.build_hf_model(*T.CASES["qwen3_qknorm_untied_hd24"], d + "/hf")
 config = hf_import.base.get_config()
@@ -284,7 +285,7 @@ config.mesh.fsdp, config.mesh.tensor = 2, 2
 mesh = sharding.make_mesh(config.mesh)
 sharded = hf_import.import_hf(d + "/hf", d + "/sharded", mesh=mesh)
 hf_import.import_hf(d + "/hf", d + "/single")
-_, shardings = sharding.abstract_params_and_shardings(
+_, shardings = model_init.abstract(
     ModelConfig.from_config(sharded.model), mesh, sharded.sharding_rules)
 p, _ = checkpoint.load_params(d + "/sharded", shardings=shardings)
 ref, _ = checkpoint.load_params(d + "/single")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from configs import eval as eval_config
 from configs import sft as sft_config
+from llm_jax import fields as fields_lib
 from llm_jax.data import pipeline, synthetic_bios
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import choice as choice_lib
@@ -21,6 +22,7 @@ from llm_jax.infer.generate import Generation
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import checkpoint
+from llm_jax.model import init as model_init
 from tests.model_reference import random_params
 from tests.numerics import assert_close
 
@@ -63,6 +65,21 @@ def _eval_cfg(**fields):
   return c
 
 
+def _set_fields(c):
+  """The fields `_eval_cfg` set: those that differ from configs/eval.py's (what a command line
+  names as --config.<field>=...)."""
+  defaults = fields_lib.flatten(eval_config.get_config())
+  return {k for k, v in fields_lib.flatten(c).items() if defaults.get(k) != v}
+
+
+def _run(c, run_dir):
+  return job.run_eval(c, run_dir, explicit=_set_fields(c))
+
+
+def _resolve(c, run_dir, *named):
+  return run_config.resolve(c, run_dir, _set_fields(c) | set(named))
+
+
 def _is_png(path):
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
@@ -78,7 +95,7 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
                   eval__out_dir=out, eval__max_batches=2, eval__max_examples=3,
                   eval__max_new_tokens=6, eval__rep_prefix=8, eval__rep_continuation=10,
                   eval__knowledge_people=1, eval__batch_size=8)
-  results = job.run_eval(cfg, run_dir, overrides=[])
+  results = _run(cfg, run_dir)
   assert sorted(results) == list(STEPS)
   for step in STEPS:
     with open(os.path.join(out, f"eval_{step}.json"), encoding="utf-8") as f:
@@ -104,8 +121,8 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
   assert "## 李白是谁？" in side and all(f"| {s} |" in side for s in STEPS)
 
   # A later eval of one task adds to the checkpoint's JSON instead of replacing it.
-  job.run_eval(_eval_cfg(eval__tasks="loss", eval__steps="20", eval__out_dir=out,
-                         eval__max_batches=1, eval__plots=False), run_dir, overrides=[])
+  _run(_eval_cfg(eval__tasks="loss", eval__steps="20", eval__out_dir=out, eval__max_batches=1,
+                 eval__plots=False), run_dir)
   with open(os.path.join(out, "eval_20.json"), encoding="utf-8") as f:
     res = json.load(f)
   assert res["tasks"]["loss"]["batches"] == 1 and "rouge" in res["tasks"]
@@ -113,11 +130,10 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
 
 def test_packing_none_scores_one_document_per_row_with_the_packed_loss(run_dir, tmp_path):
   common = dict(eval__steps="30", eval__plots=False, data__batch_size=4, data__seq_len=96)
-  packed = job.run_eval(_eval_cfg(eval__out_dir=str(tmp_path / "p"), **common), run_dir,
-                        overrides=[])[30]
-  none = job.run_eval(_eval_cfg(eval__out_dir=str(tmp_path / "n"), data__packing="none",
-                                **common), run_dir, overrides=[])[30]
-  data = synthetic_bios.generate(run_config.resolve(_eval_cfg(), run_dir).data.synthetic)
+  packed = _run(_eval_cfg(eval__out_dir=str(tmp_path / "p"), **common), run_dir)[30]
+  none = _run(_eval_cfg(eval__out_dir=str(tmp_path / "n"), data__packing="none", **common),
+              run_dir)[30]
+  data = synthetic_bios.generate(_resolve(_eval_cfg(), run_dir).data.synthetic)
   n_docs = len(data["qa_heldout"])
   # The overrides were used: 4 rows per batch of 96 tokens, one document per row unpacked.
   assert none["tasks"]["loss"]["batch_size"] == 4 and none["tasks"]["loss"]["seq_len"] == 96
@@ -131,27 +147,27 @@ def test_packing_none_scores_one_document_per_row_with_the_packed_loss(run_dir, 
 def test_overrides_are_honoured_or_refused_by_name(run_dir):
   # A field named on the command line counts even when it equals the eval default (256), and
   # beats the run's own value (128).
-  assert run_config.resolve(_eval_cfg(), run_dir).data.seq_len == 128
-  assert run_config.resolve(_eval_cfg(), run_dir, ["data.seq_len"]).data.seq_len == 256
-  merged = run_config.resolve(_eval_cfg(data__packing="none", model__dtype="bfloat16"), run_dir)
+  assert _resolve(_eval_cfg(), run_dir).data.seq_len == 128
+  assert _resolve(_eval_cfg(), run_dir, "data.seq_len").data.seq_len == 256
+  merged = _resolve(_eval_cfg(data__packing="none", model__dtype="bfloat16"), run_dir)
   assert merged.data.packing == "none" and merged.model.dtype == "bfloat16"
   assert merged.model.dim == 32  # the shape is the run's
   for field, value in (("model__n_layers", 3), ("train__steps", 5),
                        ("data__tokenizer__vocab_size", 100), ("data__worker_count", 2)):
     with pytest.raises(ValueError, match=f"config.{field.replace('__', '.')}"):
-      job.run_eval(_eval_cfg(**{field: value}), run_dir, overrides=[])
+      _run(_eval_cfg(**{field: value}), run_dir)
   with pytest.raises(ValueError, match="config.eval.steps='40'"):
-    job.run_eval(_eval_cfg(eval__steps="40"), run_dir, overrides=[])
+    _run(_eval_cfg(eval__steps="40"), run_dir)
 
 
 def _context(run_dir, **fields):
-  cfg = run_config.resolve(_eval_cfg(**fields), run_dir)
+  cfg = _resolve(_eval_cfg(**fields), run_dir)
   from llm_jax import sharding  # pylint: disable=g-import-not-at-top
   tok = tok_lib.get_tokenizer(cfg.data.tokenizer, run_dir, corpus_fn=None)
   model_cfg = ModelConfig.from_config(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  _, param_sh = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
+  _, param_sh = model_init.abstract(model_cfg, mesh, rules)
   return tasks_lib.Context(cfg, run_dir, tok, model_cfg, mesh, rules, param_sh)
 
 

@@ -19,6 +19,7 @@ from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import state as state_lib
+from llm_jax.model import init as model_init
 from tests.model_reference import random_params, reference_logits
 from tests.numerics import assert_close
 
@@ -147,7 +148,7 @@ def test_initialisation_follows_peft():
   lcfg = lora.with_lora(cfg, lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "down", "embed")))
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
                             jax.devices()[:1])
-  ad = jax.device_get(lora.init_adapters(lcfg, jax.random.key(0), mesh, base_config.SHARDING_RULES))
+  ad = jax.device_get(model_init.init(lcfg, jax.random.key(0), mesh, base_config.SHARDING_RULES, lora.COLLECTION))
   layers = ad["layers"]
   for node, fan_in in ((layers["attn"]["q_proj"], 64), (layers["mlp"]["down_proj"], 256)):
     bound = 1 / np.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))

@@ -78,11 +78,11 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
   _, sh = state_lib.state_shardings(model_cfg, opt, mesh, rules)
   state = state_lib.create_state(model_cfg, opt, jax.random.key(cfg.seed), sh, mesh, rules)
   step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, opt, sched), sh, mesh, rules)
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     for s in range(cfg.train.steps):
       global_batch = {k: np.concatenate([b[f"{k}.{s}"] for b in batches])
                       for k in step_lib.BATCH_KEYS}
-      state, m = step(state, step_lib.to_global(global_batch, mesh, rules))
+      state, m = step(state, sharding.to_global(global_batch, mesh, rules))
   np.testing.assert_allclose(float(m["loss"]), float(outs[0][4]), rtol=1e-5)
   params, _ = checkpoint.load_params(workdir, 5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state["params"]))):

@@ -21,6 +21,7 @@ _SCRIPT = textwrap.dedent("""
   from llm_jax.model.config import ModelConfig
   from llm_jax.model.decoder import Decoder
   from llm_jax import sharding
+  from llm_jax.model import init as model_init
 
   jax.config.update("jax_default_matmul_precision", "highest")
   assert jax.device_count() == 8
@@ -29,7 +30,7 @@ _SCRIPT = textwrap.dedent("""
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}, mesh.shape
   cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
                     qkv_bias=True, qk_norm=True, tie_embeddings=False, scan_layers=True)
-  params = sharding.init_params(cfg, jax.random.key(0), mesh, SHARDING_RULES)
+  params = model_init.init(cfg, jax.random.key(0), mesh, SHARDING_RULES)
 
   # Each parameter sharded as SHARDING_RULES say (vocab/heads/mlp -> tensor, embed -> fsdp, layers -> none).
   want = {

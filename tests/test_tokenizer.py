@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer: lossless round trips, ChatML specials, caching, loading, CLI/job."""
+"""SentencePiece tokenizer: lossless round trips, ChatML specials, caching, loading, the CLI."""
 
 import os
 import pickle
@@ -9,6 +9,8 @@ import types
 import pytest
 
 from configs import data as data_config
+from configs import sft as sft_config
+from llm_jax import config_check
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data import train_tokenizer
@@ -121,23 +123,22 @@ def test_default_corpus_trains_fast_and_covers_chat(tmp_path):
   assert tok.decode(tok.encode(text)) == text
 
 
-def test_tokenizer_job_and_cli(tmp_path, capsys):
-  config = types.SimpleNamespace(data=data_config.get_config())
-  config.data.synthetic.n_entities = 50
-  config.data.tokenizer.vocab_size = 500
-  tokenizer_lib.run_tokenizer_job(config, str(tmp_path / "job"))
-  out = capsys.readouterr().out
-  assert "vocab_size=" in out and "chars/token" in out and "round_trip_ok=True" in out
-  assert os.path.isfile(tmp_path / "job" / "tokenizer.model")
-
+def test_tokenizer_cli_and_the_retired_job(tmp_path, capsys):
   text_file = tmp_path / "a.txt"
   text_file.write_text("\n".join(CORPUS), encoding="utf-8")
   jsonl = tmp_path / "b.jsonl"
   jsonl.write_text('{"text": "一段中文文本。"}\n{"text": "more English text."}\n',
                    encoding="utf-8")
   tok = train_tokenizer.train(f"{text_file},{jsonl}", 450, str(tmp_path / "cli"))
+  out = capsys.readouterr().out
+  assert "vocab_size=" in out and "chars/token" in out and "round_trip_ok=True" in out
   assert os.path.isfile(tmp_path / "cli" / "tokenizer.model")
   assert tok.decode(tok.encode(MIXED)) == MIXED
+  # config.job=tokenizer was a second copy of this command: it names the command now.
+  config = sft_config.get_config()
+  config.job = "tokenizer"
+  with pytest.raises(ValueError, match="python -m llm_jax.data.train_tokenizer"):
+    config_check.validate(config)
 
 
 def test_saved_tokenizer_follows_the_umask(tmp_path):

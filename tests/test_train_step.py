@@ -39,7 +39,7 @@ def _step(grad_accum, z_loss=0.0):
                                z_loss=z_loss),
       sh, mesh, RULES)
   params0 = jax.device_get(state["params"])
-  new_state, metrics = step(state, step_lib.to_global(_batch(), mesh, RULES))
+  new_state, metrics = step(state, sharding.to_global(_batch(), mesh, RULES))
   grads = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new_state["params"]))
   return params0, grads, jax.device_get(metrics)
 

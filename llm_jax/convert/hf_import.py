@@ -35,6 +35,7 @@ from llm_jax import console
 from llm_jax.convert import hf_config, hf_weights
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint
+from llm_jax.model import init as model_init
 
 # Files a Hugging Face tokenizer may consist of; whichever exist are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -158,8 +159,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
   cfg = ModelConfig.from_config(config.model)
   shardings = None
   if mesh is not None:
-    from llm_jax import sharding  # pylint: disable=g-import-not-at-top
-    _, shardings = sharding.abstract_params_and_shardings(cfg, mesh, config.sharding_rules)
+    _, shardings = model_init.abstract(cfg, mesh, config.sharding_rules)
   # Everything that can be wrong with the source is checked before the workdir is written,
   # so a failed import leaves no half-made run directory behind.
   _check_tensors(hf_weights.SafetensorsDir(hf_dir), cfg)

@@ -253,22 +253,3 @@ def summarize(tok) -> str:
   return (f"vocab_size={tok.vocab_size} chars/token={len(SUMMARY_SAMPLE) / len(ids):.2f} "
           f"(on a {len(SUMMARY_SAMPLE)}-char mixed sample) special ids={specials} "
           f"round_trip_ok={tok.decode(ids) == SUMMARY_SAMPLE}")
-
-
-def run_tokenizer_job(config, workdir: str) -> "Tokenizer":
-  """`config.job == "tokenizer"`: train on config.data.train, write workdir/tokenizer.model."""
-  from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tok_cfg = config.data.tokenizer
-  tok = train_sentencepiece(pipeline.corpus_texts(config.data),
-                            vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
-                            max_sentences=tok_cfg.train_max_sentences,
-                            character_coverage=tok_cfg.character_coverage)
-  path = tok.save(workdir)
-  sample = []
-  for text in itertools.islice(pipeline.corpus_texts(config.data), 200):
-    sample.append(text)
-  sample_text = "\n".join(sample)
-  n_ids = max(len(tok.encode(sample_text)), 1)
-  print(f"wrote {path}\n{summarize(tok)}\n"
-        f"chars/token on 200 corpus records: {len(sample_text) / n_ids:.2f}")
-  return tok

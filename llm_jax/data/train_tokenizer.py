@@ -4,8 +4,11 @@
 
 Inputs are any sources the pipeline reads (text, JSONL/JSON text or chat records, Parquet,
 `builtin:bios`...); chats are rendered as ChatML text. Writes dir/tokenizer.model and prints
-a summary (vocab size, chars per token, special ids).
+a summary (vocab size, chars per token on a mixed sample and on the corpus, special ids).
+A training job with no `config.data.tokenizer.path` trains one the same way on its own data.
 """
+
+import itertools
 
 from absl import app
 from absl import flags
@@ -36,7 +39,9 @@ def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
       pipeline.corpus_texts(cfg, max_records=max_sentences), vocab_size=vocab_size,
       model_type=model_type, max_sentences=max_sentences)
   path = tok.save(out)
-  print(f"wrote {path}\n{tokenizer_lib.summarize(tok)}")
+  sample = "\n".join(itertools.islice(pipeline.corpus_texts(cfg), 200))
+  print(f"wrote {path}\n{tokenizer_lib.summarize(tok)}\n"
+        f"chars/token on 200 corpus records: {len(sample) / max(len(tok.encode(sample)), 1):.2f}")
   return tok
 
 

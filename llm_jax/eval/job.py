@@ -14,27 +14,18 @@ import time
 
 import jax
 import ml_collections
-from absl import flags, logging
+from absl import logging
 
 from llm_jax import sharding
-from llm_jax.config_check import ConfigError
+from llm_jax.console import ConfigError
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint, step as step_lib
+from llm_jax.train import checkpoint
+from llm_jax.model import init as model_init
 
 LOSS_KEYS = ("loss", "perplexity", "accuracy", "tokens", "batches", "documents", "doc_mean_loss",
              "doc_perplexity_geomean", "doc_perplexity_mean", "data")
-
-
-def flag_overrides() -> list[str]:
-  """Fields named as --config.<path>=... on the command line (none outside an absl app)."""
-  try:
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-    flag = flags.FLAGS["config"]
-    return list(config_flags.get_override_values(flag)) if flags.FLAGS.is_parsed() else []
-  except (KeyError, TypeError, AttributeError):
-    return []
 
 
 def select_steps(workdir: str, spec: str, single: int) -> list[int]:
@@ -67,12 +58,13 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str, overrides=None) -> dict:
+def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> dict:
   """Evaluates `workdir`'s checkpoints; returns {step: that checkpoint's JSON}.
-  `overrides`: dotted config fields the user set (default: those named on the command line)."""
+  `explicit`: the dotted config fields the user set ("data.packing", ...; see
+  run_config.resolve); every other setting is the run's own."""
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
-  cfg = run_config.resolve(config, workdir, flag_overrides() if overrides is None else overrides)
+  cfg = run_config.resolve(config, workdir, explicit)
   e = cfg.eval
   names = tasks_lib.parse_tasks(e.tasks)
   steps = select_steps(workdir, e.steps, e.step)
@@ -84,7 +76,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, overrides=None) ->
   model_cfg = ModelConfig.from_config(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
-  _, param_sh = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
+  _, param_sh = model_init.abstract(model_cfg, mesh, rules)
   ctx = tasks_lib.Context(cfg, workdir, tok, model_cfg, mesh, rules, param_sh)
   task_objs = {name: tasks_lib.REGISTRY[name](ctx) for name in names}  # reads and checks data
   score_fn = model_io.make_score_fn(model_cfg, param_sh, mesh, rules)
@@ -93,7 +85,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, overrides=None) ->
   results = {}
   for step in steps:
     t0 = time.perf_counter()
-    with step_lib.mesh_context(mesh, rules):
+    with sharding.mesh_context(mesh, rules):
       params, _ = checkpoint.load_params(workdir, step, shardings=param_sh,
                                          dtype=model_cfg.weight_dtype)
     runner = model_io.ModelRunner(params, model_cfg, mesh, rules, score_fn, batch_size=e.batch_size)

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llm_jax import sharding
 from llm_jax.eval.progress import Progress
 from llm_jax.infer.generate import Generation, Generator, bucket
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import step as step_lib
 
 
 MIN_BUCKET = 64
@@ -90,8 +90,8 @@ class ModelRunner:
         batch["loss_weights"][r, :n] = w[1:]
         batch["segment_ids"][r, :n] = 1
         batch["positions"][r, :n] = np.arange(n)
-      with step_lib.mesh_context(self.mesh, self.rules):
-        res = self._score(self.params, step_lib.to_global(batch, self.mesh, self.rules))
+      with sharding.mesh_context(self.mesh, self.rules):
+        res = self._score(self.params, sharding.to_global(batch, self.mesh, self.rules))
       logprob, greedy, argmax = (np.asarray(res[k]) for k in ("logprob", "greedy", "argmax"))
       out += [Scored(float(logprob[r]), bool(greedy[r]), argmax[r, :n])
               for r, n in enumerate(lengths)]
@@ -114,5 +114,5 @@ def make_score_fn(cfg: ModelConfig, param_shardings, mesh, rules):
     return {"logprob": jnp.sum(target_logp_BxL * w_BxL, axis=-1),
             "greedy": jnp.all(hit_BxL, axis=-1), "argmax": argmax_BxL}
 
-  return jax.jit(score, in_shardings=(param_shardings, step_lib.row_sharding(mesh, rules)),
+  return jax.jit(score, in_shardings=(param_shardings, sharding.row_sharding(mesh, rules)),
                  out_shardings=NamedSharding(mesh, P()))

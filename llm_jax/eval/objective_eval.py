@@ -8,7 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_jax.train import objectives, step as step_lib
+from llm_jax import sharding
+from llm_jax.train import objectives
 
 
 def make_eval_step(objective: objectives.Objective, param_shardings, frozen_shardings, mesh,
@@ -19,7 +20,7 @@ def make_eval_step(objective: objectives.Objective, param_shardings, frozen_shar
 
   return jax.jit(eval_step,
                  in_shardings=(param_shardings, frozen_shardings,
-                               step_lib.row_sharding(mesh, rules)),
+                               sharding.row_sharding(mesh, rules)),
                  out_shardings=NamedSharding(mesh, P()))
 
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from llm_jax import sharding
 from llm_jax.data import formats, pipeline, sources, synthetic_bios
 from llm_jax.data import chat_template
 from llm_jax.eval import choice as choice_lib
@@ -67,9 +68,9 @@ class Loss:
     batches = pipeline.make_eval_iterator(c.cfg.data, c.tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     batches = _counted(batches, c.cfg.eval.max_batches)
-    with step_lib.mesh_context(c.mesh, c.rules):
+    with sharding.mesh_context(c.mesh, c.rules):
       res = lm_eval.evaluate(self.eval_step, runner.params, batches,
-                             lambda b: step_lib.to_global(b, c.mesh, c.rules),
+                             lambda b: sharding.to_global(b, c.mesh, c.rules),
                              c.cfg.eval.max_batches)
     res.update(data=c.cfg.data.eval, packing=c.cfg.data.packing, seq_len=c.cfg.data.seq_len,
                batch_size=c.cfg.data.batch_size)

@@ -37,7 +37,6 @@ lookups. The math is the few lines below, on the one `Projection` module every l
 """
 
 import dataclasses
-import functools
 import math
 import string
 from typing import Any
@@ -226,44 +225,6 @@ def rngs(model_cfg, rng) -> dict:
   if model_cfg.lora is not None and model_cfg.lora.dropout > 0:
     return {"dropout": rng}
   return {}
-
-
-@functools.lru_cache(maxsize=16)
-def _boxed_abstract(model_cfg, mesh, rules):
-  """The adapters' shapes with their logical-axis boxes (eval_shape of the decoder's init)."""
-  from llm_jax.model.decoder import Decoder  # pylint: disable=g-import-not-at-top (cycle)
-
-  def init(rng):
-    ids_BxL = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(model_cfg).init(rng, ids_BxL, ids_BxL, jnp.ones_like(ids_BxL))[COLLECTION]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.eval_shape(init, jax.random.key(0))
-
-
-def abstract_adapters_and_shardings(model_cfg, mesh, rules):
-  """(ShapeDtypeStruct tree of the adapters, NamedSharding tree), without allocating. Each A and
-  B carries its layer's logical axes (the rank axis is replicated), so adapters shard like
-  their layers."""
-  hashable = lambda x: tuple(hashable(y) for y in x) if isinstance(x, (list, tuple)) else x
-  rules = hashable(rules)
-  boxed = _boxed_abstract(model_cfg, mesh, rules)
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return abstract, shardings
-
-
-def init_adapters(model_cfg, rng, mesh, rules):
-  """Fresh adapters (B = 0), each created directly in its sharding. Only the "lora" collection
-  of the decoder's init is returned, so jit drops the base's initialisation as dead code."""
-  from llm_jax.model.decoder import Decoder  # pylint: disable=g-import-not-at-top (cycle)
-  _, shardings = abstract_adapters_and_shardings(model_cfg, mesh, rules)
-
-  def init(rng):
-    ids_BxL = jnp.zeros((1, 1), jnp.int32)
-    return nn.unbox(Decoder(model_cfg).init(rng, ids_BxL, ids_BxL, jnp.ones_like(ids_BxL))[COLLECTION])
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def trainable_count(model_cfg) -> int:

@@ -16,9 +16,9 @@ base (see train/dpo.py).
 
 import ml_collections
 
-from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import checkpoint, run_setup
+from llm_jax.model import init as model_init
 
 
 def lora_enabled(config) -> bool:
@@ -58,7 +58,7 @@ def shardings(config, model_cfg: ModelConfig, mesh, rules, param_shardings) -> d
     return {"reference": param_shardings}
   teacher_cfg = teacher_model_config(config, model_cfg)
   if teacher_cfg is not None:
-    _, teacher_sh = sharding.abstract_params_and_shardings(teacher_cfg, mesh, rules)
+    _, teacher_sh = model_init.abstract(teacher_cfg, mesh, rules)
     return {"teacher": teacher_sh}
   return {}
 

@@ -124,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
 
-  with step_lib.mesh_context(mesh, rules):
+  with sharding.mesh_context(mesh, rules):
     if resuming:
       reopen = lambda: checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
                                                async_save=config.checkpoint.async_save)
@@ -167,16 +167,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return {}
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    with step_lib.mesh_context(mesh, rules):
+    with sharding.mesh_context(mesh, rules):
       if objective_eval_step is not None:  # DPO, distillation: the objective's own metrics
         res = objective_eval.evaluate(objective_eval_step, objective, state["params"],
                                       state.get("frozen", {}), batches,
-                                      lambda b: step_lib.to_global(b, mesh, rules),
+                                      lambda b: sharding.to_global(b, mesh, rules),
                                       tc.eval_batches)
         res.pop("batches")
       else:
         res = lm_eval.evaluate(eval_step, lora_state.eval_params(model_cfg, state), batches,
-                               lambda b: step_lib.to_global(b, mesh, rules), tc.eval_batches)
+                               lambda b: sharding.to_global(b, mesh, rules), tc.eval_batches)
     scalars = {f"eval_{k}": v for k, v in res.items()
                if objective_eval_step is not None or
                k in ("loss", "perplexity", "accuracy", "tokens")}
@@ -206,12 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start
   preempted = False
   try:
-    with _Preemption() as preempt, step_lib.mesh_context(mesh, rules):
+    with _Preemption() as preempt, sharding.mesh_context(mesh, rules):
       while step < tc.steps:
         host_batch = next(train_iter)
         if batch_hook is not None:
           batch_hook(step, host_batch)
-        state, m = train_step(state, step_lib.to_global(host_batch, mesh, rules))
+        state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
         step += 1
         if step == start + 1:
           jax.block_until_ready(m)

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
 from llm_jax.model import lora
+from llm_jax.model import init as model_init
 
 # A run's LoRA settings, fixed at its first start: a resumed run goes on training the same way.
 _RUN_FIELDS = ("rank", "alpha", "dropout", "targets", "init")
@@ -61,9 +62,9 @@ def prepare(config: ml_collections.ConfigDict, model_cfg, workdir: str, resuming
 
 def state_shardings(model_cfg, optimizer: optax.GradientTransformation, mesh, rules):
   """(abstract state, sharding tree) as `state.state_shardings`, with the "frozen" base."""
-  abstract_base, base_sh = sharding.abstract_params_and_shardings(lora.base_config(model_cfg),
+  abstract_base, base_sh = model_init.abstract(lora.base_config(model_cfg),
                                                                   mesh, rules)
-  abstract_ad, ad_sh = lora.abstract_adapters_and_shardings(model_cfg, mesh, rules)
+  abstract_ad, ad_sh = model_init.abstract(model_cfg, mesh, rules, lora.COLLECTION)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_ad)
   replicated = NamedSharding(mesh, P())
   o_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, ad_sh,
@@ -80,7 +81,7 @@ def create_state(model_cfg, optimizer, rng, shardings, mesh, rules, base):
   """Fresh adapters (B = 0) and their optimizer state beside the given (sharded) base."""
   if base is None:
     raise ValueError("LoRA (config.lora.rank > 0) adapts a base model: set config.init_from")
-  adapters = lora.init_adapters(model_cfg, rng, mesh, rules)
+  adapters = model_init.init(model_cfg, rng, mesh, rules, lora.COLLECTION)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(adapters)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
   return {"step": step, "params": adapters, "opt_state": opt_state, "frozen": base}

@@ -12,17 +12,15 @@ the optimizer update. They count the tensors autodiff keeps per layer and token 
 """
 
 import dataclasses
-import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.model.config import REMAT_POLICIES, ModelConfig
-from llm_jax.model.decoder import Decoder
+from llm_jax.model import init as model_init
 
 
 class Indivisible(ValueError):
@@ -41,26 +39,11 @@ def _shard_elems(shape, spec: P, mesh_sizes: dict, what: str) -> int:
   return n
 
 
-@functools.lru_cache(maxsize=16)
-def abstract_params(model_cfg: ModelConfig, rules):
-  """(ShapeDtypeStruct tree, mesh PartitionSpec tree) of the parameters, from the real init
-  (cached: a plan tries many meshes of one model)."""
-  def init(rng):
-    ids_BxL = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(model_cfg).init(rng, ids_BxL, ids_BxL, jnp.ones_like(ids_BxL))["params"]
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, rules), nn.get_partition_spec(boxed),
-                       is_leaf=lambda x: isinstance(x, P))
-  shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False), boxed,
-                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return shapes, specs
-
-
 def state_bytes(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                 mesh_sizes: dict, rules) -> dict[str, int]:
   """{"params", "optimizer"} bytes on each device (optimizer: its state plus the step counter),
   exactly as the trainer allocates them; raises Indivisible for meshes JAX cannot lay out."""
-  shapes, specs = abstract_params(model_cfg, rules)
+  shapes, specs = model_init.mesh_specs(model_cfg, rules)
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
   # Optimizer moments follow their parameter's sharding; counters are replicated (as state.py).
   opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, specs,

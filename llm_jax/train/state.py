@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import lora_state
+from llm_jax.model import init as model_init
 
 
 def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules):
@@ -22,7 +22,7 @@ def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
   (model_cfg.lora) the params are the adapters and the base is "frozen" (lora_state.py)."""
   if model_cfg.lora is not None:
     return lora_state.state_shardings(model_cfg, optimizer, mesh, rules)
-  abstract_params, p_shard = sharding.abstract_params_and_shardings(model_cfg, mesh, rules)
+  abstract_params, p_shard = model_init.abstract(model_cfg, mesh, rules)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, P())
   o_shard = optax.tree_map_params(
@@ -43,7 +43,7 @@ def create_state(model_cfg: ModelConfig, optimizer, rng, shardings, mesh, rules,
   if model_cfg.lora is not None:
     return lora_state.create_state(model_cfg, optimizer, rng, shardings, mesh, rules, params)
   if params is None:
-    params = sharding.init_params(model_cfg, rng, mesh, rules)
+    params = model_init.init(model_cfg, rng, mesh, rules)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
   return {"step": step, "params": params, "opt_state": opt_state}

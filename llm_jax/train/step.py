@@ -6,13 +6,11 @@ microbatch's gradient is of its own sum divided by the *global* normalizer, so k
 add up to exactly the gradient of the full batch. See objectives.py.
 """
 
-import contextlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
@@ -24,14 +22,6 @@ from llm_jax.train import loss as loss_lib, objectives
 from llm_jax.train import chunked_loss
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
-
-
-@contextlib.contextmanager
-def mesh_context(mesh, rules):
-  """Tracing context: the mesh for sharding constraints and the logical -> mesh axis rules
-  the model's `nn.with_logical_constraint` calls read."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
 
 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
@@ -93,7 +83,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
 
 def jit_train_step(train_step, state_shardings, mesh, rules):
   replicated = NamedSharding(mesh, P())
-  batch_sh = row_sharding(mesh, rules)  # a prefix of the whole batch dict
+  batch_sh = sharding.row_sharding(mesh, rules)  # a prefix of the whole batch dict
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
@@ -124,18 +114,6 @@ def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
           logits_BxLxV, batch["targets"], batch["loss_weights"], batch["segment_ids"])
     return sums
 
-  batch_sh = row_sharding(mesh, rules)
+  batch_sh = sharding.row_sharding(mesh, rules)
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))
-
-
-def row_sharding(mesh, rules) -> NamedSharding:
-  """Every batch array is split over its leading (row) axis by the act_batch rule, whatever its
-  rank, so objectives may carry keys of any shape ([B, L] tokens, [B] pair ids, ...)."""
-  return NamedSharding(mesh, P(sharding.batch_sharding(mesh, rules).spec[0]))
-
-
-def to_global(batch: dict, mesh, rules) -> dict:
-  """Per-process numpy rows -> one global jax.Array per key (multi-host safe)."""
-  sh = row_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
