@@ -77,7 +77,8 @@ def test_every_notebook_is_covered():
 
 def test_notebooks_are_what_the_generator_writes():
   assert make_notebooks.main(["make_notebooks.py", "--check"]) == 0, (
-      "colab/*.ipynb differ from colab/make_notebooks.py: edit the script and run it")
+      "colab/*.ipynb differ from their sources, colab/src/*.py: edit those and run "
+      "python colab/make_notebooks.py")
 
 
 @pytest.mark.parametrize("name", NAMES)
