@@ -82,9 +82,4 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.expert = 1  # expert parallelism: MoE experts split over it, the batch too (must divide moe.n_experts)
   c.mesh.tensor = 1  # tensor parallelism over heads and MLP
   c.sharding_rules = SHARDING_RULES  # logical axis -> mesh axes
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.split = "eval"  # eval job: which data source to score (eval | train)
-  c.eval.max_batches = 0  # eval job: stop after this many batches; 0 is the whole set
-  c.eval.step = -1  # eval job: checkpoint step to load; -1 is the latest
   return c

@@ -10,6 +10,8 @@ summary.csv, plots/*.png (every headline metric against the step) and samples/ (
 answers, and the fixed chat prompts' answers side by side in chat_prompts.md).
 """
 
+import ml_collections
+
 from configs import base
 
 
@@ -17,9 +19,12 @@ def get_config(model=None):
   c = base.get_config(model)
   c.job = "eval"
   c.data.eval = ""  # "" scores the run's own eval data; or a source spec like data.train's
-  e = c.eval
+  c.eval = e = ml_collections.ConfigDict()
   e.tasks = "loss"  # comma list of: loss, rouge, repetition, knowledge, choice
   e.steps = ""  # which checkpoints: all | latest | 100,200,... ; "" = eval.step (-1: latest)
+  e.step = -1  # the checkpoint when eval.steps is "": -1 is the latest
+  e.split = "eval"  # which data source to score: eval (data.eval) | train (data.train)
+  e.max_batches = 0  # loss: stop after this many batches; 0 is the whole set
   e.out_dir = ""  # where summary/plots/samples go; "" = <workdir>/eval (JSONs stay in workdir)
   e.batch_size = 32  # prompts generated, or rows scored, per call (a multiple of the batch shards)
   e.max_examples = 200  # rouge / repetition / choice: first N records of their sets; 0 = all

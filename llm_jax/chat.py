@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 import jax
 
-from llm_jax import console
+from llm_jax import console, rundir
 from llm_jax.infer import chat, reasoning
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.interrupt import Interrupts
@@ -60,7 +60,7 @@ def _sampling() -> SamplingConfig:
 
 def run() -> None:
   sampling = _sampling()
-  run = chat.load_run(_WORKDIR.value, _STEP.value)
+  run = rundir.load(_WORKDIR.value, _STEP.value)
   context = _MAX_CONTEXT.value or run.context
   generator = Generator(run.params, run.model_cfg)
   if _PROMPTS.value:

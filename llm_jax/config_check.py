@@ -96,41 +96,40 @@ def _validate_accel(c: ml_collections.ConfigDict) -> None:
 
 
 def _validate_eval(c: ml_collections.ConfigDict) -> None:
-  """Fields of configs/eval.py (present only in the eval job's config)."""
-  e = c.eval
-  for field in ("batch_size", "max_new_tokens", "rep_prefix", "rep_continuation", "rep_n",
-                "loop_window"):
-    if field in e and not e[field] > 0:
-      _fail(f"eval.{field}", e[field], "must be > 0")
-  for field in ("max_examples", "knowledge_people", "choice_shots"):
-    if field in e and e[field] < 0:
-      _fail(f"eval.{field}", e[field], "must be >= 0 (0 means all / none)")
-  if "rep_windows" in e:
-    try:
-      windows = [int(w) for w in str(e.rep_windows).split(",") if w.strip()]
-    except ValueError:
-      windows = []
-    if not windows or min(windows) < 1:
-      _fail("eval.rep_windows", e.rep_windows, "must be a comma list of positive ints, e.g. 16,32,128")
-  if "sample_temperature" in e and e.sample_temperature < 0:
-    _fail("eval.sample_temperature", e.sample_temperature, "must be >= 0 (0 is greedy)")
-  if "sample_top_p" in e and not 0 < e.sample_top_p <= 1:
-    _fail("eval.sample_top_p", e.sample_top_p, "must be in (0, 1]")
-  if "choice_format" in e and e.choice_format not in ("letters", "cloze"):
-    _fail("eval.choice_format", e.choice_format, "must be letters or cloze")
-  if "choice_style" in e and e.choice_style not in ("auto", "en", "zh"):
-    _fail("eval.choice_style", e.choice_style, "must be auto, en or zh")
-  if "rouge_tokenizer" in e and e.rouge_tokenizer not in ("auto", "char", "word", "jieba"):
-    _fail("eval.rouge_tokenizer", e.rouge_tokenizer, "must be auto, char, word or jieba")
-  if "tasks" in e:
-    from llm_jax.eval.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
-    parse_tasks(e.tasks)
+  """The eval job's fields (configs/eval.py), and the embedded data's (every job)."""
   syn = c.data.synthetic
   if "unseen_fraction" in syn and not 0 <= syn.unseen_fraction < 1:
     _fail("data.synthetic.unseen_fraction", syn.unseen_fraction, "must be in [0, 1)")
   if syn.get("augment"):
-    from llm_jax.data.synthetic_bios import parse_augment  # pylint: disable=g-import-not-at-top
+    from llm_jax.data.builtin.bios import parse_augment  # pylint: disable=g-import-not-at-top
     parse_augment(syn.augment)
+  if c.job != "eval":
+    return
+  e = c.eval
+  for field in ("batch_size", "max_new_tokens", "rep_prefix", "rep_continuation", "rep_n",
+                "loop_window"):
+    if not e[field] > 0:
+      _fail(f"eval.{field}", e[field], "must be > 0")
+  for field in ("max_examples", "knowledge_people", "choice_shots", "max_batches"):
+    if e[field] < 0:
+      _fail(f"eval.{field}", e[field], "must be >= 0 (0 means all / none)")
+  try:
+    windows = [int(w) for w in str(e.rep_windows).split(",") if w.strip()]
+  except ValueError:
+    windows = []
+  if not windows or min(windows) < 1:
+    _fail("eval.rep_windows", e.rep_windows, "must be a comma list of positive ints, e.g. 16,32,128")
+  if e.sample_temperature < 0:
+    _fail("eval.sample_temperature", e.sample_temperature, "must be >= 0 (0 is greedy)")
+  if not 0 < e.sample_top_p <= 1:
+    _fail("eval.sample_top_p", e.sample_top_p, "must be in (0, 1]")
+  choices = {"choice_format": ("letters", "cloze"), "choice_style": ("auto", "en", "zh"),
+             "rouge_tokenizer": ("auto", "char", "word", "jieba"), "split": ("eval", "train")}
+  for field, allowed in choices.items():
+    if e[field] not in allowed:
+      _fail(f"eval.{field}", e[field], "must be " + ", ".join(allowed[:-1]) + f" or {allowed[-1]}")
+  from llm_jax.eval.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
+  parse_tasks(e.tasks)
 
 
 def _validate_post_training(c: ml_collections.ConfigDict) -> None:

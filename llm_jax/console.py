@@ -84,3 +84,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
+
+
+def moved(old: str, new: str) -> None:
+  """The whole of a command that has a new name: one line naming it, exit status 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.stderr.write(f"error: python -m {old} is now python -m {new} (same flags)\n")
+  sys.exit(2)

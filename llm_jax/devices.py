@@ -1,15 +1,114 @@
-"""Accelerators by name, for planning before renting them: `tpu-v5p-64`, `8xH100`, `2x8xA100`.
+"""The hardware catalogue: accelerators by name for planning before renting them (`tpu-v5p-64`,
+`8xH100`, `2x8xA100`), and the peak FLOP/s that MFU divides by (`peak_flops`), for these and for
+the CPU this process runs on (measured once per machine, then kept).
 
 TPU names follow Cloud TPU's accelerator types: v4 and v5p count TensorCores (two per chip,
 one JAX device per chip), v5e (`v5litepod`) and v6e count chips. GPU names are
-`[NODESx][GPUSx]MODEL`. Memory is the vendor's HBM per JAX device; peak FLOP/s come from
-`train/metrics.PEAK_FLOPS` (dense bf16, the MFU denominator).
+`[NODESx][GPUSx]MODEL`. Memory is the vendor's HBM per JAX device; peak FLOP/s are dense bf16
+spec-sheet figures (`PEAK_FLOPS`).
 """
 
 import dataclasses
+import functools
+import json
+import os
 import re
+import time
 
-from llm_jax.train.metrics import PEAK_FLOPS
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import paths
+
+# Dense bf16 peak FLOP/s per chip, matched as substrings of `device.device_kind`.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12), ("TPU v2", 45e12),
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+
+def _cpu_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def cpu_peak_cache_path() -> str:
+  """Where measured CPU peaks are kept between processes (delete it to measure again)."""
+  return paths.cache_dir("cpu_peak.json")
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  except OSError:  # not Linux
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an n x n matmul in `dtype_name` on all the cores this process may use.
+
+  Timed by the process's CPU time, not the wall clock: FLOPs per CPU-second is what one core
+  delivers, times the cores gives the machine's peak. On a quiet machine this equals the
+  wall-clock rate; on a busy one (other jobs, data workers) the wall clock reads several times
+  low while CPU time barely moves, so MFU stays comparable between runs. The fastest of
+  `repeats` runs: disturbances (another process, threads spinning) only ever slow a run.
+  2048, not 1024: a 1024 matmul (8 ms here) is short enough for thread start-up and scheduling
+  to show, and its fastest of 15 read 0.26-0.38 TFLOP/s between processes on a quiet 2-core
+  machine; the fastest of 5 at 2048 (60 ms each) read 0.277-0.292, quiet or with a busy core
+  beside it. It takes about 0.7 s, so the figure is kept in `cpu_peak_cache_path()` per CPU
+  model, core count, jax version and dtype, and measured once per machine, not per run.
+  """
+  key = f"{_cpu_model()} | {_cpu_count()} cores | jax {jax.__version__} | {dtype_name} | {n}"
+  path = cpu_peak_cache_path()
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+  except (OSError, ValueError):  # none yet, or unreadable: measure
+    cached = {}
+  cached = cached if isinstance(cached, dict) else {}
+  if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+    return float(cached[key])
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, n)), dtype_name)  # not ones: no shortcut for constants
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  per_cpu_s = []
+  for _ in range(repeats):
+    t = time.process_time()
+    f(x).block_until_ready()
+    per_cpu_s.append(time.process_time() - t)
+  peak = 2 * n ** 3 / max(min(per_cpu_s), 1e-9) * _cpu_count()
+  try:  # best effort, atomic: a concurrent run keeps either file whole
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({**cached, key: peak}, f, indent=1)
+    os.replace(tmp, path)
+  except OSError:
+    pass
+  return peak
+
+
+def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of all devices of this job, where the figure came from)."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    # Virtual CPU devices share the same cores, so the host's peak is the whole budget.
+    return (_measured_cpu_peak(compute_dtype),
+            f"measured {compute_dtype} matmul on this CPU's {_cpu_count()} cores, by CPU time; "
+            f"kept in {cpu_peak_cache_path()}")
+  for key, flops in PEAK_FLOPS:
+    if key.lower() in dev.device_kind.lower():
+      return flops * jax.device_count(), f"{dev.device_kind} bf16 spec x {jax.device_count()}"
+  return float("nan"), f"unknown device {dev.device_kind!r}: add it to PEAK_FLOPS"
 
 GB = 1e9
 
@@ -52,7 +151,7 @@ def _peak(kind: str) -> float:
   for key, flops in PEAK_FLOPS:
     if key.lower() in kind.lower():
       return flops
-  raise ValueError(f"no peak FLOP/s for {kind!r} in train/metrics.PEAK_FLOPS")
+  raise ValueError(f"no peak FLOP/s for {kind!r} in devices.PEAK_FLOPS")
 
 
 def parse(spec: str) -> Devices:

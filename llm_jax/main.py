@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(_VERBOSE.value)
-  from llm_jax.train.run_setup import SHAPE_FIELDS  # pylint: disable=g-import-not-at-top
+  from llm_jax.model.config import SHAPE_FIELDS  # pylint: disable=g-import-not-at-top
   # A model preset (--config=configs/sft.py:minimind-26m) sets every shape field.
   explicit = fields.explicit_fields(sys.argv, [f"model.{f}" for f in SHAPE_FIELDS])
   result = console.run_reporting_errors(jobs.run, _CONFIG.value, _WORKDIR.value, explicit=explicit)

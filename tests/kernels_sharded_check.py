@@ -22,7 +22,7 @@ from tests.test_kernels import CASES, packed_segment_ids
 jax.config.update("jax_default_matmul_precision", "highest")
 RULES = base.SHARDING_RULES
 CFG = ModelConfig(vocab_size=56, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                  mlp_dim=96, init_std=0.2, scan_layers=True, attention_interpret=True)
+                  mlp_dim=96, init_std=0.2, scan_layers=True, attention_interpret=True, tie_embeddings=False)
 
 
 def rel_err(got, want):

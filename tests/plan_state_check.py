@@ -12,7 +12,8 @@ import numpy as np
 from configs import pretrain
 from llm_jax import sharding
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import memory, optimizer as opt_lib, state as state_lib
+from llm_jax.plan import memory
+from llm_jax.train import optimizer as opt_lib, state as state_lib
 
 VOCAB = {"tiny": 4096, "minimind-26m": 6400, "minimind-moe": 6400, "qwen2-0.5b": 151936, "llama-1b": 128256}
 MESHES = [(32, 1, 1), (1, 32, 1), (2, 8, 2), (1, 8, 4)]  # (data, fsdp, tensor)

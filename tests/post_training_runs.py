@@ -7,9 +7,10 @@ import os
 import jax
 
 from configs import sft as sft_config
-from llm_jax.data import chat_template, synthetic_bios, tokenizer as tok_lib
+from llm_jax.data import chat_template, tokenizer as tok_lib
+from llm_jax.data.builtin import bios
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.model_reference import random_params
 
 N_ENTITIES = 40
@@ -19,7 +20,7 @@ def corpus(n_entities: int = N_ENTITIES) -> list[str]:
   """Biographies and QA chats of the embedded encyclopedia, plus reasoning-shaped text."""
   cfg = sft_config.get_config().data.synthetic
   cfg.n_entities = n_entities
-  data = synthetic_bios.generate(cfg)
+  data = bios.generate(cfg)
   return ([r["text"] for r in data["bios"]] +
           [chat_template.render_chat_text(r["messages"]) for r in data["qa_train"]] +
           ["<think>\nThe question asks for it. The encyclopedia says: so the answer is\n"
@@ -53,5 +54,5 @@ def make_init_run(workdir: str, tokenizer_path: str, *, seed: int = 0, dim: int 
     c.model.vocab_size = tok.vocab_size
     c.data.tokenizer.path = os.path.join(workdir, tok_lib.MODEL_FILE)
   params = random_params(ModelConfig.from_config(c.model), seed=seed, std=std)
-  checkpoint.save_params(workdir, jax.device_get(params), c)
+  rundir.save_params(workdir, jax.device_get(params), c)
   return workdir

@@ -15,7 +15,7 @@ from configs import sft
 from llm_jax.data.chat_template import encode_chat
 from llm_jax.data.tokenizer import train_sentencepiece
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 
 SEQ_LEN = 128  # the runs' context limit (config.data.seq_len)
 FACTS = [
@@ -105,7 +105,7 @@ def make_runs(root: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     tok.save(workdir)
     params, loss = trained[steps]
-    checkpoint.save_params(workdir, params, config, step=steps)
+    rundir.save_params(workdir, params, config, step=steps)
     out[name] = workdir
     out[name + "_loss"] = loss
   _CACHE[root] = out

@@ -19,7 +19,7 @@ from llm_jax.infer import chat, context as context_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.conftest import ROOT
 from tests.model_reference import random_params
 
@@ -28,7 +28,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=256)  # the chat CLI's d
 
 @pytest.fixture(scope="module")
 def run(trained_sft_run):
-  return chat.load_run(trained_sft_run)
+  return rundir.load(trained_sft_run)
 
 
 def test_fit_keeps_the_question_and_caps_the_answer(run):
@@ -122,7 +122,7 @@ def slow_run(tmp_path_factory):
   config.model.update(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48, vocab_size=tok.vocab_size,
                       init_std=0.3)
   config.data.seq_len = 8192
-  checkpoint.save_params(root, random_params(ModelConfig.from_config(config.model), seed=0), config)
+  rundir.save_params(root, random_params(ModelConfig.from_config(config.model), seed=0), config)
   return root
 
 

@@ -66,7 +66,7 @@ def test_ce_gradient_and_the_z_loss_guard():
 
 
 MODEL = ModelConfig(vocab_size=211, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
-                    mlp_dim=24, init_std=0.3, scan_layers=True)
+                    mlp_dim=24, init_std=0.3, scan_layers=True, tie_embeddings=False)
 
 
 def _batch(length=32, seed=0):

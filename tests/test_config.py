@@ -40,6 +40,24 @@ def test_presets_are_valid_models(name):
   assert cfg.n_heads % cfg.n_kv_heads == 0
 
 
+def test_model_defaults_have_one_source():
+  """configs/models.py writes every default out (with its comment) for users to read; each equals
+  the ModelConfig dataclass's, which fills fields a config.json lacks (older runs), so a run reads
+  back the same model whichever source a field came from."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from llm_jax.model.config import MoEConfig, RopeScaling  # pylint: disable=g-import-not-at-top
+  preset = models._model()  # pylint: disable=protected-access (the values every preset starts from)
+  for cls, section in ((ModelConfig, preset), (MoEConfig, preset.moe),
+                       (RopeScaling, preset.rope_scaling)):
+    for f in dataclasses.fields(cls):
+      if f.default is dataclasses.MISSING or f.name == "lora":
+        continue  # shape fields every preset sets; LoRA comes from config.lora
+      default = f.default if not dataclasses.is_dataclass(f.default) else None
+      if default is not None:
+        assert section[f.name] == default, (cls.__name__, f.name, section[f.name], default)
+  assert set(preset) - {f.name for f in dataclasses.fields(ModelConfig)} == set()
+
+
 def test_preset_from_the_config_argument():
   # `--config=configs/sft.py:minimind-26m` calls get_config("minimind-26m").
   assert sft.get_config("minimind-26m").model.dim == 512

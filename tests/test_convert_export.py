@@ -25,7 +25,7 @@ from llm_jax.data.chat_template import encode_chat, render_chat_text
 from llm_jax.data.tokenizer import train_sentencepiece
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.numerics import assert_close
 
 _BASE = ["李明宇于1965年3月12日出生在杭州，毕业于浙江大学物理系。",
@@ -81,7 +81,7 @@ def _run(tmp_path, tok, family: str):
       lambda path, x: jnp.asarray((1.0 if "scale" in str(path[-1]) else 0.0)
                                   + 0.1 * rng.standard_normal(x.shape), x.dtype), shapes)
   workdir = str(tmp_path / f"run_{family}")
-  checkpoint.save_params(workdir, params, config)
+  rundir.save_params(workdir, params, config)
   tok.save(workdir)
   return workdir, params, cfg
 
@@ -155,7 +155,7 @@ def test_exported_minimind_moe_loads_in_transformers_with_the_same_logits(tmp_pa
       lambda path, x: jnp.asarray((1.0 if "scale" in str(path[-1]) else 0.0)
                                   + 0.1 * rng.standard_normal(x.shape), x.dtype), shapes)
   workdir = str(tmp_path / "run_moe")
-  checkpoint.save_params(workdir, params, config)
+  rundir.save_params(workdir, params, config)
   sp_tok.save(workdir)
   out = hf_export.export_hf(workdir, str(tmp_path / "hf"))
   with open(os.path.join(out, "config.json")) as f:

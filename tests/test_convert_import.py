@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from configs import base
 from llm_jax.convert import hf_config, hf_export, hf_import
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.numerics import assert_close
 
 # (family, config overrides): GQA and MHA, tied and untied, q/k/v bias, q/k norm, rope theta 1e4
@@ -119,8 +120,8 @@ def hf_models(tmp_path_factory):
 def test_logits_match_transformers(hf_models, tmp_path, case, scan_layers):
   model, hf_dir = hf_models[case]
   workdir = str(tmp_path / "run")
-  hf_import.import_hf(hf_dir, workdir, scan_layers=scan_layers)
-  params, config = checkpoint.load_params(workdir)
+  hf_import.import_hf(hf_dir, workdir, base.get_config(), scan_layers=scan_layers)
+  params, config = rundir.load_params(workdir)
   cfg = ModelConfig.from_config(config.model)
   assert cfg.scan_layers == scan_layers
   assert config.data.tokenizer.path == os.path.join(workdir, "tokenizer")
@@ -154,8 +155,8 @@ def test_moe_logits_and_generation_match_transformers(hf_models, tmp_path, case,
   transformers' generate (the scanned Qwen2-MoE case: blocks of a dense and a sparse layer)."""
   model, hf_dir = hf_models[case]
   workdir = str(tmp_path / "run")
-  hf_import.import_hf(hf_dir, workdir, scan_layers=scan_layers)
-  params, config = checkpoint.load_params(workdir)
+  hf_import.import_hf(hf_dir, workdir, base.get_config(), scan_layers=scan_layers)
+  params, config = rundir.load_params(workdir)
   cfg = ModelConfig.from_config(config.model)
   assert cfg.moe.n_experts == model.config.num_experts and cfg.moe.top_k == 2
   assert cfg.n_sparse_layers == 2  # Qwen3-MoE: both layers; Qwen2-MoE: layers 1 and 3 of 4
@@ -195,7 +196,7 @@ def _tensors(out_dir: str) -> dict[str, np.ndarray]:
 def test_import_export_round_trip_is_exact(hf_models, tmp_path, case):
   model, hf_dir = hf_models[case]
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
-  hf_import.import_hf(hf_dir, workdir)
+  hf_import.import_hf(hf_dir, workdir, base.get_config())
   hf_export.export_hf(workdir, out)
   src, dst = _tensors(hf_dir), _tensors(out)
   assert sorted(src) == sorted(dst)
@@ -219,9 +220,9 @@ def test_bf16_checkpoint_imports_without_loss(tmp_path):
   model = build_hf_model(family, overrides, str(tmp_path / "f32"))
   model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
   _tiny_tokenizer_json(str(tmp_path / "bf16" / "tokenizer.json"))
-  config = hf_import.import_hf(str(tmp_path / "bf16"), str(tmp_path / "run"))
+  config = hf_import.import_hf(str(tmp_path / "bf16"), str(tmp_path / "run"), base.get_config())
   assert config.model.param_dtype == "bfloat16"
-  params, _ = checkpoint.load_params(str(tmp_path / "run"))
+  params, _ = rundir.load_params(str(tmp_path / "run"))
   w = model.model.layers[1].mlp.down_proj.weight.detach().to(torch.bfloat16).float().numpy()
   got = np.asarray(params["layers"]["mlp"]["down_proj"]["kernel"][1].astype(jnp.float32))
   np.testing.assert_array_equal(got, w.T)
@@ -256,7 +257,7 @@ def test_unexpected_tensor_is_refused(tmp_path):
   tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(48, np.float32)
   save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(ValueError, match="o_proj.bias"):
-    hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), base.get_config())
   assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
 
@@ -265,7 +266,7 @@ def test_missing_safetensors_leaves_no_workdir(tmp_path):
   build_hf_model(family, overrides, str(tmp_path / "hf"))
   os.remove(tmp_path / "hf" / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
-    hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+    hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), base.get_config())
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -273,22 +274,23 @@ _MESH_SCRIPT = r"""
 import os, sys
 import numpy as np, jax
 import test_convert_import as T
+from configs import base
 from llm_jax import sharding
 from llm_jax.convert import hf_import
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from llm_jax.model import init as model_init
 d = sys.argv[1]
 T.build_hf_model(*T.CASES["qwen3_qknorm_untied_hd24"], d + "/hf")
-config = hf_import.base.get_config()
+config = base.get_config()
 config.mesh.fsdp, config.mesh.tensor = 2, 2
 mesh = sharding.make_mesh(config.mesh)
-sharded = hf_import.import_hf(d + "/hf", d + "/sharded", mesh=mesh)
-hf_import.import_hf(d + "/hf", d + "/single")
+sharded = hf_import.import_hf(d + "/hf", d + "/sharded", base.get_config(), mesh=mesh)
+hf_import.import_hf(d + "/hf", d + "/single", base.get_config())
 _, shardings = model_init.abstract(
     ModelConfig.from_config(sharded.model), mesh, sharded.sharding_rules)
-p, _ = checkpoint.load_params(d + "/sharded", shardings=shardings)
-ref, _ = checkpoint.load_params(d + "/single")
+p, _ = rundir.load_params(d + "/sharded", shardings=shardings)
+ref, _ = rundir.load_params(d + "/single")
 q = p["layers"]["attn"]["q_proj"]["kernel"]
 assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q.sharding
 assert q.addressable_shards[0].data.shape == (2, 32, 2, 24), q.addressable_shards[0].data.shape

@@ -19,7 +19,7 @@ from tests.numerics import assert_close
 jax.config.update("jax_default_matmul_precision", "highest")
 
 CFG = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=40,
-                  qkv_bias=True, init_std=0.3, scan_layers=False)
+                  qkv_bias=True, init_std=0.3, scan_layers=False, tie_embeddings=False)
 
 
 @pytest.mark.parametrize("equation,x_shape,k_shape", [
@@ -202,7 +202,7 @@ def test_compare_torch_builds_the_same_model():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   import torch  # pylint: disable=g-import-not-at-top
-  from llm_jax import bench, bench_torch  # pylint: disable=g-import-not-at-top
+  from llm_jax.train import bench, bench_torch  # pylint: disable=g-import-not-at-top
   from llm_jax.model import flops  # pylint: disable=g-import-not-at-top
   config = bench.shape_config("nanogpt-cpu")
   cfg = ModelConfig.from_config(config.model)
@@ -245,10 +245,10 @@ def test_fresh_cache_prefill_equals_attending_over_the_cache(layout):
 
 
 def test_bench_matmul_runs_every_side():
-  """`python -m llm_jax.bench_matmul` (README, Benchmarks) times each shape in JAX and in torch with
+  """`python -m llm_jax.model.bench_matmul` (README, Benchmarks) times each shape in JAX and in torch with
   1 and with all threads; tiny shapes here, only that every side runs and yields a rate."""
   pytest.importorskip("torch")
-  from llm_jax import bench_matmul  # pylint: disable=g-import-not-at-top
+  from llm_jax.model import bench_matmul  # pylint: disable=g-import-not-at-top
   shapes = bench_matmul._shapes(dim=32, mlp=48, tokens=16)
   assert [s[1:] for s in shapes] == [(1, 1, 32, 48), (1, 8, 32, 48), (1, 16, 32, 48), (16, 256, 64, 288)]
   for rate in (bench_matmul._jax_rate(2, 4, 8, 16), bench_matmul._torch_rate(2, 4, 8, 16, 1)):
@@ -258,11 +258,11 @@ def test_bench_matmul_runs_every_side():
 def test_cpu_peak_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
   """MFU's CPU peak is measured on a machine's first run and read back afterwards (README: it
   takes about 0.7 s); an unreadable file is measured over and rewritten whole."""
-  from llm_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  from llm_jax import devices  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  path = metrics.cpu_peak_cache_path()
+  path = devices.cpu_peak_cache_path()
   assert path == str(tmp_path / "llm_jax" / "cpu_peak.json")
-  measure = metrics._measured_cpu_peak.__wrapped__  # without the per-process lru_cache
+  measure = devices._measured_cpu_peak.__wrapped__  # without the per-process lru_cache
   peak = measure("float32", n=256, repeats=2)
   assert np.isfinite(peak) and peak > 0
   with open(path) as f:

@@ -12,7 +12,7 @@ import pytest
 from configs import data as data_config
 from llm_jax.data import chat_template
 from llm_jax.data import pipeline
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 from llm_jax.data import tokenizer as tokenizer_lib
 
 WORDS = "alpha beta gamma delta 北京 上海 数据 模型 one two three 🙂".split()
@@ -189,7 +189,7 @@ def test_mixture_follows_weights(tmp_path, tok):
 
 def test_eval_is_one_padded_deterministic_pass_split_over_processes(tok):
   cfg = _cfg("builtin:bios_qa_train", eval="builtin:bios_qa_heldout", batch_size=6, seq_len=512)
-  chats = synthetic_bios.generate(cfg.synthetic)["qa_heldout"]
+  chats = bios.generate(cfg.synthetic)["qa_heldout"]
   full = list(pipeline.make_eval_iterator(cfg, tok))
   again = list(pipeline.make_eval_iterator(cfg, tok))
   assert len(full) == len(again) and all(

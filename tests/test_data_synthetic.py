@@ -5,7 +5,7 @@ import re
 import pytest
 
 from configs import data as data_config
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 from llm_jax.data import text_clean
 
 
@@ -17,27 +17,27 @@ def _cfg(**kw):
 
 
 def test_deterministic_and_seeded():
-  a = synthetic_bios.generate(_cfg())
-  synthetic_bios._generate.cache_clear()
-  b = synthetic_bios.generate(_cfg())
+  a = bios.generate(_cfg())
+  bios._generate.cache_clear()
+  b = bios.generate(_cfg())
   assert a == b and a is not b
-  assert synthetic_bios.generate(_cfg(seed=99))["bios"] != a["bios"]
+  assert bios.generate(_cfg(seed=99))["bios"] != a["bios"]
 
 
 def test_sizes_follow_config():
   cfg = _cfg(bios_per_entity=2, multi_turn_per_entity=2, heldout_fraction=0.25)
-  d = synthetic_bios.generate(cfg)
-  n, langs, attrs = 80, 2, len(synthetic_bios.ATTRIBUTES)
+  d = bios.generate(cfg)
+  n, langs, attrs = 80, 2, len(bios.ATTRIBUTES)
   assert len(d["people"]) == n and len(d["heldout"]) == 20
   assert len(d["bios"]) == n * langs * 2 and len(d["bios_eval"]) == n * langs
   assert len(d["qa_train"]) == 60 * langs * (attrs + 2)
   assert len(d["qa_heldout"]) == 20 * langs * (attrs + 2)
-  en_only = synthetic_bios.generate(_cfg(languages="en"))
+  en_only = bios.generate(_cfg(languages="en"))
   assert all(re.fullmatch(r"[\x20-\x7e]+", r["text"]) for r in en_only["bios"])
 
 
 def test_heldout_people_never_in_training_qa_but_in_bios():
-  d = synthetic_bios.generate(_cfg())
+  d = bios.generate(_cfg())
   heldout = {lang: {d["people"][k]["name"][lang] for k in d["heldout"]} for lang in ("zh", "en")}
   train_text = " ".join(m["content"] for c in d["qa_train"] for m in c["messages"])
   heldout_text = " ".join(m["content"] for c in d["qa_heldout"] for m in c["messages"])
@@ -53,7 +53,7 @@ def test_heldout_people_never_in_training_qa_but_in_bios():
 
 
 def test_every_answer_is_a_fact_stated_in_that_persons_biographies():
-  d = synthetic_bios.generate(_cfg())
+  d = bios.generate(_cfg())
   by_name = {}
   for person in d["people"]:
     for lang in ("zh", "en"):
@@ -63,13 +63,13 @@ def test_every_answer_is_a_fact_stated_in_that_persons_biographies():
     for answer in answers:
       matches = [(p, lang) for name, (p, lang) in by_name.items() if answer.startswith(name)]
       person, lang = max(matches, key=lambda pl: len(pl[0]["name"][pl[1]]))
-      values = [person[a][lang] for a in synthetic_bios.ATTRIBUTES]
+      values = [person[a][lang] for a in bios.ATTRIBUTES]
       assert any(v in answer for v in values)
 
 
 def test_templates_per_attribute_limits_sentence_variety():
-  d = synthetic_bios.generate(_cfg(templates_per_attribute=1, languages="en"))
-  first = [synthetic_bios.BIO_TEMPLATES["en"][a][0] for a in synthetic_bios.ATTRIBUTES]
+  d = bios.generate(_cfg(templates_per_attribute=1, languages="en"))
+  first = [bios.BIO_TEMPLATES["en"][a][0] for a in bios.ATTRIBUTES]
   shapes = {re.escape(t).replace(r"\{name\}", ".+").replace(r"\{v\}", ".+") for t in first}
   for bio in d["bios"][:50]:
     for sentence in re.split(r"(?<=\.) (?=[A-Z])", bio["text"]):
@@ -84,7 +84,7 @@ def test_templates_per_attribute_limits_sentence_variety():
 ])
 def test_bad_synthetic_config_is_a_clear_error(field, value, match):
   with pytest.raises(ValueError, match=match):
-    synthetic_bios.generate(_cfg(**{field: value}))
+    bios.generate(_cfg(**{field: value}))
 
 
 def test_clean_markup_removes_empty_brackets_and_markup():

@@ -15,7 +15,8 @@ from llm_jax.data.hf_tokenizer import HFTokenizer
 from llm_jax.infer import reasoning as show
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint, distill, frozen, loop
+from llm_jax import checkpoint
+from llm_jax.train import distill, frozen, loop
 from tests import post_training_runs
 from tests.model_reference import random_params
 from tests.numerics import assert_close
@@ -67,9 +68,9 @@ def test_loss_equals_hand_computation(tok):
   c.data.seq_len, c.data.batch_size = 256, 2
   batch = next(pipeline.make_train_iterator(c.data, tok, seed=0))
   cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    head_dim=8, mlp_dim=64)
+                    head_dim=8, mlp_dim=64, tie_embeddings=False)
   teacher_cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=1, n_heads=4,
-                            n_kv_heads=4, head_dim=12, mlp_dim=96)  # another shape
+                            n_kv_heads=4, head_dim=12, mlp_dim=96, tie_embeddings=False)  # another shape
   params = random_params(cfg, seed=0, std=0.3)
   teacher = random_params(teacher_cfg, seed=1, std=0.3)
   tag_ids = distill.tag_token_ids(tok, "<think>,</think>")

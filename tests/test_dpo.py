@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_config
-from llm_jax.data import pipeline, preference, synthetic_bios as bios, tokenizer as tok_lib
+from llm_jax.data import pipeline, preference, tokenizer as tok_lib
+from llm_jax.data.builtin import bios
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint, dpo, loop
+from llm_jax import checkpoint
+from llm_jax.train import dpo, loop
 from tests import post_training_runs
 from tests.model_reference import random_params
 from tests.numerics import assert_close
@@ -97,7 +99,7 @@ def _batch(tok, path, seq_len=256, batch_size=4):
 
 def _model_cfg(tok):
   return ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                     head_dim=8, mlp_dim=64)
+                     head_dim=8, mlp_dim=64, tie_embeddings=False)
 
 
 def test_packed_pairs_equal_each_sequence_alone(tok, pair_files):

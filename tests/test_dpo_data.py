@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_config
-from llm_jax.data import chat_template, pipeline, preference, tokenizer as tok_lib
+from llm_jax.data import chat_template, formats, pipeline, preference, tokenizer as tok_lib
 from llm_jax.data.sources import RecordError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,14 +47,14 @@ def tok():
      "rejected": "Li Ming works for Goldstone Bank."},
 ])
 def test_pair_shapes_normalise_to_the_same_pair(record):
-  assert preference.normalize_pair(record, "f.jsonl:1") == EXPECTED
+  assert formats.normalize_pair(record, "f.jsonl:1") == EXPECTED
 
 
 def test_system_turns_and_reasoning_content():
   record = {"system": "Be brief.", "prompt": "Where was Li Ming born?",
             "chosen": {"role": "assistant", "content": "Hangzhou.", "reasoning_content": "Recall."},
             "rejected": "Beijing."}
-  pair = preference.normalize_pair(record, "f.jsonl:1")
+  pair = formats.normalize_pair(record, "f.jsonl:1")
   assert pair["prompt"] == [{"role": "system", "content": "Be brief."}] + PROMPT
   assert pair["chosen"][0]["content"] == "<think>\nRecall.\n</think>\n\nHangzhou."
 
@@ -155,7 +155,7 @@ def test_packed_rows_keep_each_pair_whole(tmp_path, tok, packing):
 
   expected = {}
   for r in records:
-    prompt = preference.normalize_pair(r, "t")["prompt"]
+    prompt = formats.normalize_pair(r, "t")["prompt"]
     c_ids, c_text = render(r["chosen"], r["chosen"][len(prompt):])
     r_ids, r_text = render(r["rejected"], r["rejected"][len(prompt):])
     expected[tuple(c_ids[:-1])] = (tuple(r_ids[:-1]), c_text, r_text)

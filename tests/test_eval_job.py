@@ -14,14 +14,15 @@ from PIL import Image
 from configs import eval as eval_config
 from configs import sft as sft_config
 from llm_jax import fields as fields_lib
-from llm_jax.data import pipeline, synthetic_bios
+from llm_jax.data import pipeline
+from llm_jax.data.builtin import bios, post
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import choice as choice_lib
 from llm_jax.eval import job, model_io, plots, run_config, tasks as tasks_lib
 from llm_jax.infer.generate import Generation
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint
+from llm_jax import checkpoint, rundir
 from llm_jax.model import init as model_init
 from tests.model_reference import random_params
 from tests.numerics import assert_close
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory):
   cfg.data.tokenizer.path = os.path.join(wd, "tokenizer.model")
   cfg.model.update(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
                    vocab_size=tok.vocab_size, init_std=0.2)
-  checkpoint.write_config(wd, cfg)
+  rundir.write_config(wd, cfg)
   model_cfg = ModelConfig.from_config(cfg.model)
   with checkpoint.make_manager(wd, keep=10, async_save=False, with_data=False) as m:
     for k, step in enumerate(STEPS):
@@ -133,7 +134,7 @@ def test_packing_none_scores_one_document_per_row_with_the_packed_loss(run_dir, 
   packed = _run(_eval_cfg(eval__out_dir=str(tmp_path / "p"), **common), run_dir)[30]
   none = _run(_eval_cfg(eval__out_dir=str(tmp_path / "n"), data__packing="none", **common),
               run_dir)[30]
-  data = synthetic_bios.generate(_resolve(_eval_cfg(), run_dir).data.synthetic)
+  data = bios.generate(_resolve(_eval_cfg(), run_dir).data.synthetic)
   n_docs = len(data["qa_heldout"])
   # The overrides were used: 4 rows per batch of 96 tokens, one document per row unpacked.
   assert none["tasks"]["loss"]["batch_size"] == 4 and none["tasks"]["loss"]["seq_len"] == 96
@@ -182,7 +183,7 @@ def test_choice_scores_equal_direct_per_choice_log_likelihood(run_dir, tmp_path)
   for fmt, shots in (("letters", 1), ("cloze", 0)):
     ctx = _context(run_dir, eval__choice_file=str(f), eval__choice_format=fmt,
                    eval__choice_shots=shots)
-    params, _ = checkpoint.load_params(run_dir, 30)
+    params, _ = rundir.load_params(run_dir, 30)
     runner = model_io.ModelRunner(params, ctx.model_cfg, ctx.mesh, ctx.rules,
                                   model_io.make_score_fn(ctx.model_cfg, ctx.param_shardings,
                                                          ctx.mesh, ctx.rules), batch_size=4)
@@ -244,3 +245,26 @@ def test_knowledge_task_right_model_100_wrong_model_0(run_dir):
   res, _ = task.run(_StubRunner(shifted))
   assert res["all"]["exact"] == 0.0
   assert len(samples) == len(task.probes) and {"qa", "bio", "answer"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("split", ["dpo_heldout", "r1_heldout"])
+def test_rouge_of_a_dpo_or_distill_run_reads_its_builtin_eval_set(run_dir, tmp_path, split):
+  """A DPO run's data.eval is builtin:bios_dpo_heldout, a distillation run's
+  builtin:bios_r1_heldout: rouge scores against them (a bare KeyError before the built-ins had
+  one resolver). The references are the generator's own records: a pair's chosen answer, a
+  trace's last assistant turn."""
+  spec = f"builtin:bios_{split}"
+  out = _run(_eval_cfg(eval__tasks="rouge", eval__steps="30", eval__out_dir=str(tmp_path),
+                       eval__max_examples=3, eval__max_new_tokens=4, eval__plots=False,
+                       data__eval=spec), run_dir)[30]
+  res = out["tasks"]["rouge"]
+  assert res["examples"] == 3 and res["references"] == spec and 0 <= res["rougeL"] <= 1
+  cfg = _resolve(_eval_cfg(data__eval=spec), run_dir)
+  records, _ = tasks_lib.read_references(spec, cfg.data, limit=3)
+  raw = post.generate(cfg.data.synthetic)[split][:3]
+  if split.startswith("dpo"):
+    want = [r["chosen"][-1]["content"] for r in raw]
+  else:
+    want = [r["messages"][-1]["content"] for r in raw]
+  assert [r["reference"] for r in records] == want
+  assert all(r["messages"][-1]["role"] == "user" for r in records)

@@ -10,7 +10,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer, tokenizers
 
 from configs import data as data_config
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 from llm_jax.eval import choice, knowledge, repetition, rouge
 from llm_jax.eval import tasks as tasks_lib
 
@@ -182,9 +182,9 @@ def test_knowledge_right_answers_score_100_wrong_0():
 
 
 def test_knowledge_groups_follow_the_data():
-  d = synthetic_bios.generate(_syn(unseen_fraction=0.25))
+  d = bios.generate(_syn(unseen_fraction=0.25))
   probes = knowledge.encyclopedia_probes(_syn(unseen_fraction=0.25))
-  n_attr, n_lang = len(synthetic_bios.ATTRIBUTES), 2
+  n_attr, n_lang = len(bios.ATTRIBUTES), 2
   assert len(probes) == 40 * n_attr * n_lang
   held = sum(p.tags["qa"] == "heldout" for p in probes)
   unseen = sum(p.tags["bio"] == "unseen" for p in probes)
@@ -216,17 +216,17 @@ def _value_order(person, text):
   """The attribute order a biography tells them in (each sentence matched to its template)."""
   order = []
   for sentence in re.split(r"(?<=\.) (?=[A-Z])", text):
-    order += [a for a in synthetic_bios.ATTRIBUTES
+    order += [a for a in bios.ATTRIBUTES
               if any(t.format(name=person["name"]["en"], v=person[a]["en"]) == sentence
-                     for t in synthetic_bios.BIO_TEMPLATES["en"][a])][:1]
+                     for t in bios.BIO_TEMPLATES["en"][a])][:1]
   return tuple(order)
 
 
 def test_augment_multi_and_permute():
-  base = synthetic_bios.generate(_syn(languages="en"))
-  single = synthetic_bios.generate(_syn(languages="en", augment="single"))
-  multi = synthetic_bios.generate(_syn(languages="en", augment="multi5"))
-  perm = synthetic_bios.generate(_syn(languages="en", augment="multi5+permute"))
+  base = bios.generate(_syn(languages="en"))
+  single = bios.generate(_syn(languages="en", augment="single"))
+  multi = bios.generate(_syn(languages="en", augment="multi5"))
+  perm = bios.generate(_syn(languages="en", augment="multi5+permute"))
   assert len(single["bios"]) == 40 and len(multi["bios"]) == len(perm["bios"]) == 200
   for d in (single, multi, perm):  # QA, people and eval biographies do not change
     assert d["qa_train"] == base["qa_train"] and d["people"] == base["people"]
@@ -234,19 +234,19 @@ def test_augment_multi_and_permute():
   people = base["people"]
   # Without permute, every biography tells the attributes in the canonical order; with it, the
   # orders vary. Biography i belongs to person i // 5.
-  assert all(_value_order(people[i // 5], b["text"]) == synthetic_bios.ATTRIBUTES
+  assert all(_value_order(people[i // 5], b["text"]) == bios.ATTRIBUTES
              for i, b in enumerate(multi["bios"]))
   orders = {_value_order(people[i // 5], b["text"]) for i, b in enumerate(perm["bios"])}
   assert len(orders) > 20
   # A person's five biographies are different phrasings of the same facts.
   assert len({b["text"] for b in multi["bios"][:5]}) > 1
   with pytest.raises(ValueError, match="augment"):
-    synthetic_bios.generate(_syn(augment="multi5+shuffle"))
+    bios.generate(_syn(augment="multi5+shuffle"))
 
 
 def test_unseen_people_have_no_biography_but_keep_their_qa():
-  d = synthetic_bios.generate(_syn(languages="en", unseen_fraction=0.25))
-  base = synthetic_bios.generate(_syn(languages="en"))
+  d = bios.generate(_syn(languages="en", unseen_fraction=0.25))
+  base = bios.generate(_syn(languages="en"))
   assert len(d["unseen"]) == 10 and d["heldout"] == base["heldout"]
   assert d["qa_train"] == base["qa_train"] and d["qa_heldout"] == base["qa_heldout"]
   text = " ".join(b["text"] for b in d["bios"] + d["bios_eval"])

@@ -16,7 +16,7 @@ from tests.numerics import assert_close
 jax.config.update("jax_default_matmul_precision", "highest")
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
-                  qkv_bias=True, init_std=0.3)
+                  qkv_bias=True, init_std=0.3, tie_embeddings=False)
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 8, 71, 30, 12, 4, 6], [33], [70, 21, 5, 5, 19, 81]]
 
 

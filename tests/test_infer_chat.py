@@ -15,7 +15,7 @@ from llm_jax.infer import chat
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.model_reference import random_params
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=6)
@@ -32,13 +32,13 @@ def workdir(tmp_path_factory):
                       init_std=0.3)
   cfg = ModelConfig.from_config(config.model)
   params = random_params(cfg, seed=0)
-  checkpoint.save_params(root, params, config, step=0)
+  rundir.save_params(root, params, config, step=0)
   return root
 
 
 @pytest.fixture(scope="module")
 def run(workdir):
-  return chat.load_run(workdir)
+  return rundir.load(workdir)
 
 
 def test_load_run_and_prompt_template(run):

@@ -10,7 +10,8 @@ import pytest
 
 from configs import sft as sft_config
 from llm_jax.data import pipeline, tokenizer as tok_lib
-from llm_jax.train import checkpoint, loop
+from llm_jax import checkpoint, rundir
+from llm_jax.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, tokenizer_path):
   for (_, a), (_, b) in zip(seen_a, seen_b):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  pa, _ = checkpoint.load_params(str(tmp_path / "a"), 20)
-  pb, _ = checkpoint.load_params(str(tmp_path / "b"), 20)
+  pa, _ = rundir.load_params(str(tmp_path / "a"), 20)
+  pb, _ = rundir.load_params(str(tmp_path / "b"), 20)
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
 
@@ -80,7 +81,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenize
   with pytest.raises(FloatingPointError, match=r"loss .*nan at step 13.*last good checkpoint is step 10"):
     loop.train_and_evaluate(cfg, str(tmp_path), batch_hook=poison_at_12)
   assert checkpoint.steps(str(tmp_path)) == [5, 10]
-  params, _ = checkpoint.load_params(str(tmp_path))
+  params, _ = rundir.load_params(str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -88,7 +89,7 @@ def test_init_from_takes_parameters_only(tmp_path, tokenizer_path):
   pre = small_config(tokenizer_path, steps=5)
   pre.job, pre.data.mode, pre.data.train = "pretrain", "pretrain", "builtin:bios"
   loop.train_and_evaluate(pre, str(tmp_path / "pre"))
-  p_pre, _ = checkpoint.load_params(str(tmp_path / "pre"))
+  p_pre, _ = rundir.load_params(str(tmp_path / "pre"))
 
   sft = small_config("", steps=1)  # no tokenizer given: it must come from the source run
   sft.model.dim = 48  # a different shape on the command line: the source's shape wins
@@ -97,12 +98,12 @@ def test_init_from_takes_parameters_only(tmp_path, tokenizer_path):
   sft.train.lr, sft.train.warmup_steps = 1e-4, 0
   out = loop.train_and_evaluate(sft, str(tmp_path / "sft"))
   assert out["step"] == 1  # a fresh optimizer and step count, not the source's
-  p_sft, cfg_sft = checkpoint.load_params(str(tmp_path / "sft"))
+  p_sft, cfg_sft = rundir.load_params(str(tmp_path / "sft"))
   assert cfg_sft.model.dim == 32 and cfg_sft.model.scan_layers
   # Both runs carry their own copy of the tokenizer, and their configs point at it.
   for run in ("pre", "sft"):
     own = str(tmp_path / run / "tokenizer.model")
-    assert checkpoint.read_config(str(tmp_path / run)).data.tokenizer.path == own
+    assert rundir.read_config(str(tmp_path / run)).data.tokenizer.path == own
     assert open(own, "rb").read() == open(tokenizer_path, "rb").read()
   # One Adam step moves each weight by about lr; a fresh init would differ by ~init_std.
   for a, b in zip(jax.tree.leaves(p_pre), jax.tree.leaves(p_sft)):
@@ -138,8 +139,8 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, token
   # Kept for the user, out of the way of the resumed run (which wrote its own step 15).
   assert os.path.isdir(os.path.join(a, checkpoint.DAMAGED_DIR, "15"))
   assert checkpoint.steps(a) == checkpoint.steps(b)
-  pa, _ = checkpoint.load_params(a, 20)
-  pb, _ = checkpoint.load_params(b, 20)
+  pa, _ = rundir.load_params(a, 20)
+  pb, _ = rundir.load_params(b, 20)
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
 

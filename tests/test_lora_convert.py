@@ -18,7 +18,7 @@ from llm_jax.data.tokenizer import train_sentencepiece
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
-from llm_jax.train import checkpoint
+from llm_jax import checkpoint, rundir
 from tests.model_reference import random_params
 from tests.numerics import assert_close
 
@@ -44,7 +44,7 @@ def _make_runs(root, tok, family: str, targets: str, rank=4, alpha=12.0):
   base_dir = os.path.join(root, f"{family}_base")
   tok.save(base_dir)
   config.data.tokenizer.path = os.path.join(base_dir, "tokenizer.model")
-  checkpoint.save_params(base_dir, params, config)
+  rundir.save_params(base_dir, params, config)
 
   config.lora.update(rank=rank, alpha=alpha, targets=targets, dropout=0.1)
   config.init_from, config.init_step = base_dir, 0
@@ -59,7 +59,7 @@ def _make_runs(root, tok, family: str, targets: str, rank=4, alpha=12.0):
   lora_dir = os.path.join(root, f"{family}_lora")
   tok.save(lora_dir)
   config.data.tokenizer.path = os.path.join(lora_dir, "tokenizer.model")
-  checkpoint.save_params(lora_dir, adapters, config, step=30)
+  rundir.save_params(lora_dir, adapters, config, step=30)
   return base_dir, lora_dir, cfg, lcfg, params, adapters
 
 
@@ -81,13 +81,13 @@ def test_merged_run_equals_adapter_model_and_merging_twice_is_safe(tmp_path, tok
   assert np.abs(want - _logits(cfg, {"params": params}, ids)).max() > 0.1 * np.abs(want).max()
 
   out = merge_lora.merge_run(lora_dir, str(tmp_path / "merged"))
-  merged, merged_cfg = checkpoint.load_params(out)
+  merged, merged_cfg = rundir.load_params(out)
   assert merged_cfg.lora.rank == 0 and checkpoint.steps(out) == [30]
   assert os.path.isfile(os.path.join(out, "tokenizer.model"))
   assert_close(_logits(ModelConfig.from_config(merged_cfg.model), {"params": merged}, ids), want,
                rel=1e-5)
   # Every tool reads the LoRA run itself as base + adapters: the same merge, bit for bit.
-  direct, _ = checkpoint.load_params(lora_dir)
+  direct, _ = rundir.load_params(lora_dir)
   for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(a, b)
 
@@ -102,7 +102,7 @@ def test_merged_run_equals_adapter_model_and_merging_twice_is_safe(tmp_path, tok
     merge_lora.merge_run(lora_dir, out, dtype="bfloat16")
   with pytest.raises(ValueError, match=r"is not a LoRA run"):
     merge_lora.merge_run(base_dir, str(tmp_path / "merged3"))
-  again, _ = checkpoint.load_params(out)
+  again, _ = rundir.load_params(out)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(a, b)
 

@@ -6,17 +6,16 @@ import logging
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from configs import sft as sft_config
 from llm_jax.data.tokenizer import train_sentencepiece
-from llm_jax.infer import chat
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint, loop
+from llm_jax import checkpoint, rundir
+from llm_jax.train import loop
 from tests.model_reference import random_params
 from tests.numerics import assert_close
 
@@ -32,7 +31,7 @@ def base_run(tmp_path_factory):
   c = sft_config.get_config()
   c.model.update(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, vocab_size=tok.vocab_size)
   c.data.tokenizer.path = os.path.join(d, "tokenizer.model")
-  checkpoint.save_params(d, random_params(ModelConfig.from_config(c.model), std=0.05), c)
+  rundir.save_params(d, random_params(ModelConfig.from_config(c.model), std=0.05), c)
   return d
 
 
@@ -49,7 +48,7 @@ def lora_config(base_dir, steps=4):
 
 
 def _adapters(workdir, step):
-  params, _ = checkpoint.load_params(workdir, step, merge_lora=False)
+  params, _ = rundir.load_params(workdir, step, merge_lora=False)
   return traverse_util.flatten_dict(params, sep="/")
 
 
@@ -63,7 +62,7 @@ def test_lora_sft_saves_adapters_only_resumes_exactly_and_reads_as_a_model(tmp_p
   assert "trainable parameters" in line and "for full fine-tuning" in line, line
 
   # The run records its base exactly; its checkpoints hold the adapters and their moments only.
-  cfg = checkpoint.read_config(run_a)
+  cfg = rundir.read_config(run_a)
   assert cfg.init_from == os.path.abspath(base_run) and cfg.init_step == 0
   with checkpoint.make_manager(run_a, read_only=True) as m:
     meta = m.item_metadata(4)[checkpoint.STATE]
@@ -88,8 +87,8 @@ def test_lora_sft_saves_adapters_only_resumes_exactly_and_reads_as_a_model(tmp_p
 
   # Chat / generation / eval read the LoRA run as its base with the adapters merged in: an
   # adapted kernel is W + (alpha / rank) A @ B (float64 numpy here), the rest is the base.
-  base, _ = checkpoint.load_params(base_run)
-  loaded = chat.load_run(run_a)
+  base, _ = rundir.load_params(base_run)
+  loaded = rundir.load(run_a)
   assert loaded.model_cfg.lora is None and loaded.tokenizer.vocab_size == model_cfg.vocab_size
   a, b = adapters["layers/attn/q_proj/lora_a"], adapters["layers/attn/q_proj/lora_b"]
   w = np.asarray(base["layers"]["attn"]["q_proj"]["kernel"], np.float64)

@@ -18,7 +18,7 @@ from tests.numerics import assert_close
 jax.config.update("jax_default_matmul_precision", "highest")
 
 BASE = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=40,
-                   rope_theta=1000.0, scan_layers=False, init_std=0.2)
+                   rope_theta=1000.0, scan_layers=False, init_std=0.2, tie_embeddings=False)
 QWEN3 = dataclasses.replace(BASE, qk_norm=True, qkv_bias=True, tie_embeddings=True)
 MHA24 = dataclasses.replace(BASE, dim=40, n_heads=2, n_kv_heads=2, head_dim=24, qkv_bias=True)
 

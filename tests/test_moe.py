@@ -26,7 +26,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 MOE = MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=24, n_shared_experts=1, shared_mlp_dim=16,
                 shared_expert_gate=True, aux_loss_coef=0.01, z_loss_coef=0.001, gmm="ragged_dot")
 BASE = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=40,
-                   rope_theta=1000.0, scan_layers=False, init_std=0.2, moe=MOE)
+                   rope_theta=1000.0, scan_layers=False, init_std=0.2, moe=MOE, tie_embeddings=False)
 
 
 def _init(cfg, seed=0):
@@ -273,11 +273,12 @@ def test_bad_moe_config_names_the_field(field, value, match):
 
 def test_init_from_adopts_the_source_runs_experts_and_rope_scaling(tmp_path):
   from configs import base  # pylint: disable=g-import-not-at-top
-  from llm_jax.train import checkpoint, run_setup  # pylint: disable=g-import-not-at-top
+  from llm_jax import rundir  # pylint: disable=g-import-not-at-top
+  from llm_jax.train import run_setup
   src = base.get_config("minimind-moe")
   src.model.moe.expert_mlp_dim = 256
   src.model.rope_scaling.update(type="llama3", factor=32.0, original_max_position_embeddings=8192)
-  checkpoint.write_config(str(tmp_path), src)
+  rundir.write_config(str(tmp_path), src)
   job = base.get_config("minimind-26m")
   job.model.moe.capacity_factor = 1.5  # a routing choice: stays the job's
   run_setup.adopt_source_model(job, str(tmp_path))
@@ -287,6 +288,6 @@ def test_init_from_adopts_the_source_runs_experts_and_rope_scaling(tmp_path):
   # A run written before config.model.moe existed was dense.
   old = base.get_config("minimind-26m")
   del old.model["moe"]
-  checkpoint.write_config(str(tmp_path), old)
+  rundir.write_config(str(tmp_path), old)
   run_setup.adopt_source_model(job, str(tmp_path))
   assert job.model.moe.n_experts == 0

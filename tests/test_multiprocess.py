@@ -14,7 +14,8 @@ import pytest
 from llm_jax import sharding
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint, optimizer as opt_lib, state as state_lib, step as step_lib
+from llm_jax import checkpoint, rundir
+from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -66,7 +67,7 @@ def test_processes_agree_and_read_disjoint_shards(two_process_run):
 def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_run):
   workdir, outs, batches = two_process_run
   cfg = multiprocess_worker.config()
-  run_cfg = checkpoint.read_config(workdir)
+  run_cfg = rundir.read_config(workdir)
   model_cfg = ModelConfig.from_config(run_cfg.model)
   tok = tok_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))  # process 0's, broadcast
   assert tok.vocab_size == model_cfg.vocab_size
@@ -84,6 +85,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_process_
                       for k in step_lib.BATCH_KEYS}
       state, m = step(state, sharding.to_global(global_batch, mesh, rules))
   np.testing.assert_allclose(float(m["loss"]), float(outs[0][4]), rtol=1e-5)
-  params, _ = checkpoint.load_params(workdir, 5)
+  params, _ = rundir.load_params(workdir, 5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(state["params"]))):
     assert_close(a, b, rel=1e-5)

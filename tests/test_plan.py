@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from configs import pretrain
-from llm_jax import devices as devices_lib, planner
+from llm_jax import devices as devices_lib
+from llm_jax.plan import search as planner
 from llm_jax.model.config import REMAT_POLICIES
-from llm_jax.train import memory
+from llm_jax.plan import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,11 +16,12 @@ pytest.importorskip("safetensors")
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
+from configs import base
 from llm_jax.convert import hf_export, hf_import
 from llm_jax.model.config import ModelConfig, RopeScaling
 from llm_jax.model.decoder import Decoder
 from llm_jax.model.layers import rope_frequencies
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from tests.numerics import assert_close
 from tests.test_convert_import import build_hf_model
 
@@ -68,9 +69,10 @@ def test_scaled_llama_imports_and_matches_transformers_far_beyond_its_context(tm
                    max_position_embeddings=131072, rope_scaling=dict(SCALINGS[kind]))
   hf_dir = str(tmp_path / "hf")
   model = build_hf_model("llama", overrides, hf_dir)
-  config = hf_import.import_hf(hf_dir, str(tmp_path / "run"))  # refused before scaled RoPE existed
+  # (refused before scaled RoPE existed)
+  config = hf_import.import_hf(hf_dir, str(tmp_path / "run"), base.get_config())
   assert config.model.rope_scaling.type == kind
-  params, config = checkpoint.load_params(str(tmp_path / "run"))
+  params, config = rundir.load_params(str(tmp_path / "run"))
   cfg = ModelConfig.from_config(config.model)
 
   ids = np.random.default_rng(0).integers(0, 160, 12).tolist()

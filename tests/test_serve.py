@@ -17,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 
+from llm_jax import rundir
 from llm_jax.infer import chat
 from llm_jax.serve import arena as arena_lib, slots
 from tests import serve_testlib
@@ -42,7 +43,7 @@ def client(served):
 
 @pytest.fixture(scope="session")
 def run(served):
-  return chat.load_run(served["runs"]["sft"])
+  return rundir.load(served["runs"]["sft"])
 
 
 def _engine(served, name="sft"):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llm_jax.infer import chat
+from llm_jax import rundir
 from llm_jax.model.decoder import Decoder
 from llm_jax.serve.tokens import encode_raw
 from tests import serve_testlib
@@ -90,7 +90,7 @@ metric_list:
   acc = results["results"]["serve_mc"]["acc,none"]
   assert 0.0 <= acc <= 1.0
 
-  run = chat.load_run(served["runs"]["sft"])
+  run = rundir.load(served["runs"]["sft"])
   direct_all = _direct_loglikelihoods(run, [(q, c) for q, choices, _ in QUESTIONS for c in choices])
   direct_correct = []
   for sample in sorted(results["samples"]["serve_mc"], key=lambda s: s["doc_id"]):

@@ -93,12 +93,13 @@ display(Image(curves.plot_runs({"sft": WORKDIR}, ["loss", "eval_loss", "learning
 # (`python -m llm_jax.chat --workdir=...`) samples with temperature 0.7 and top-p 0.9.
 
 # %%
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
+from llm_jax import rundir
 from llm_jax.infer import chat
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
-run = chat.load_run(WORKDIR)
+run = rundir.load(WORKDIR)
 session = chat.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer,
                            SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS),
                            context=run.context)
@@ -111,7 +112,7 @@ def first_exchange(chat_record):
 if PROMPTS:
   questions = [(p, None) for p in PROMPTS]
 else:
-  data = synthetic_bios.generate(run.config.data.synthetic)
+  data = bios.generate(run.config.data.synthetic)
   questions = [first_exchange(data["qa_train"][0]), first_exchange(data["qa_heldout"][0])]
 for question, reference in questions:
   session.reset()
@@ -132,9 +133,10 @@ for question, reference in questions:
 # %%
 from llm_jax.eval import job
 
-eval_config = notebook.config("eval", None, {"eval.tasks": EVAL_TASKS, "eval.steps": "all",
-                                             **EVAL_OVERRIDES})
-results = job.run_eval(eval_config, WORKDIR, overrides=[])
+# The fields set here are the ones the eval job takes over the run's own config (as on a
+# command line); everything else (data, model) is the run's.
+eval_fields = {"eval.tasks": EVAL_TASKS, "eval.steps": "all", **EVAL_OVERRIDES}
+results = job.run_eval(notebook.config("eval", None, eval_fields), WORKDIR, explicit=eval_fields)
 display(Markdown(notebook.eval_tables(results)))
 for task in EVAL_TASKS.split(","):
   png = os.path.join(WORKDIR, "eval", "plots", f"{task}.png")

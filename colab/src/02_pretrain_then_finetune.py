@@ -66,11 +66,12 @@ pre_result = loop.train_and_evaluate(pre_config, PRE_DIR)
 # %%
 import itertools
 from llm_jax.data import pipeline
+from llm_jax import rundir
 from llm_jax.infer import chat
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
-run = chat.load_run(PRE_DIR)
+run = rundir.load(PRE_DIR)
 completer = chat.CompletionSession(Generator(run.params, run.model_cfg), run.tokenizer,
                                    SamplingConfig(temperature=0.0, max_new_tokens=40),
                                    context=run.context)
@@ -136,10 +137,9 @@ else:
 # %%
 from llm_jax.eval import compare, job
 
-eval_config = notebook.config("eval", None, {"eval.tasks": "loss,knowledge",
-                                             "eval.steps": "latest", **EVAL_OVERRIDES})
+eval_fields = {"eval.tasks": "loss,knowledge", "eval.steps": "latest", **EVAL_OVERRIDES}
 for wd in (SFT_DIR, ONLY_DIR):
-  job.run_eval(eval_config, wd, overrides=[])
+  job.run_eval(notebook.config("eval", None, eval_fields), wd, explicit=eval_fields)
 out = os.path.join(RUNS_DIR, "knowledge_comparison")
 table = compare.compare(
     [SFT_DIR, ONLY_DIR], ["pretrain + SFT", "SFT only"],

@@ -46,11 +46,11 @@ MAX_NEW_TOKENS = 64  # longest answer
 
 # %%
 import json
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 
 sft_defaults = notebook.config("sft", None, OVERRIDES)
 if not CHATS:
-  data = synthetic_bios.generate(sft_defaults.data.synthetic)
+  data = bios.generate(sft_defaults.data.synthetic)
   CHATS, EVAL_CHATS = (os.path.join(RUNS_DIR, "my_chats.jsonl"),
                        os.path.join(RUNS_DIR, "my_chats_heldout.jsonl"))
   for path, records in ((CHATS, data["qa_train"]), (EVAL_CHATS, data["qa_heldout"])):
@@ -129,13 +129,14 @@ print("Hugging Face model:", HF_DIR)
 # `transformers` within 1e-4.
 
 # %%
+from configs import base
 from llm_jax.convert import hf_import
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 
 BASE_DIR = os.path.join(RUNS_DIR, "hf_base")
 if not os.path.exists(os.path.join(BASE_DIR, "config.json")):
-  hf_import.import_hf(HF_DIR, BASE_DIR)
-m = checkpoint.read_config(BASE_DIR).model
+  hf_import.import_hf(HF_DIR, BASE_DIR, base.get_config())
+m = rundir.read_config(BASE_DIR).model
 print(f"{BASE_DIR}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), "
       f"vocab {m.vocab_size}, {m.param_dtype} weights")
 
@@ -157,7 +158,7 @@ questions = PROMPTS or [q for q in (first_question(CHATS),
 greedy = SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
 
 def ask(workdir):
-  run = chat.load_run(workdir)
+  run = rundir.load(workdir)
   session = chat.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer, greedy,
                              context=min(run.context, 2048))
   answers = []

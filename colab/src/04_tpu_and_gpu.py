@@ -82,8 +82,9 @@ print(np.vectorize(lambda d: d.id)(mesh.devices))
 # every TPU do.
 
 # %%
+from llm_jax import devices
 from llm_jax.model.kernels import dispatch
-from llm_jax.train import metrics as metrics_lib, run_setup
+from llm_jax.train import run_setup
 
 WORKDIR = os.path.join(RUNS_DIR, f"mesh_{preset}")
 os.makedirs(WORKDIR, exist_ok=True)
@@ -93,8 +94,8 @@ print(f"compute {model_cfg.dtype}, parameters {model_cfg.param_dtype}, remat "
       f"{model_cfg.remat_policy}")
 print("attention:", dispatch.fused_impl(model_cfg, config.data.seq_len) or "xla",
       f"(config.model.attention={model_cfg.attention!r})")
-print("peak for MFU: %.1f TFLOP/s (%s)" % (metrics_lib.peak_flops(model_cfg.dtype)[0] / 1e12,
-                                          metrics_lib.peak_flops(model_cfg.dtype)[1]))
+peak, source = devices.peak_flops(model_cfg.dtype)
+print("peak for MFU: %.1f TFLOP/s (%s)" % (peak / 1e12, source))
 
 # %% [markdown]
 # ## 3. Sharding rules and where each parameter lives
@@ -131,5 +132,5 @@ else:
 # - Plan a bigger model before renting devices: `python -m llm_jax.plan
 #   --config=configs/pretrain.py:qwen2-0.5b --devices=8xH100` prints the memory per device
 #   and the mesh and remat policy that fit (README, "Memory and throughput planner").
-# - Benchmark one train step: `python -m llm_jax.bench --config=configs/pretrain.py`.
+# - Benchmark one train step: `python -m llm_jax.train.bench --config=configs/pretrain.py`.
 # - Pods and clusters: `launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch` (README).

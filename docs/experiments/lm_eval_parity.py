@@ -38,10 +38,10 @@ TEMPLATES = {
 def main(argv):
   del argv
   from llm_jax.eval import choice  # pylint: disable=g-import-not-at-top
-  from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from llm_jax import checkpoint, rundir  # pylint: disable=g-import-not-at-top
   from configs import data as data_config  # pylint: disable=g-import-not-at-top
   os.makedirs(_OUT.value, exist_ok=True)
-  run = checkpoint.read_config(_WORKDIR.value)
+  run = rundir.read_config(_WORKDIR.value)
   syn = data_config.get_config().synthetic
   syn.update(run.data.synthetic.to_dict())
   qs = choice.builtin_questions(syn, limit=_N.value)

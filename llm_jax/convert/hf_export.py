@@ -30,7 +30,7 @@ from llm_jax import console
 from llm_jax.convert import hf_config, hf_import, hf_weights, sp_to_hf
 from llm_jax.data.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 
 # The Jinja form of llm_jax.data.chat_template.render_chat_text (+ the generation prompt).
 CHAT_TEMPLATE = (
@@ -156,15 +156,15 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
   transform_params: applied to (params, config) before writing; the hook for merging adapters.
   Returns out_dir.
   """
-  params, config = checkpoint.load_params(workdir, step)
+  params, config = rundir.load_params(workdir, step)
   if transform_params is not None:
     params = transform_params(params, config)
   vocab = hf_weights.get_path(params, ("embed", "embedding")).shape[0]
   cfg = ModelConfig.from_config(config.model, vocab_size=vocab)
   params, cfg = gate_shared_experts(params, cfg)
   os.makedirs(out_dir, exist_ok=True)
-  max_len = checkpoint.context_length(workdir, config)
-  tok_path = checkpoint.tokenizer_path(workdir, config)
+  max_len = rundir.context_length(workdir)
+  tok_path = rundir.tokenizer_path(workdir, config)
   if not tok_path:
     raise FileNotFoundError(f"{workdir} has no tokenizer (tokenizer.model or tokenizer/) and "
                             "config.data.tokenizer.path is empty")

@@ -6,7 +6,7 @@ llm_jax run directory.
       --config.init_from=runs/qwen            # any job starts from it
 
 Writes workdir/config.json (the full llm_jax config, model fields from the HF config.json),
-a params-only checkpoint (llm_jax.train.checkpoint.save_params), the tokenizer files under
+a params-only checkpoint (llm_jax.train.rundir.save_params), the tokenizer files under
 workdir/tokenizer/ (config.data.tokenizer.path points there) and workdir/hf_config.json (the
 source config, which export reads back for max_position_embeddings).
 
@@ -30,17 +30,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import base
 from llm_jax import console
 from llm_jax.convert import hf_config, hf_weights
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import rundir
 from llm_jax.model import init as model_init
 
 # Files a Hugging Face tokenizer may consist of; whichever exist are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
-SOURCE_CONFIG = checkpoint.HF_SOURCE_CONFIG
+SOURCE_CONFIG = rundir.HF_SOURCE_CONFIG
 _NP_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
 
@@ -53,10 +52,11 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def run_config(hf: dict[str, Any], source: str, dtype: str, scan_layers: bool | None
-               ) -> ml_collections.ConfigDict:
-  """The full llm_jax config of the imported run (base defaults + the HF model's shape)."""
-  config = base.get_config()
+def run_config(hf: dict[str, Any], source: str, dtype: str, scan_layers: bool | None,
+               base_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full llm_jax config of the imported run: a copy of `base_config` (the job defaults,
+  configs/base.py's from the command line) with the HF model's shape."""
+  config = ml_collections.ConfigDict(base_config.to_dict())
   config.model.update(hf_config.model_fields_from_hf(hf, source))
   config.model.param_dtype = dtype
   config.model.dtype = dtype
@@ -140,13 +140,16 @@ def copy_tokenizer(hf_dir: str, workdir: str) -> str:
   return os.path.abspath(out)
 
 
-def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
-              scan_layers: bool | None = None, mesh=None) -> ml_collections.ConfigDict:
+def import_hf(hf_dir: str, workdir: str, base_config: ml_collections.ConfigDict, *,
+              dtype: str | None = None, scan_layers: bool | None = None,
+              mesh=None) -> ml_collections.ConfigDict:
   """Converts `hf_dir` into the llm_jax run directory `workdir`; returns its config.
 
+  base_config: what the run's config.json holds besides the model (data, train, sharding
+    rules...; the command line passes configs/base.py's get_config()).
   dtype: parameter (and compute) dtype of the run; None keeps the checkpoint's own
     (bf16 stays bf16; pass "float32" to fine-tune with float32 master weights).
-  scan_layers: layout of the layer parameters; None keeps configs/base.py's default.
+  scan_layers: layout of the layer parameters; None keeps base_config's.
   mesh: put each tensor straight into its sharding on this mesh (config.sharding_rules);
     None puts everything on one device.
   """
@@ -155,7 +158,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
   dtype = dtype or hf_config.hf_dtype(hf) or "float32"
   if dtype not in _NP_DTYPES:
     raise ValueError(f"--dtype={dtype!r}: use one of {sorted(_NP_DTYPES)}")
-  config = run_config(hf, source, dtype, scan_layers)
+  config = run_config(hf, source, dtype, scan_layers, base_config)
   cfg = ModelConfig.from_config(config.model)
   shardings = None
   if mesh is not None:
@@ -165,7 +168,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str | None = None,
   _check_tensors(hf_weights.SafetensorsDir(hf_dir), cfg)
   config.data.tokenizer.path = copy_tokenizer(hf_dir, workdir)
   params = load_hf_params(hf_dir, cfg, shardings)
-  checkpoint.save_params(workdir, params, config)
+  rundir.save_params(workdir, params, config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
       json.dump(hf, f, indent=2)
@@ -180,7 +183,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   scan = None if f.scan_layers is None else f.scan_layers == "true"
-  console.run_reporting_errors(import_hf, f.hf_dir, f.workdir, dtype=f.dtype, scan_layers=scan)
+  from configs import base  # pylint: disable=g-import-not-at-top (the job defaults)
+  console.run_reporting_errors(import_hf, f.hf_dir, f.workdir, base.get_config(), dtype=f.dtype,
+                               scan_layers=scan)
 
 
 if __name__ == "__main__":

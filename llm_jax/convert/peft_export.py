@@ -22,15 +22,14 @@ import json
 import math
 import os
 
-from absl import app, flags, logging
 import jax
 import numpy as np
+from absl import app, flags, logging
 
-from llm_jax import console
-from llm_jax.convert import hf_export, hf_weights, merge_lora
+from llm_jax import console, rundir
+from llm_jax.convert import hf_export, hf_weights
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,9 +116,9 @@ def export_peft(workdir: str, out: str, step: int = -1, max_shard_bytes: int = 2
   """Writes out/base (the HF base model) and out/adapter (PEFT); returns both directories."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  config = checkpoint.read_config(workdir)
-  lora_cfg = merge_lora.lora_config(config, workdir)
-  adapters, _ = checkpoint.load_params(workdir, step, merge_lora=False)
+  config = rundir.read_config(workdir)
+  lora_cfg = rundir.lora_config(config, workdir)
+  adapters, _ = rundir.load_params(workdir, step, merge_lora=False)
   cfg = ModelConfig.from_config(config.model)
   tensors = adapter_tensors(cfg, adapters)
   n_found = sum(math.prod(x.shape) for x in tensors.values())

@@ -55,8 +55,7 @@ def normalize(record: Any, fmt: str, text_field: str, where: str) -> dict:
   if fmt == "alpaca":
     return {"messages": _alpaca(record, where)}
   if fmt == "pair":
-    from llm_jax.data import preference  # pylint: disable=g-import-not-at-top (imports us)
-    return preference.normalize_pair(record, where)
+    return normalize_pair(record, where)
   raise ValueError(f"config.data.format={fmt!r}; use one of {FORMATS}.")
 
 
@@ -130,3 +129,96 @@ def _alpaca(record: Any, where: str) -> list[dict]:
   messages += [{"role": "user", "content": query},
                {"role": "assistant", "content": record["output"]}]
   return messages
+
+
+# Preference pairs (DPO; preference.py tokenizes and packs them).
+
+_PROMPT_KEYS = ("prompt", "conversations", "messages")
+
+
+def _message(turn, where: str, field: str, default_role: str) -> dict:
+  if isinstance(turn, str):
+    return {"role": default_role, "content": turn}
+  if not isinstance(turn, dict):
+    raise RecordError(f"{where}: {field} is a {type(turn).__name__}; expected a string or a "
+                      "message object {\"role\", \"content\"}.")
+  raw_role = turn.get("role", turn.get("from", default_role))
+  role = ROLES.get(str(raw_role).lower())
+  if role is None:
+    raise RecordError(f"{where}: {field} has unknown role {raw_role!r}; known roles: "
+                      f"{sorted(ROLES)}.")
+  content = turn.get("content", turn.get("value"))
+  if not isinstance(content, str):
+    raise RecordError(f"{where}: {field} has no string 'content' (or 'value').")
+  return {"role": role, "content": reasoning.content_of(turn, content)}
+
+
+def _messages(value, where: str, field: str, default_role: str) -> list[dict]:
+  """A string, one message object, or a list of messages -> [{role, content}, ...]."""
+  if isinstance(value, list):
+    return [_message(t, where, f"{field}[{k}]", default_role) for k, t in enumerate(value)]
+  return [_message(value, where, field, default_role)]
+
+
+def _common_prefix(a: list[dict], b: list[dict]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
+def normalize_pair(record, where: str) -> dict:
+  """A pair record -> {"prompt", "chosen", "rejected"} message lists, or RecordError naming
+  `where` (file:line) and the field."""
+  if not isinstance(record, dict):
+    raise RecordError(f"{where}: a preference pair is a JSON object; got {type(record).__name__}.")
+  missing = [f for f in ("chosen", "rejected") if f not in record]
+  if missing:
+    raise RecordError(
+        f"{where}: the preference pair has no {' or '.join(repr(m) for m in missing)} field "
+        f"(keys: {sorted(record)}); a pair needs 'chosen' and 'rejected', plus 'prompt', "
+        "'conversations' or 'instruction' unless both are whole conversations.")
+  chosen = _messages(record["chosen"], where, "chosen", "assistant")
+  rejected = _messages(record["rejected"], where, "rejected", "assistant")
+  key = next((k for k in _PROMPT_KEYS if k in record), None)
+  if key is not None:
+    prompt = _messages(record[key], where, key, "user")
+    # Some datasets repeat the prompt at the start of each response: keep it once.
+    n = len(prompt)
+    if n and chosen[:n] == prompt and rejected[:n] == prompt:
+      chosen, rejected = chosen[n:], rejected[n:]
+  elif "instruction" in record:
+    query = record["instruction"]
+    if not isinstance(query, str):
+      raise RecordError(f"{where}: 'instruction' is a {type(query).__name__}, not a string.")
+    if isinstance(record.get("input"), str) and record["input"].strip():
+      query = f"{query}\n{record['input']}"
+    prompt = [{"role": "user", "content": query}]
+  else:  # minimind: two whole conversations that share their opening turns
+    n = _common_prefix(chosen, rejected)
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+  system = record.get("system")
+  if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+    prompt = [{"role": "system", "content": system}] + prompt
+
+  if not [m for m in prompt if m["role"] != "system" and m["content"].strip()]:
+    raise RecordError(f"{where}: the pair has no prompt (no user text before the responses); "
+                      "give 'prompt' or 'conversations', or make chosen and rejected whole "
+                      "conversations that open with the same user turn.")
+  if prompt[-1]["role"] == "assistant":
+    raise RecordError(f"{where}: the prompt ends with an assistant turn; it must end with the "
+                      "user turn that chosen and rejected answer.")
+  for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+    if not msgs:
+      raise RecordError(f"{where}: the {side} response is empty (nothing after the prompt).")
+    if msgs[0]["role"] != "assistant":
+      raise RecordError(f"{where}: the {side} response starts with a {msgs[0]['role']} turn; "
+                        "chosen and rejected must share every turn before the assistant's "
+                        "response.")
+    if any(not m["content"].strip() for m in msgs if m["role"] == "assistant"):
+      raise RecordError(f"{where}: the {side} response is empty (an assistant turn with no "
+                        "text); fix the record or set config.data.skip_bad_records=True.")
+  if chosen == rejected:
+    raise RecordError(f"{where}: chosen and rejected are identical, so the pair states no "
+                      "preference; remove it or set config.data.skip_bad_records=True.")
+  return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

@@ -40,10 +40,10 @@ def main(argv):
 def run(config) -> None:
   tok_cfg = config.data.tokenizer
   if _WORKDIR.value:
-    from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    run_cfg = checkpoint.read_config(_WORKDIR.value)
+    from llm_jax import rundir  # pylint: disable=g-import-not-at-top
+    run_cfg = rundir.read_config(_WORKDIR.value)
     with tok_cfg.unlocked():
-      tok_cfg.path = checkpoint.tokenizer_path(_WORKDIR.value, run_cfg)
+      tok_cfg.path = rundir.tokenizer_path(_WORKDIR.value, run_cfg)
   tok = tok_lib.get_tokenizer(tok_cfg, None, lambda: pipeline.corpus_texts(config.data))
   color = sys.stdout.isatty()
   for k, (where, fmt, ids, w) in enumerate(preview.examples(config, tok, _SPLIT.value, _N.value), 1):

@@ -17,24 +17,17 @@ import itertools
 from collections.abc import Iterator
 
 from absl import flags
-from absl import logging
 import grain
 import numpy as np
 
 from llm_jax.data import chat_template
 from llm_jax.data import formats
 from llm_jax.data import packing as packing_lib
+from llm_jax.data import preference
 from llm_jax.data import sources
-from llm_jax.data import synthetic_bios
-from llm_jax.data import synthetic_post
+from llm_jax.data import builtin
 from llm_jax.data import text_clean
 
-BUILTIN_PREFIX = "builtin:"
-BUILTINS = {"bios": "bios", "bios_eval": "bios_eval", "bios_qa_train": "qa_train",
-            "bios_qa_heldout": "qa_heldout",
-            # post-training sets from the same people (synthetic_post.py)
-            "bios_dpo_train": "dpo_train", "bios_dpo_heldout": "dpo_heldout",
-            "bios_r1_train": "r1_train", "bios_r1_heldout": "r1_heldout"}
 MODES = ("pretrain", "sft", "dpo")  # dpo: preference pairs, packed whole (preference.py)
 
 
@@ -75,15 +68,8 @@ class DocReader(grain.sources.RandomAccessDataSource):
 
   def __init__(self, path: str, data_cfg):
     self.path = path
-    if path.startswith(BUILTIN_PREFIX):
-      name = path[len(BUILTIN_PREFIX):]
-      if name not in BUILTINS:
-        raise ValueError(f"unknown built-in source {path!r}; known: "
-                         f"{[BUILTIN_PREFIX + b for b in BUILTINS]}.")
-      generate = (synthetic_post.generate if BUILTINS[name] in synthetic_post.SPLITS
-                  else synthetic_bios.generate)
-      records = generate(data_cfg.synthetic)[BUILTINS[name]]
-      self._source = sources.ListSource(path, records)
+    if builtin.is_builtin(path):
+      self._source = sources.ListSource(path, builtin.records(path, data_cfg.synthetic))
       fmt = "auto"  # built-ins know their own shape; config.data.format is for user files
     else:
       self._source = sources.open_path(path, data_cfg.tfds_data_dir)
@@ -127,31 +113,6 @@ class DocReader(grain.sources.RandomAccessDataSource):
     return self._source.where(i)
 
 
-class _Counters:
-  """Counts data events and logs them at 1, 2, 4, 8, ... occurrences (never silent, never
-  flooding the log). Lives in whichever process runs the transform.
-
-  With `key` (e.g. a bad record's file:line), an event counts once per key: the same bad line met
-  again in the next epoch is not a new one."""
-
-  def __init__(self):
-    self._counts: dict[str, int] = {}
-    self._seen: set[tuple[str, str]] = set()
-
-  def add(self, event: str, detail: str, key: str | None = None) -> None:
-    if key is not None:
-      if (event, key) in self._seen:
-        return
-      self._seen.add((event, key))
-    n = self._counts.get(event, 0) + 1
-    self._counts[event] = n
-    if n & (n - 1) == 0:
-      logging.warning("data: %s (%d so far). Latest: %s", event, n, detail)
-
-  def get(self, event: str) -> int:
-    return self._counts.get(event, 0)
-
-
 class ToExamples(grain.experimental.FlatMapTransform):
   """One document -> zero or more examples {inputs, targets, loss_weights} of <= seq_len."""
 
@@ -169,7 +130,7 @@ class ToExamples(grain.experimental.FlatMapTransform):
     self._skip = data_cfg.skip_bad_records
     # Concat-then-split splits long examples itself; other packers need them pre-split.
     self._split_here = packing != "concat_then_split"
-    self.counters = _Counters()
+    self.counters = sources.Counters()
 
   def flat_map(self, doc: dict) -> list[dict]:
     if "error" in doc:
@@ -241,7 +202,6 @@ def _local_batch(data_cfg, process_count: int) -> int:
 def _examples_and_pack(ds: grain.MapDataset, data_cfg, tokenizer, *, seed: int,
                        rows_per_step: int, shuffle_bins: bool) -> grain.IterDataset:
   if data_cfg.mode == "dpo":
-    from llm_jax.data import preference  # pylint: disable=g-import-not-at-top
     return preference.pairs_and_pack(ds, data_cfg, tokenizer, seed=seed, shuffle_bins=shuffle_bins,
                                      num_bins=data_cfg.packing_bins or 4 * rows_per_step)
   packing = packing_lib.resolve_packing(data_cfg.packing, data_cfg.mode)

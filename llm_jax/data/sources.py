@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from llm_jax import paths
 
@@ -25,6 +26,31 @@ _WHITESPACE = np.array([9, 10, 13, 32], np.uint8)
 
 class RecordError(ValueError):
   """A record a user supplied is malformed; the message names its file and line."""
+
+
+class Counters:
+  """Counts data events and logs them at 1, 2, 4, 8, ... occurrences (never silent, never
+  flooding the log). Lives in whichever process runs the transform.
+
+  With `key` (e.g. a bad record's file:line), an event counts once per key: the same bad line met
+  again in the next epoch is not a new one."""
+
+  def __init__(self):
+    self._counts: dict[str, int] = {}
+    self._seen: set[tuple[str, str]] = set()
+
+  def add(self, event: str, detail: str, key: str | None = None) -> None:
+    if key is not None:
+      if (event, key) in self._seen:
+        return
+      self._seen.add((event, key))
+    n = self._counts.get(event, 0) + 1
+    self._counts[event] = n
+    if n & (n - 1) == 0:
+      logging.warning("data: %s (%d so far). Latest: %s", event, n, detail)
+
+  def get(self, event: str) -> int:
+    return self._counts.get(event, 0)
 
 
 class _FileSource:

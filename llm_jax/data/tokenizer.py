@@ -253,3 +253,21 @@ def summarize(tok) -> str:
   return (f"vocab_size={tok.vocab_size} chars/token={len(SUMMARY_SAMPLE) / len(ids):.2f} "
           f"(on a {len(SUMMARY_SAMPLE)}-char mixed sample) special ids={specials} "
           f"round_trip_ok={tok.decode(ids) == SUMMARY_SAMPLE}")
+
+
+def same_tokenizer(path: str, own: str) -> bool | None:
+  """Whether two tokenizers (a file, or a directory holding tokenizer.json / the SentencePiece
+  model) are the same bytes; None when either cannot be found."""
+  def files(p):
+    if os.path.isdir(p):
+      for name in ("tokenizer.json", MODEL_FILE):
+        if os.path.isfile(os.path.join(p, name)):
+          return os.path.join(p, name)
+    return p
+  a, b = files(path), files(own)
+  if os.path.abspath(a) == os.path.abspath(b):
+    return True
+  if not (os.path.isfile(a) and os.path.isfile(b)):
+    return None
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()

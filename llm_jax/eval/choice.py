@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 
 BUILTIN = "builtin:bios_choice"
 STYLES = ("auto", "en", "zh")
@@ -157,18 +157,18 @@ def _read_jsonl(path: str) -> list[Question]:
 def builtin_questions(synthetic_cfg, limit: int = 0) -> list[Question]:
   """Four-way questions about the encyclopedia's people: one attribute per person (rotating),
   the true value and three other values of that attribute as distractors."""
-  data = synthetic_bios.generate(synthetic_cfg)
+  data = bios.generate(synthetic_cfg)
   langs = [s.strip() for s in synthetic_cfg.languages.split(",") if s.strip()]
   rng = random.Random(f"{synthetic_cfg.seed}-choice")
   out = []
   for k, person in enumerate(data["people"]):
     lang = langs[k % len(langs)]
-    attribute = synthetic_bios.ATTRIBUTES[k % len(synthetic_bios.ATTRIBUTES)]
+    attribute = bios.ATTRIBUTES[k % len(bios.ATTRIBUTES)]
     truth = person[attribute][lang]
     pool = sorted({p[attribute][lang] for p in data["people"]} - {truth})
     choices = rng.sample(pool, 3) + [truth]
     rng.shuffle(choices)
-    question = synthetic_bios.QUESTIONS[lang][attribute][0].format(name=person["name"][lang])
+    question = bios.QUESTIONS[lang][attribute][0].format(name=person["name"][lang])
     out.append(Question(question, choices, choices.index(truth), f"{BUILTIN} (record {k})"))
     if limit and len(out) >= limit:
       break

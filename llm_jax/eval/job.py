@@ -18,10 +18,9 @@ from absl import logging
 
 from llm_jax import sharding
 from llm_jax.console import ConfigError
-from llm_jax.data import tokenizer as tok_lib
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
+from llm_jax import checkpoint, rundir
 from llm_jax.model import init as model_init
 
 LOSS_KEYS = ("loss", "perplexity", "accuracy", "tokens", "batches", "documents", "doc_mean_loss",
@@ -72,12 +71,13 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> di
   out_dir = os.path.abspath(e.out_dir) if e.out_dir else os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
 
-  tok = tok_lib.get_tokenizer(cfg.data.tokenizer, workdir, corpus_fn=None)
+  tok = rundir.load_tokenizer(workdir, cfg)
   model_cfg = ModelConfig.from_config(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = tuple(tuple(r) for r in cfg.sharding_rules)
   _, param_sh = model_init.abstract(model_cfg, mesh, rules)
-  ctx = tasks_lib.Context(cfg, workdir, tok, model_cfg, mesh, rules, param_sh)
+  ctx = tasks_lib.Context(cfg, workdir, tok, model_cfg, mesh, rules, param_sh,
+                          context=rundir.context_length(workdir))
   task_objs = {name: tasks_lib.REGISTRY[name](ctx) for name in names}  # reads and checks data
   score_fn = model_io.make_score_fn(model_cfg, param_sh, mesh, rules)
   logging.info("eval of %s: tasks %s on steps %s", workdir, ",".join(names), steps)
@@ -86,20 +86,23 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> di
   for step in steps:
     t0 = time.perf_counter()
     with sharding.mesh_context(mesh, rules):
-      params, _ = checkpoint.load_params(workdir, step, shardings=param_sh,
-                                         dtype=model_cfg.weight_dtype)
-    runner = model_io.ModelRunner(params, model_cfg, mesh, rules, score_fn, batch_size=e.batch_size)
+      params, _ = rundir.load_params(workdir, step, shardings=param_sh,
+                                     dtype=model_cfg.weight_dtype)
+    runner = model_io.ModelRunner(params, model_cfg, mesh, rules, score_fn, batch_size=e.batch_size,
+                                  context=ctx.context)
     path = os.path.join(json_dir, f"eval_{step}.json")
     res = {}
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         res = json.load(f)
-    res.update(step=step, workdir=workdir)
+    res.update(step=step, workdir=workdir, context=ctx.context)
     res.setdefault("tasks", {})
     for name, task in task_objs.items():
       t_task = time.perf_counter()
       metrics, samples = task.run(runner)
       metrics["seconds"] = round(time.perf_counter() - t_task, 2)
+      if runner.cut_prompts:
+        metrics["prompts_cut_to_context"], runner.cut_prompts = runner.cut_prompts, 0
       res["tasks"][name] = metrics
       if name == "loss":  # the loss figures also at the top level, as before this sweep existed
         res.update({k: metrics[k] for k in LOSS_KEYS if k in metrics})

@@ -23,7 +23,7 @@ import json
 import unicodedata
 from typing import Sequence
 
-from llm_jax.data import synthetic_bios
+from llm_jax.data.builtin import bios
 
 _TRAILING = " \t\n.。!！?？,，;；:：'\"“”‘’"
 
@@ -52,11 +52,11 @@ def judge(answer: str, probe: Probe) -> tuple[bool, bool]:
 def encyclopedia_probes(synthetic_cfg, max_people: int = 0) -> list[Probe]:
   """One probe per person, attribute and language of the encyclopedia. `max_people` > 0 keeps at
   most that many people of each (qa, bio) group, the first by index, so every group is covered."""
-  data = synthetic_bios.generate(synthetic_cfg)
+  data = bios.generate(synthetic_cfg)
   heldout, unseen = set(data["heldout"]), set(data["unseen"])
   langs = [s.strip() for s in synthetic_cfg.languages.split(",") if s.strip()]
   n_templates = min(int(synthetic_cfg.templates_per_attribute),
-                    len(synthetic_bios.QUESTIONS["en"]["major"]))
+                    len(bios.QUESTIONS["en"]["major"]))
   taken: dict[tuple, int] = {}
   probes = []
   for k, person in enumerate(data["people"]):
@@ -65,11 +65,11 @@ def encyclopedia_probes(synthetic_cfg, max_people: int = 0) -> list[Probe]:
       continue
     taken[group] = taken.get(group, 0) + 1
     for lang in langs:
-      for a, attribute in enumerate(synthetic_bios.ATTRIBUTES):
+      for a, attribute in enumerate(bios.ATTRIBUTES):
         # Rotate through the question templates SFT trained on, so all phrasings are asked.
-        question = synthetic_bios.QUESTIONS[lang][attribute][(k + a) % n_templates]
+        question = bios.QUESTIONS[lang][attribute][(k + a) % n_templates]
         name = person["name"][lang]
-        reference = synthetic_bios.BIO_TEMPLATES[lang][attribute][0].format(
+        reference = bios.BIO_TEMPLATES[lang][attribute][0].format(
             name=name, v=person[attribute][lang])
         probes.append(Probe(
             messages=[{"role": "user", "content": question.format(name=name)}],

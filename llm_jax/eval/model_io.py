@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
 from llm_jax.eval.progress import Progress
+from llm_jax.infer.context import fit_ids
 from llm_jax.infer.generate import Generation, Generator, bucket
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
@@ -38,9 +39,14 @@ class Scored:
 class ModelRunner:
   """One checkpoint's parameters on the mesh, for generation and scoring."""
 
-  def __init__(self, params, cfg: ModelConfig, mesh, rules, score_fn, *, batch_size: int):
-    """score_fn: `make_score_fn(...)`, built once per job so checkpoints share its compilations."""
+  def __init__(self, params, cfg: ModelConfig, mesh, rules, score_fn, *, batch_size: int,
+               context: int = 0):
+    """score_fn: `make_score_fn(...)`, built once per job so checkpoints share its compilations.
+    context: the run's context (rundir.context_length): a generation's prompt + answer and a
+    scored row fit in it, cut from the left as chat and the server cut; 0 fits nothing."""
     self.params, self.cfg, self.mesh, self.rules = params, cfg, mesh, rules
+    self.context = context
+    self.cut_prompts = 0  # generation prompts cut from the left to fit the context
     self.generator = Generator(params, cfg, mesh=mesh, rules=rules, min_bucket=MIN_BUCKET)
     # Rows per scoring / generation call: a multiple of the mesh's batch shards.
     m = self.generator.batch_multiple
@@ -52,6 +58,12 @@ class ModelRunner:
                decode_fn=None, desc: str = "generate") -> list[Generation]:
     per_row = ([sampling] * len(prompts) if isinstance(sampling, SamplingConfig)
                else list(sampling))
+    if self.context:
+      fits = [fit_ids(p, self.context, s.max_new_tokens) for p, s in zip(prompts, per_row)]
+      self.cut_prompts += sum(f.cut_tokens > 0 for f in fits)
+      prompts = [f.ids for f in fits]
+      per_row = [dataclasses.replace(s, max_new_tokens=f.max_new_tokens)
+                 for s, f in zip(per_row, fits)]
     out: list[Generation] = []
     bar = Progress(len(prompts), desc)
     for start in range(0, len(prompts), self.batch_size):
@@ -70,7 +82,8 @@ class ModelRunner:
     """rows: (ids, weights) with weights[i] marking target ids[i] (weights[0] is ignored: the
     first token has no prediction). Each row is one document from position 0. A row longer than
     max_len + 1 keeps its last max_len + 1 tokens (the context is cut on the left, as
-    lm-evaluation-harness does)."""
+    lm-evaluation-harness does); max_len defaults to the runner's context."""
+    max_len = max_len or self.context
     out: list[Scored] = []
     bar = Progress(len(rows), desc)
     for start in range(0, len(rows), self.batch_size):

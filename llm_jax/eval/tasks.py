@@ -1,6 +1,6 @@
 """The eval tasks: each reads and checks its data once (before any checkpoint is loaded, so a bad
 file fails at once), then `run(runner)` scores one checkpoint and returns (metrics, samples).
-The numbers come from the metric modules (lm_eval, rouge, repetition, knowledge, choice); this
+The numbers come from the metric modules (train/evaluate, rouge, repetition, knowledge, choice); this
 file only connects data, model and metrics.
 """
 
@@ -13,18 +13,19 @@ import numpy as np
 from absl import logging
 
 from llm_jax import sharding
-from llm_jax.data import formats, pipeline, sources, synthetic_bios
+from llm_jax.data import builtin, formats, pipeline, sources
+from llm_jax.data.builtin import bios
 from llm_jax.data import chat_template
 from llm_jax.eval import choice as choice_lib
 from llm_jax.eval import knowledge as knowledge_lib
-from llm_jax.eval import lm_eval
 from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
 from llm_jax.eval.progress import Progress
 from llm_jax.infer.chat import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.infer.sampling import SamplingConfig
-from llm_jax.train import checkpoint, step as step_lib
+from llm_jax import rundir
+from llm_jax.train import evaluate
 
 TASKS = ("loss", "rouge", "repetition", "knowledge", "choice")
 BUILTIN_CHAT_PROMPTS = ("李白是谁？", "介绍一下你自己。", "请写一首关于春天的诗。",
@@ -41,6 +42,7 @@ class Context:
   mesh: object
   rules: tuple
   param_shardings: object
+  context: int = 0  # the run's context (rundir.context_length): prompt + answer fit in it
 
 
 def _limit(items: list, n: int) -> list:
@@ -60,8 +62,8 @@ class Loss:
       raise ValueError(f"nothing to evaluate: the run in {ctx.workdir} has no eval data; set "
                        "config.data.eval to a source (a file path or builtin:...)")
     pipeline.parse_spec(ctx.cfg.data.eval, "config.data.eval")
-    self.eval_step = step_lib.make_eval_step(ctx.model_cfg, ctx.param_shardings, ctx.mesh,
-                                             ctx.rules, per_document=True)
+    self.evaluator = evaluate.Evaluator(ctx.model_cfg, ctx.param_shardings, ctx.mesh, ctx.rules,
+                                        per_document=True)
 
   def run(self, runner: ModelRunner):
     c = self.ctx
@@ -69,9 +71,7 @@ class Loss:
                                           process_count=jax.process_count())
     batches = _counted(batches, c.cfg.eval.max_batches)
     with sharding.mesh_context(c.mesh, c.rules):
-      res = lm_eval.evaluate(self.eval_step, runner.params, batches,
-                             lambda b: sharding.to_global(b, c.mesh, c.rules),
-                             c.cfg.eval.max_batches)
+      res = self.evaluator(runner.params, {}, batches, c.cfg.eval.max_batches)
     res.update(data=c.cfg.data.eval, packing=c.cfg.data.packing, seq_len=c.cfg.data.seq_len,
                batch_size=c.cfg.data.batch_size)
     return res, []
@@ -91,13 +91,8 @@ def _counted(batches, max_batches: int):
 def _raw_records(spec: str, data_cfg, field: str):
   """(record, where) of every source in a spec, unnormalised (built-ins as generated)."""
   for s in pipeline.parse_spec(spec, field):
-    if s.path.startswith(pipeline.BUILTIN_PREFIX):
-      name = s.path[len(pipeline.BUILTIN_PREFIX):]
-      if name not in pipeline.BUILTINS:
-        raise ValueError(f"{field}: unknown built-in source {s.path!r}; known: "
-                         f"{[pipeline.BUILTIN_PREFIX + b for b in pipeline.BUILTINS]}")
-      src = sources.ListSource(s.path, synthetic_bios.generate(data_cfg.synthetic)[
-          pipeline.BUILTINS[name]])
+    if builtin.is_builtin(s.path):
+      src = sources.ListSource(s.path, builtin.records(s.path, data_cfg.synthetic, field))
     else:
       src = sources.open_path(s.path, data_cfg.tfds_data_dir)
     for i in range(len(src)):
@@ -106,8 +101,9 @@ def _raw_records(spec: str, data_cfg, field: str):
 
 def read_references(spec: str, data_cfg, limit: int = 0) -> tuple[list[dict], int]:
   """Rouge references: ({"messages": prompt, "reference", "where"} records, empty ones skipped).
-  A record is {"prompt": str or messages, "reference": str}, or any chat / Alpaca / ShareGPT
-  record whose last assistant turn is the reference and whose earlier turns are the prompt."""
+  A record is {"prompt": str or messages, "reference": str}, any chat / Alpaca / ShareGPT
+  record whose last assistant turn is the reference and whose earlier turns are the prompt, or a
+  preference pair (its chosen response is the reference)."""
   out, skipped, fmt = [], 0, None
   for rec, where in _raw_records(spec, data_cfg, "config.eval.references"):
     if isinstance(rec, dict) and "reference" in rec:
@@ -121,6 +117,11 @@ def read_references(spec: str, data_cfg, limit: int = 0) -> tuple[list[dict], in
                          "messages")
       if not isinstance(reference, str):
         raise ValueError(f"{where}: field 'reference' must be a string")
+    elif isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
+      # A preference pair (DPO data): the preferred response is the reference.
+      pair = formats.normalize_pair(rec, where)
+      answers = [m["content"] for m in pair["chosen"] if m["role"] == "assistant"]
+      messages, reference = pair["prompt"], answers[-1]
     else:
       fmt = fmt or formats.detect_format(rec, data_cfg.text_field, where)
       doc = formats.normalize(rec, fmt, data_cfg.text_field, where)
@@ -179,10 +180,10 @@ def chat_prompt_records(spec: str, synthetic_cfg) -> list[dict]:
     return []
   if spec == "builtin":
     records = [{"prompt": p} for p in BUILTIN_CHAT_PROMPTS]
-    data = synthetic_bios.generate(synthetic_cfg)
+    data = bios.generate(synthetic_cfg)
     person = data["people"][data["heldout"][0] if data["heldout"] else 0]
     for lang in [s.strip() for s in synthetic_cfg.languages.split(",") if s.strip()]:
-      q = synthetic_bios.QUESTIONS[lang]["university"][0]
+      q = bios.QUESTIONS[lang]["university"][0]
       records.append({"prompt": q.format(name=person["name"][lang])})
     return records
   return read_prompts(spec)
@@ -278,21 +279,6 @@ class Repetition:
     return res, samples
 
 
-def training_lineage(workdir: str) -> list[str]:
-  """The train sources of a run and of the runs it started from (init_from), newest first."""
-  out, seen, wd = [], set(), workdir
-  while wd and wd not in seen and len(out) < 16:
-    seen.add(wd)
-    try:
-      cfg = checkpoint.read_config(wd)
-    except FileNotFoundError:
-      out.append(f"{wd} (config.json not found)")
-      break
-    out.append(f"{cfg.get('job', '?')}: {cfg.get('data', {}).get('train', '?')}")
-    wd = cfg.get("init_from", "")
-  return out
-
-
 class Knowledge:
   """Greedy answers to knowledge probes: the encyclopedia's people, or config.eval.probe."""
 
@@ -313,7 +299,7 @@ class Knowledge:
     answers = [g.text for g in gens]
     res = knowledge_lib.summarize(self.probes, answers)
     res["source"] = c.cfg.eval.probe or "builtin encyclopedia"
-    res["training_lineage"] = training_lineage(c.workdir)
+    res["training_lineage"] = rundir.training_lineage(c.workdir)
     samples = []
     for p, a in zip(self.probes, answers):
       exact, contains = knowledge_lib.judge(a, p)
@@ -346,7 +332,7 @@ class Choice:
         ctx_ids = ctx_ids or [ctx.tok.eos_id]  # lm-eval's prefix token for an empty context
         self.rows.append((ctx_ids + cont_ids, [0.0] * len(ctx_ids) + [1.0] * len(cont_ids)))
         self.owner.append(i)
-    self.max_len = ctx.cfg.data.seq_len
+    self.max_len = ctx.context or ctx.cfg.data.seq_len
     self.truncated = sum(len(ids) - 1 > self.max_len for ids, _ in self.rows)
 
   def run(self, runner: ModelRunner):

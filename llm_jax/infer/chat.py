@@ -13,38 +13,12 @@ import json
 import sys
 from typing import Callable, Iterable
 
-import ml_collections
 
-from llm_jax.data import tokenizer as tok_lib
 from llm_jax.data.chat_template import encode_chat
 from llm_jax.infer import context as context_lib
 from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.interrupt import Interrupts, read_line
 from llm_jax.infer.sampling import SamplingConfig
-from llm_jax.model.config import ModelConfig
-
-
-@dataclasses.dataclass
-class LoadedRun:
-  params: object
-  model_cfg: ModelConfig
-  tokenizer: object
-  config: ml_collections.ConfigDict
-  context: int = 0  # longest prompt + answer (checkpoint.context_length)
-  step: int = -1  # the checkpoint step loaded
-  workdir: str = ""
-
-
-def load_run(workdir: str, step: int = -1) -> LoadedRun:
-  """Parameters, model shape and tokenizer of a run directory (see llm_jax.train.checkpoint)."""
-  from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top (pulls in Orbax)
-  params, config, step = checkpoint.load_params(workdir, step, with_step=True)
-  with config.unlocked():
-    config.data.tokenizer.path = checkpoint.tokenizer_path(workdir, config)
-  tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus_fn=None)
-  model_cfg = ModelConfig.from_config(config.model, vocab_size=tok.vocab_size)
-  return LoadedRun(params, model_cfg, tok, config, context=checkpoint.context_length(workdir, config),
-                   step=step, workdir=workdir)
 
 
 def end_of_turn_ids(tok) -> list[int]:

@@ -97,6 +97,12 @@ def fit_text(tok, text: str, context: int, max_new_tokens: int) -> FittedPrompt:
   ids = tok.encode(text)
   if not ids:
     raise ValueError("the prompt is empty")
+  return fit_ids(ids, context, max_new_tokens)
+
+
+def fit_ids(ids, context: int, max_new_tokens: int) -> FittedPrompt:
+  """Prompt ids fitted to `context` as they are: cut from the left if too long (rule 4)."""
+  ids = list(ids)
   cut = 0
   if len(ids) >= context:
     keep = context - _reserve(context, max_new_tokens, 4)

@@ -14,6 +14,22 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 GMM_IMPLS = ("auto", "ragged_dot", "tiled")
 
+# Fields that define the weights (their shapes, their meaning, and the checkpoint's tree layout:
+# scanned layers are stored stacked). Everything else in config.model (dtypes, remat, attention
+# kernel) is a runtime choice the new job may change; parameters are cast to its param_dtype.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+                "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "scan_layers")
+# Dotted sub-config fields that define the weights too (a run written before a sub-config existed
+# had its defaults: dense MLPs, unscaled RoPE). Routing choices (capacity, loss weights, kernels)
+# stay the new job's.
+SUB_SHAPE_FIELDS = ("moe.n_experts", "moe.top_k", "moe.expert_mlp_dim", "moe.n_shared_experts",
+                    "moe.shared_mlp_dim", "moe.shared_expert_gate", "moe.every", "moe.norm_topk_prob",
+                    "rope_scaling.type", "rope_scaling.factor",
+                    "rope_scaling.original_max_position_embeddings", "rope_scaling.low_freq_factor",
+                    "rope_scaling.high_freq_factor", "rope_scaling.beta_fast", "rope_scaling.beta_slow",
+                    "rope_scaling.attention_factor", "rope_scaling.mscale",
+                    "rope_scaling.mscale_all_dim", "rope_scaling.truncate")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -74,12 +90,12 @@ class ModelConfig:
   rms_eps: float = 1e-6
   qkv_bias: bool = False
   qk_norm: bool = False
-  tie_embeddings: bool = False
+  tie_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention: str = "xla"
+  attention: str = "auto"
   init_std: float = 0.02
   # Fused-kernel tile sizes (splash, pallas_gpu); 0 takes the kernel's default for the platform.
   attention_block_q: int = 0
@@ -215,3 +231,10 @@ class ModelConfig:
     if not d.get("head_dim"):
       d["head_dim"] = d["dim"] // d["n_heads"]
     return cls(**d).validate()
+
+
+def sub_field_default(dotted: str):
+  """The default of a sub-config field ("moe.n_experts"): what a run written before that
+  sub-config existed had."""
+  section, field = dotted.split(".")
+  return getattr({"moe": MoEConfig, "rope_scaling": RopeScaling}[section](), field)

@@ -42,16 +42,16 @@ _VOCAB = {"tiny": 4096, "minimind-26m": 6400}
 def make_run(preset: str, root: str) -> str:
   """A run directory with random weights of `preset` and a tokenizer trained on the encyclopedia."""
   from configs import base  # pylint: disable=g-import-not-at-top
-  from llm_jax.data import synthetic_bios  # pylint: disable=g-import-not-at-top
+  from llm_jax.data.builtin import bios  # pylint: disable=g-import-not-at-top
   from llm_jax.data.chat_template import render_chat_text  # pylint: disable=g-import-not-at-top
   from llm_jax.data.tokenizer import train_sentencepiece  # pylint: disable=g-import-not-at-top
   from llm_jax.infer.bench import random_params  # pylint: disable=g-import-not-at-top
   from llm_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from llm_jax import rundir  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.join(root, preset)
   config = base.get_config(preset)
-  data = synthetic_bios.generate(config.data.synthetic)
+  data = bios.generate(config.data.synthetic)
   texts = [r["text"] for r in data["bios"]] + [render_chat_text(r["messages"]) for r in data["qa_train"][:4000]]
   tok = train_sentencepiece(texts, vocab_size=_VOCAB.get(preset, 4096))
   os.makedirs(workdir, exist_ok=True)
@@ -59,14 +59,14 @@ def make_run(preset: str, root: str) -> str:
   config.data.seq_len = _SEQ_LEN.value
   config.model.vocab_size = tok.vocab_size
   cfg = ModelConfig.from_config(config.model)
-  checkpoint.save_params(workdir, random_params(cfg), config, step=0)
+  rundir.save_params(workdir, random_params(cfg), config, step=0)
   return workdir
 
 
 def questions() -> list[str]:
   from configs import base  # pylint: disable=g-import-not-at-top
-  from llm_jax.data import synthetic_bios  # pylint: disable=g-import-not-at-top
-  data = synthetic_bios.generate(base.get_config().data.synthetic)
+  from llm_jax.data.builtin import bios  # pylint: disable=g-import-not-at-top
+  data = bios.generate(base.get_config().data.synthetic)
   return [r["messages"][-2]["content"] if r["messages"][-1]["role"] == "assistant" else r["messages"][-1]["content"]
           for r in data["qa_heldout"][:512]]
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -16,11 +15,9 @@ import time
 from absl import logging
 import uvicorn
 
-from llm_jax.infer import chat
+from llm_jax import rundir
 from llm_jax.serve.app import ServedModel
 from llm_jax.serve.scheduler import Engine
-
-_HF_SOURCE_CONFIG = "hf_config.json"  # written by llm_jax.convert.hf_import beside an imported run
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -32,27 +29,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return path, name or os.path.basename(os.path.abspath(path))
 
 
-def context_limit(workdir: str, config) -> int:
-  """The tokens a request may span: the length the run was trained on (config.data.seq_len), or
-  the larger limit an imported model records (its Hugging Face max_position_embeddings)."""
-  limit = int(config.data.get("seq_len", 0) or 0)
-  for run in (workdir, config.get("init_from") or ""):
-    path = os.path.join(run, _HF_SOURCE_CONFIG) if run else ""
-    if path and os.path.isfile(path):
-      with open(path) as f:
-        limit = max(limit, int(json.load(f).get("max_position_embeddings") or 0))
-  if limit <= 0:
-    raise ValueError(f"{workdir}/config.json records no data.seq_len; pass --max_context")
-  return limit
-
-
 def load_model(spec: str, *, n_slots: int = 16, max_context: int = 0, prefill_chunk: int = 256,
                min_bucket: int = 32, step: int = -1) -> ServedModel:
   workdir, name = parse_spec(spec)
-  run = chat.load_run(workdir, step)
+  run = rundir.load(workdir, step)
   run.tokenizer.require_chat_tokens()
-  limit = context_limit(workdir, run.config)
-  context = min(limit, max_context) if max_context else limit
+  context = min(run.context, max_context) if max_context else run.context
   engine = Engine(run.params, run.model_cfg, run.tokenizer, name=name, n_slots=n_slots, context=context,
                   prefill_chunk=prefill_chunk, min_bucket=min_bucket)
   logging.info("model %s: %s, context %d tokens, %d slots", name, workdir, context, n_slots)

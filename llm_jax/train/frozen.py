@@ -16,8 +16,9 @@ base (see train/dpo.py).
 
 import ml_collections
 
-from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint, run_setup
+from llm_jax.model.config import SHAPE_FIELDS, ModelConfig
+from llm_jax import rundir
+from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import init as model_init
 
 
@@ -32,9 +33,9 @@ def teacher_model_config(config, model_cfg: ModelConfig) -> ModelConfig | None:
   teacher_dir = config.get("distill", {}).get("teacher", "")
   if config.job != "distill" or not teacher_dir:
     return None
-  src = checkpoint.read_config(teacher_dir)
+  src = rundir.read_config(teacher_dir)
   cfg = ml_collections.ConfigDict(config.model.to_dict())
-  for f in run_setup.SHAPE_FIELDS:
+  for f in SHAPE_FIELDS:
     if f in src.model:
       cfg[f] = src.model[f]
   teacher_cfg = ModelConfig.from_config(cfg)
@@ -42,8 +43,8 @@ def teacher_model_config(config, model_cfg: ModelConfig) -> ModelConfig | None:
     raise ValueError(f"config.distill.teacher={teacher_dir!r} has a vocabulary of "
                      f"{teacher_cfg.vocab_size} tokens, the student {model_cfg.vocab_size}: "
                      "logit distillation needs the same tokenizer for both.")
-  theirs = checkpoint.tokenizer_path(teacher_dir, src)
-  if theirs and config.data.tokenizer.path and run_setup.same_tokenizer(
+  theirs = rundir.tokenizer_path(teacher_dir, src)
+  if theirs and config.data.tokenizer.path and tokenizer_lib.same_tokenizer(
       theirs, config.data.tokenizer.path) is False:
     raise ValueError(f"config.distill.teacher={teacher_dir!r} uses another tokenizer than this "
                      f"run ({config.data.tokenizer.path}): logit distillation compares "
@@ -67,11 +68,11 @@ def load(config, frozen_shardings: dict, model_cfg: ModelConfig) -> dict:
   """Reads the frozen trees into their shardings (call inside the mesh context)."""
   out = {}
   if "reference" in frozen_shardings:
-    out["reference"], _ = checkpoint.load_params(config.init_from, config.init_step,
-                                                 shardings=frozen_shardings["reference"],
-                                                 dtype=model_cfg.weight_dtype)
+    out["reference"], _ = rundir.load_params(config.init_from, config.init_step,
+                                             shardings=frozen_shardings["reference"],
+                                             dtype=model_cfg.weight_dtype)
   if "teacher" in frozen_shardings:
-    out["teacher"], _ = checkpoint.load_params(config.distill.teacher, -1,
-                                               shardings=frozen_shardings["teacher"],
-                                               dtype=model_cfg.weight_dtype)
+    out["teacher"], _ = rundir.load_params(config.distill.teacher, -1,
+                                           shardings=frozen_shardings["teacher"],
+                                           dtype=model_cfg.weight_dtype)
   return out

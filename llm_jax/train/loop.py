@@ -18,11 +18,11 @@ from absl import logging
 
 from llm_jax import console, sharding
 from llm_jax.data import pipeline
-from llm_jax.eval import lm_eval, objective_eval
 from llm_jax.model import flops
-from llm_jax.train import checkpoint, metrics as metrics_lib, objectives, optimizer as opt_lib
+from llm_jax import checkpoint, rundir
+from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
 from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
-from llm_jax.train import frozen as frozen_lib
+from llm_jax.train import evaluate, frozen as frozen_lib
 
 
 class _Preemption:
@@ -90,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tok = run_setup.resolve_tokenizer(config, workdir)
   model_cfg = run_setup.resolve_model(config, tok.vocab_size)
   model_cfg = lora_state.prepare(config, model_cfg, workdir, resuming)  # adapters if config.lora.rank
-  checkpoint.write_config(workdir, config)
+  rundir.write_config(workdir, config)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -99,17 +99,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Shapes and shardings come from eval_shape, outside the mesh context (unboxing abstract
   # params under a set mesh would try to constrain them).
   abstract_state, state_sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-  objective = objectives.for_config(config, model_cfg)
+  objective = run_setup.objective_for(config, model_cfg)
   # Frozen trees (a DPO reference, a teacher) ride in the state but are never checkpointed.
   frozen_sh = frozen_lib.shardings(config, model_cfg, mesh, rules, state_sh["params"])
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model_cfg, optimizer, schedule, grad_accum=tc.grad_accum,
                                objective=objective),
       {**state_sh, "frozen": frozen_sh} if frozen_sh else state_sh, mesh, rules)
-  eval_step = step_lib.make_eval_step(model_cfg, lora_state.eval_params(model_cfg, state_sh),
-                                      mesh, rules)
-  objective_eval_step = (None if objective.name == "lm" else objective_eval.make_eval_step(
-      objective, state_sh["params"], frozen_sh or state_sh.get("frozen", {}), mesh, rules))
+  evaluator = evaluate.Evaluator(model_cfg, state_sh["params"], mesh, rules, objective=objective,
+                                 frozen_shardings=frozen_sh or state_sh.get("frozen", {}))
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
   # Before the data workers start: on a CPU the peak FLOP/s is measured, and busy workers
@@ -131,17 +129,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, _, manager = checkpoint.restore_newest(workdir, manager, reopen, abstract_state,
                                                     train_iter)
       if "frozen" in abstract_state:  # never checkpointed: the base is read again from init_from
-        state["frozen"], _ = checkpoint.load_params(config.init_from, config.init_step,
-                                                    shardings=state_sh["frozen"],
-                                                    dtype=model_cfg.weight_dtype)
+        state["frozen"], _ = rundir.load_params(config.init_from, config.init_step,
+                                                shardings=state_sh["frozen"],
+                                                dtype=model_cfg.weight_dtype)
       logging.info("Resumed from step %d in %s", int(state["step"]),
                    checkpoint.checkpoint_dir(workdir))
     else:
       params = None
       if config.init_from:
-        params, _ = checkpoint.load_params(config.init_from, config.init_step,
-                                           shardings=state_sh.get("frozen", state_sh["params"]),
-                                           dtype=model_cfg.weight_dtype)
+        params, _ = rundir.load_params(config.init_from, config.init_step,
+                                       shardings=state_sh.get("frozen", state_sh["params"]),
+                                       dtype=model_cfg.weight_dtype)
         logging.info("Starting from the parameters of %s", config.init_from)
       state = state_lib.create_state(model_cfg, optimizer, jax.random.key(config.seed), state_sh,
                                      mesh, rules, params)
@@ -152,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if console.verbose():
     logging.info("Config:\n%s", config)
   logging.info("%s job: %s; the full config is in %s", config.job, _summary(config),
-               os.path.join(workdir, checkpoint.CONFIG_FILE))
+               os.path.join(workdir, rundir.CONFIG_FILE))
   logging.info("Model: %s parameters (%s without embeddings); mesh %s over %d devices (%s); "
                "%d tokens per step", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
                dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tokens_per_step)
@@ -168,18 +166,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     with sharding.mesh_context(mesh, rules):
-      if objective_eval_step is not None:  # DPO, distillation: the objective's own metrics
-        res = objective_eval.evaluate(objective_eval_step, objective, state["params"],
-                                      state.get("frozen", {}), batches,
-                                      lambda b: sharding.to_global(b, mesh, rules),
-                                      tc.eval_batches)
-        res.pop("batches")
-      else:
-        res = lm_eval.evaluate(eval_step, lora_state.eval_params(model_cfg, state), batches,
-                               lambda b: sharding.to_global(b, mesh, rules), tc.eval_batches)
+      res = evaluator(state["params"], state.get("frozen", {}), batches, tc.eval_batches)
+    # The LM's headline figures; DPO and distillation report all of their own.
+    shown = ("loss", "perplexity", "accuracy", "tokens") if evaluator.objective is None else None
     scalars = {f"eval_{k}": v for k, v in res.items()
-               if objective_eval_step is not None or
-               k in ("loss", "perplexity", "accuracy", "tokens")}
+               if k != "batches" and (shown is None or k in shown)}
     writer.write_scalars(step, scalars)
     eval_history.append({"step": step, **scalars})
     return scalars
@@ -269,7 +260,7 @@ def _warn_schedule_change(config, workdir: str) -> None:
   """Resuming with other schedule settings recomputes the whole schedule: say what the learning
   rate does at the resume step, instead of jumping silently (e.g. raising train.steps restarts
   a cosine from a higher LR)."""
-  saved = checkpoint.read_config(workdir).train
+  saved = rundir.read_config(workdir).train
   fields = ("steps", "lr", "schedule", "warmup_steps", "min_lr_ratio")
   changed = [f for f in fields if f in saved and saved[f] != config.train[f]]
   if not changed:

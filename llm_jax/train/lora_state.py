@@ -39,9 +39,9 @@ def prepare(config: ml_collections.ConfigDict, model_cfg, workdir: str, resuming
   records the base's absolute path and its concrete step, so every later reader (resume, merge,
   PEFT export, chat) finds the very same base.
   """
-  from llm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top (Orbax, for jobs only)
+  from llm_jax import checkpoint, rundir  # pylint: disable=g-import-not-at-top (Orbax, for jobs only)
   if resuming:
-    run = checkpoint.read_config(workdir)
+    run = rundir.read_config(workdir)
     saved = run.get("lora") or ml_collections.ConfigDict({"rank": 0})
     with config.unlocked():
       for f in _RUN_FIELDS:

@@ -89,37 +89,3 @@ def language_model(model_cfg: ModelConfig, *, z_loss: float = 0.0) -> Objective:
   keys = ("loss", "ce", "correct", "weight") + (moe_lib.sum_keys(model_cfg) if moe else ())
   return Objective("lm", normalizer=lambda b: jnp.sum(b["loss_weights"].astype(jnp.float32)),
                    sums=sums, metrics=metrics, sum_keys=keys)
-
-
-def for_config(config, model_cfg: ModelConfig) -> Objective:
-  """The objective of a job's config (`config.job`). New jobs (dpo, distill) register here."""
-  if config.job in ("pretrain", "sft"):
-    return language_model(model_cfg, z_loss=config.train.z_loss)
-  if config.job in ("dpo", "distill"):
-    return _post_training(config, model_cfg)
-  raise ValueError(f"config.job={config.job!r} has no training objective")
-
-
-def _post_training(config, model_cfg: ModelConfig) -> Objective:
-  """DPO (train/dpo.py) and reasoning distillation (train/distill.py); their frozen trees come
-  from train/frozen.py."""
-  # pylint: disable=g-import-not-at-top (these modules import this one)
-  from llm_jax.train import distill, dpo, frozen
-  variables = {}
-  if frozen.lora_enabled(config):
-    # With LoRA the state's "frozen" entry is the base (train/lora_state.py): the policy is base +
-    # adapters, and DPO's reference is the same module without the "lora" collection, the base.
-    variables["policy_variables"] = lambda params, base: lora.variables(model_cfg, params, base)
-    if config.job == "dpo":
-      variables["reference_variables"] = lambda params, base: {"params": base}
-  if config.job == "dpo":
-    return dpo.objective(model_cfg, beta=config.dpo.beta,
-                         label_smoothing=config.dpo.label_smoothing,
-                         loss_type=config.dpo.loss_type, **variables)
-  from llm_jax.data import tokenizer as tok_lib
-  tok = tok_lib.get_tokenizer(config.data.tokenizer, None, corpus_fn=None)
-  d = config.distill
-  return distill.objective(model_cfg, tag_ids=distill.tag_token_ids(tok, d.tag_tokens),
-                           tag_weight=d.tag_weight,
-                           teacher_cfg=frozen.teacher_model_config(config, model_cfg),
-                           alpha=d.alpha, temperature=d.temperature, **variables)

@@ -10,26 +10,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from llm_jax.data import pipeline, sources, tokenizer as tok_lib
-from llm_jax.model.config import ModelConfig
-from llm_jax.train import checkpoint
-
-# Fields that define the weights (their shapes, their meaning, and the checkpoint's tree layout:
-# scanned layers are stored stacked). Everything else in config.model (dtypes, remat, attention
-# kernel) is a runtime choice the new job may change; parameters are cast to its param_dtype.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
-                "rope_theta", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "scan_layers")
-# Dotted sub-config fields that define the weights too (a run written before a sub-config existed
-# had its defaults: dense MLPs, unscaled RoPE). Routing choices (capacity, loss weights, kernels)
-# stay the new job's.
-SUB_SHAPE_FIELDS = ("moe.n_experts", "moe.top_k", "moe.expert_mlp_dim", "moe.n_shared_experts",
-                    "moe.shared_mlp_dim", "moe.shared_expert_gate", "moe.every", "moe.norm_topk_prob",
-                    "rope_scaling.type", "rope_scaling.factor",
-                    "rope_scaling.original_max_position_embeddings", "rope_scaling.low_freq_factor",
-                    "rope_scaling.high_freq_factor", "rope_scaling.beta_fast", "rope_scaling.beta_slow",
-                    "rope_scaling.attention_factor", "rope_scaling.mscale",
-                    "rope_scaling.mscale_all_dim", "rope_scaling.truncate")
-
+from llm_jax.data import builtin, pipeline, sources, tokenizer as tok_lib
+from llm_jax.model.config import SHAPE_FIELDS, SUB_SHAPE_FIELDS, ModelConfig, sub_field_default
+from llm_jax import checkpoint, rundir
+from llm_jax.model import lora
+from llm_jax.train import distill, dpo, frozen, objectives
 
 def _sub_field(model: ml_collections.ConfigDict, dotted: str, default=None):
   section, field = dotted.split(".")
@@ -44,9 +29,7 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str,
   field that disagrees with the source cannot be honoured and stops the job. Other differences
   (a preset's defaults) are replaced by the source's values.
   """
-  src = checkpoint.read_config(source_dir)
-  from configs import models  # pylint: disable=g-import-not-at-top
-  defaults = models.get("tiny")
+  src = rundir.read_config(source_dir)
   with config.unlocked():
     for f in SHAPE_FIELDS:
       if f in src.model and src.model[f] != config.model[f]:
@@ -57,21 +40,21 @@ def adopt_source_model(config: ml_collections.ConfigDict, source_dir: str,
               f"drop --config.model.{f}, or train from scratch without init_from.")
         config.model[f] = src.model[f]
     for f in SUB_SHAPE_FIELDS:
-      want, have = _sub_field(src.model, f, _sub_field(defaults, f)), _sub_field(config.model, f)
+      want, have = _sub_field(src.model, f, sub_field_default(f)), _sub_field(config.model, f)
       if want != have:
         logging.warning("config.model.%s=%s replaced by %s from %s (init_from)", f, have, want,
                         source_dir)
         section, field = f.split(".")
         config.model[section][field] = want
     if not config.data.tokenizer.path:
-      config.data.tokenizer.path = checkpoint.tokenizer_path(source_dir, src)
+      config.data.tokenizer.path = rundir.tokenizer_path(source_dir, src)
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A run resumed in `workdir` continues the model and tokenizer saved there. A requested
   shape or tokenizer that differs cannot be honoured: stop, naming the field and the fix, rather
   than silently keep the saved one."""
-  saved = checkpoint.read_config(workdir)
+  saved = rundir.read_config(workdir)
   requested = ml_collections.ConfigDict(config)
   if requested.init_from:  # the shape this command asks for is its source's
     adopt_source_model(requested, requested.init_from)
@@ -83,9 +66,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     if f in saved.model and want != have:
       raise ValueError(f"config.model.{f}={want!r}: {workdir} holds a run with model.{f}={have!r} "
                        f"(a resumed run keeps its model); {fix}.")
-  own = checkpoint.tokenizer_path(workdir, saved)
+  own = rundir.tokenizer_path(workdir, saved)
   path = requested.data.tokenizer.path
-  if path and os.path.exists(own) and not same_tokenizer(path, own):
+  if path and os.path.exists(own) and not tok_lib.same_tokenizer(path, own):
     raise ValueError(f"config.data.tokenizer.path={path!r}: {workdir} was trained with its own "
                      f"tokenizer ({own}), and a resumed run cannot switch tokenizers; {fix}.")
   if not path:
@@ -94,24 +77,6 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
       if want != have:
         raise ValueError(f"config.data.tokenizer.{f}={want!r}: {workdir} already has a tokenizer "
                          f"trained with {f}={have!r} (a resumed run keeps it); {fix}.")
-
-
-def same_tokenizer(path: str, own: str) -> bool | None:
-  """Whether two tokenizers (a file, or a directory holding tokenizer.json / the SentencePiece
-  model) are the same bytes; None when either cannot be found."""
-  def files(p):
-    if os.path.isdir(p):
-      for name in ("tokenizer.json", tok_lib.MODEL_FILE):
-        if os.path.isfile(os.path.join(p, name)):
-          return os.path.join(p, name)
-    return p
-  a, b = files(path), files(own)
-  if os.path.abspath(a) == os.path.abspath(b):
-    return True
-  if not (os.path.isfile(a) and os.path.isfile(b)):
-    return None
-  with open(a, "rb") as fa, open(b, "rb") as fb:
-    return fa.read() == fb.read()
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -133,10 +98,10 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not spec:
       continue
     for s in pipeline.parse_spec(spec, f"config.data.{field}"):
-      if not s.path.startswith(pipeline.BUILTIN_PREFIX):
+      if not builtin.is_builtin(s.path):
         sources.check_spec_path(s.path)
   if config.init_from:
-    checkpoint.read_config(config.init_from)  # names the directory if it is not a run
+    rundir.read_config(config.init_from)  # names the directory if it is not a run
     if not checkpoint.steps(config.init_from):
       raise FileNotFoundError(f"config.init_from={config.init_from}: the run has no checkpoints "
                               f"under {checkpoint.checkpoint_dir(config.init_from)}")
@@ -164,12 +129,12 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus)
   if config.data.tokenizer.path and jax.process_index() == 0:
     # A run carries its own tokenizer, so it stays usable if the original file moves.
-    own = checkpoint.tokenizer_path(workdir, config)
+    own = rundir.tokenizer_path(workdir, config)
     if not os.path.abspath(own).startswith(os.path.abspath(workdir) + os.sep):
       tok.save(os.path.join(workdir, "tokenizer") if isinstance(tok, _hf_tokenizer_cls())
                else workdir)
   with config.unlocked():
-    config.data.tokenizer.path = os.path.abspath(checkpoint.tokenizer_path(workdir, config))
+    config.data.tokenizer.path = os.path.abspath(rundir.tokenizer_path(workdir, config))
   return tok
 
 
@@ -202,3 +167,35 @@ def resolve_model(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCo
   with config.unlocked():
     config.model.vocab_size = config.model.vocab_size or vocab_size
   return ModelConfig.from_config(config.model)
+
+
+def objective_for(config, model_cfg: ModelConfig) -> objectives.Objective:
+  """The objective of a job's config (`config.job`), the one place that maps jobs to losses (as
+  nanodo's model_factory does). New jobs register here."""
+  if config.job in ("pretrain", "sft"):
+    return objectives.language_model(model_cfg, z_loss=config.train.z_loss)
+  if config.job in ("dpo", "distill"):
+    return _post_training(config, model_cfg)
+  raise ValueError(f"config.job={config.job!r} has no training objective")
+
+
+def _post_training(config, model_cfg: ModelConfig) -> objectives.Objective:
+  """DPO (train/dpo.py) and reasoning distillation (train/distill.py); their frozen trees come
+  from train/frozen.py."""
+  variables = {}
+  if frozen.lora_enabled(config):
+    # With LoRA the state's "frozen" entry is the base (train/lora_state.py): the policy is base +
+    # adapters, and DPO's reference is the same module without the "lora" collection, the base.
+    variables["policy_variables"] = lambda params, base: lora.variables(model_cfg, params, base)
+    if config.job == "dpo":
+      variables["reference_variables"] = lambda params, base: {"params": base}
+  if config.job == "dpo":
+    return dpo.objective(model_cfg, beta=config.dpo.beta,
+                         label_smoothing=config.dpo.label_smoothing,
+                         loss_type=config.dpo.loss_type, **variables)
+  tok = tok_lib.get_tokenizer(config.data.tokenizer, None, corpus_fn=None)
+  d = config.distill
+  return distill.objective(model_cfg, tag_ids=distill.tag_token_ids(tok, d.tag_tokens),
+                           tag_weight=d.tag_weight,
+                           teacher_cfg=frozen.teacher_model_config(config, model_cfg),
+                           alpha=d.alpha, temperature=d.temperature, **variables)

@@ -14,12 +14,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
-from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.decoder import Decoder
-from llm_jax.model.decoder import output_weights  # chunked loss
-from llm_jax.train import loss as loss_lib, objectives
-from llm_jax.train import chunked_loss
+from llm_jax.train import objectives
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
@@ -86,34 +82,3 @@ def jit_train_step(train_step, state_shardings, mesh, rules):
   batch_sh = sharding.row_sharding(mesh, rules)  # a prefix of the whole batch dict
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
-
-
-def make_eval_step(model_cfg: ModelConfig, param_shardings, mesh, rules, *,
-                   per_document: bool = False):
-  """(params, batch) -> weighted sums (ce, correct, weight), plus per-document sums if asked."""
-  model = Decoder(model_cfg)
-
-  def eval_step(params, batch):
-    # A LoRA model (model_cfg.lora) is evaluated on {"params": base, "lora": adapters}
-    # (lora_state.eval_params); any other on its params.
-    variables = params if model_cfg.lora is not None else {"params": params}
-    if model_cfg.loss_chunk_len:  # no [B, L, V] logits (chunked_loss.py)
-      hidden_BxLxD = model.apply(variables, batch["inputs"], batch["positions"],
-                                 batch["segment_ids"], return_hidden=True)
-      w, eq = output_weights(variables["params"], model_cfg)
-      if model_cfg.lora is not None:
-        delta = lora.output_weight_delta(model_cfg, variables[lora.COLLECTION])
-        w = w if delta is None else w.astype(jnp.float32) + delta
-      return chunked_loss.eval_sums(hidden_BxLxD, w, batch, eq=eq, chunk_len=model_cfg.loss_chunk_len,
-                                    dtype=model_cfg.compute_dtype, per_document=per_document)
-    logits_BxLxV = model.apply(variables, batch["inputs"], batch["positions"],
-                               batch["segment_ids"])
-    sums = loss_lib.cross_entropy_sums(logits_BxLxV, batch["targets"], batch["loss_weights"])
-    if per_document:
-      sums["doc_ce"], sums["doc_weight"] = loss_lib.per_document_sums(
-          logits_BxLxV, batch["targets"], batch["loss_weights"], batch["segment_ids"])
-    return sums
-
-  batch_sh = sharding.row_sharding(mesh, rules)
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
-                 out_shardings=NamedSharding(mesh, P()))

@@ -275,7 +275,7 @@ def _qa_chats(person: dict, lang: str, cfg, rng: random.Random) -> list[dict]:
   return chats
 
 
-def _languages(cfg) -> list[str]:
+def parse_languages(cfg) -> list[str]:
   langs = [s.strip() for s in cfg.languages.split(",") if s.strip()]
   bad = [s for s in langs if s not in BIO_TEMPLATES]
   if bad or not langs:
@@ -298,7 +298,7 @@ def _generate(n_entities, bios_per_entity, templates_per_attribute, heldout_frac
   if not 0.0 <= unseen_fraction < 1.0:
     raise ValueError(f"config.data.synthetic.unseen_fraction={unseen_fraction}; use [0, 1).")
   augmented = parse_augment(augment)
-  langs = _languages(cfg)
+  langs = parse_languages(cfg)
   # Independent streams, so changing one size never reshuffles the others' draws.
   people = _make_people(n_entities, random.Random(f"{seed}-people"))
   order = list(range(n_entities))

@@ -1,30 +1,25 @@
 """Orbax checkpointing: the one module that touches the Orbax API (it renames often).
 
-A run directory holds:
-  config.json              the run's full config
-  tokenizer.model | tokenizer/   the tokenizer the run trained or was given
+The checkpoints of a run directory (rundir.py owns the rest of it: config.json, the tokenizer,
+what a run's parameters are):
   checkpoints/<step>/state  {"step", "params", "opt_state"} (params-only for imported models;
-                           a LoRA run's "params" are its adapters, see load_params)
+                           a LoRA run's "params" are its adapters, see rundir.load_params)
   checkpoints/<step>/data   the Grain iterator state, so a resumed run sees the same batches
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 mid-save never leaves a half-written checkpoint that looks valid.
 """
 
-import json
 import os
 from typing import Any
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 STATE = "state"
 FROZEN = "frozen"  # the train state's never-trained parameters (not checkpointed)
 DATA = "data"
-CONFIG_FILE = "config.json"
-HF_SOURCE_CONFIG = "hf_config.json"  # an imported model's own config.json (convert/hf_import.py)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -85,28 +80,6 @@ def _restore_args(abstract_tree: Any, partial: bool = False) -> ocp.args.PyTreeR
   )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes config.json from process 0 (the file is the same on every process)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a reader never sees half a config
-  return path
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not an llm_jax run directory (expected config.json "
-        "and checkpoints/ written by a training job or by llm_jax.convert.hf_import)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def steps(workdir: str) -> list[int]:
   """Finished checkpoints' steps. Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to
   `<step>` when complete, so only all-digit names are whole checkpoints."""
@@ -127,37 +100,24 @@ def pick_step(workdir: str, step: int) -> int:
   return step
 
 
-def save_params(workdir: str, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> str:
-  """Writes config.json and a params-only checkpoint that any job can start from
-  (`config.init_from=<workdir>`). Used by the Hugging Face importer."""
-  write_config(workdir, config)
+def save_params(workdir: str, params: Any, step: int = 0) -> None:
+  """Writes a params-only checkpoint of `step` (rundir.save_params adds config.json)."""
   with make_manager(workdir, keep=1, async_save=False, with_data=False) as m:
     save(m, step, {"step": step, "params": params}, force=True)
     m.wait_until_finished()
   logging.info("Wrote parameters of step %d to %s", step, checkpoint_dir(workdir))
-  return workdir
 
 
-def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None, *,
-                merge_lora: bool = True, with_step: bool = False):
-  """Reads only the parameters of a run's checkpoint (no optimizer state).
+def restore_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any = None
+                   ) -> tuple[int, Any]:
+  """(step, the parameters stored at it) without the optimizer state, as stored (a LoRA run's
+  are its adapters: rundir.load_params merges them).
 
   `step` -1 takes the newest checkpoint that can be read: a damaged newer one is reported and
   skipped (never deleted). `shardings`: a tree of NamedShardings matching the params, or one
   Sharding for all of them; None puts them on one device. `dtype`: cast every parameter to it
   while reading (e.g. bf16 imports trained in float32).
-  A LoRA run (config.lora.rank > 0) stores adapters only: its parameters are its base's with the
-  adapters merged in (float32), so every tool reads it like any run; `merge_lora=False` returns
-  the adapters as stored.
-  Returns (params, the run's config), or with `with_step` also the step read.
   """
-  config = read_config(workdir)
-  if merge_lora and config.get("lora") and config.lora.get("rank", 0) > 0:
-    from llm_jax.convert import merge_lora as merge_lib  # pylint: disable=g-import-not-at-top (cycle)
-    step = pick_step(workdir, step)
-    params = merge_lib.load_merged_params(workdir, step, shardings, dtype)
-    return (params, config, step) if with_step else (params, config)
-
   def read(s):
     # The data item's handler is registered (though not restored) so Orbax knows the item.
     with make_manager(workdir, with_data=True, read_only=True) as m:
@@ -175,7 +135,7 @@ def load_params(workdir: str, step: int = -1, shardings: Any = None, dtype: Any 
 
   step, params = newest_readable(workdir, step, read)
   logging.info("Loaded parameters of step %d from %s", step, checkpoint_dir(workdir))
-  return (params, config, step) if with_step else (params, config)
+  return step, params
 
 
 def newest_readable(workdir: str, step: int, read):
@@ -223,30 +183,6 @@ def set_aside(workdir: str, step: int) -> str:
     dst, k = os.path.join(dst_dir, f"{step}.{k}"), k + 1
   os.replace(src, dst)
   return dst
-
-
-def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Where a run's tokenizer lives: its own copy if it has one, else the configured path."""
-  for name in ("tokenizer.model", "tokenizer"):
-    p = os.path.join(workdir, name)
-    if os.path.exists(p):
-      return p
-  return config.data.tokenizer.path
-
-
-def context_length(workdir: str, config: ml_collections.ConfigDict) -> int:
-  """The longest sequence (prompt + answer) a run is meant to see: an imported model's own
-  max_position_embeddings if the run came from Hugging Face (directly, or one `init_from` away),
-  else the length the run was trained on. RoPE has no hard limit, but positions beyond what a
-  model saw in training produce garbage."""
-  for run in (workdir, config.get("init_from") or ""):
-    source = os.path.join(run, HF_SOURCE_CONFIG)
-    if run and os.path.isfile(source):
-      with open(source) as f:
-        value = json.load(f).get("max_position_embeddings")
-      if value:
-        return int(value)
-  return int(config.data.seq_len)
 
 
 def restore_newest(workdir: str, manager: ocp.CheckpointManager, reopen, abstract_state: Any,

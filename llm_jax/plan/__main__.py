@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from llm_jax import config_check, console, devices as devices_lib
 from llm_jax.model import flops
-from llm_jax.planner import POLICY_ORDER, model_config, plan
+from llm_jax.plan.search import POLICY_ORDER, model_config, plan
 from llm_jax.model import init as model_init
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)

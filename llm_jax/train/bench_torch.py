@@ -1,4 +1,4 @@
-"""The PyTorch side of `python -m llm_jax.bench --compare_torch`: the same train step in transformers.
+"""The PyTorch side of `python -m llm_jax.train.bench --compare_torch`: the same train step in transformers.
 
 A `LlamaForCausalLM` (Qwen2 with q/k/v biases, Qwen3 with q/k norms) of the benchmarked shape in
 float32 with transformers' default attention (SDPA), trained the way a PyTorch user would: AdamW

@@ -1,4 +1,4 @@
-"""Post-training sets of the embedded encyclopedia (synthetic_bios.py), about the same people and
+"""Post-training sets of the embedded encyclopedia (bios.py), about the same people and
 split the same way (pairs and traces about held-out people are only evaluated on):
 
   dpo_*   preference pairs in minimind's shape {"chosen": [messages], "rejected": [messages]}:
@@ -22,7 +22,8 @@ import random
 
 import ml_collections
 
-from llm_jax.data import reasoning, synthetic_bios as bios
+from llm_jax.data import reasoning
+from llm_jax.data.builtin import bios
 
 SPLITS = ("dpo_train", "dpo_heldout", "r1_train", "r1_heldout")
 TABLES = {"birth_city": bios.CITIES, "university": bios.UNIVERSITIES, "major": bios.FIELDS,
@@ -125,7 +126,7 @@ def _generate(key: tuple) -> dict:
   out = {s: [] for s in SPLITS}
   for k, person in enumerate(base["people"]):
     split = "heldout" if k in heldout else "train"
-    for lang in bios._languages(cfg):  # pylint: disable=protected-access
+    for lang in bios.parse_languages(cfg):
       for attribute in bios.ATTRIBUTES:
         out[f"dpo_{split}"].append(_pair(person, lang, attribute, cfg, rng_pairs))
         out[f"r1_{split}"].append(_recall_trace(person, lang, attribute, cfg, rng_traces))

@@ -6,7 +6,8 @@ import dataclasses
 from llm_jax import devices as devices_lib
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.kernels import dispatch
-from llm_jax.train import memory, optimizer as opt_lib
+from llm_jax.plan import memory
+from llm_jax.train import optimizer as opt_lib
 
 # Fastest first: each later policy keeps less and recomputes more in the backward pass.
 POLICY_ORDER = ("none", "dots", "dots_with_no_batch_dims", "save_attn_out", "full")
