@@ -10,11 +10,9 @@ said. The logic lives in llm_jax/infer/chat.py.
 """
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 
 from llm_jax import console, rundir
@@ -45,7 +43,6 @@ _MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "Prompt + answer tokens at
 _PROMPTS = flags.DEFINE_string("prompts", "", "One-shot mode: file of prompts (text lines or JSONL).")
 _OUTPUT = flags.DEFINE_string("output", "", "One-shot mode: JSONL file for the answers (default stdout).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "One-shot mode: prompts generated together.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library logs and tracebacks.")
 _SHOW_REASONING = flags.DEFINE_bool("show_reasoning", False, "Show the <think> reasoning before the "
                                     "answer (one-shot output always has it under \"reasoning\").")
 flags.mark_flags_as_required(["workdir"])
@@ -95,12 +92,9 @@ def run() -> None:
     interrupts.uninstall()
 
 
-def main(argv):
-  console.setup(_VERBOSE.value)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  console.run_reporting_errors(run)
+def main():
+  run()
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

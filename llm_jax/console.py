@@ -6,8 +6,14 @@ logger; a user reading a training run needs none of that.
 
 import logging as py_logging
 import os
+import sys
 
-from absl import logging
+# Before TensorFlow can load (clu writes TensorBoard files through it; it is never given a
+# device): no C++ chatter and no oneDNN banner on the console. Every command imports this first.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OWN = (os.sep + "llm_jax" + os.sep,)
 
@@ -50,28 +56,45 @@ class ConfigError(ValueError):
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def run_reporting_errors(fn, *args, **kwargs):
+def run_reporting_errors(fn, *args, user_errors=USER_ERRORS, status: int = 1, **kwargs):
   """fn(*args, **kwargs); a user error ends the program with one line `error: ...` on stderr
-  and exit status 1, or the error's `exit_code` (2 for a bad config value, see
+  and exit status `status` (1), or the error's own `exit_code` (2 for a bad config value, see
   ConfigError); `--verbose` shows the traceback instead."""
-  import sys  # pylint: disable=g-import-not-at-top
   try:
     return fn(*args, **kwargs)
-  except USER_ERRORS as e:
+  except user_errors as e:
     if verbose():
       raise
     message = str(e).strip() or type(e).__name__
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
-    sys.exit(getattr(e, "exit_code", 1))
+    sys.exit(getattr(e, "exit_code", status))
+
+
+def cli(main, *, user_errors=USER_ERRORS, status: int = 1) -> None:
+  """Runs `main()` as a command, the one shape every llm_jax command has: absl flags parsed by
+  `parse_flags` (a misspelt field names itself), a stray argument refused, `--verbose` for
+  library logs and tracebacks, and a user error (`user_errors`) as one line `error: ...` with
+  exit status `status` (a ConfigError: 2). main's return value, if an int, is the exit status.
+  Call it under `if __name__ == "__main__":`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "Show library logs and tracebacks.")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup(flags.FLAGS.verbose)
+    result = run_reporting_errors(main, user_errors=user_errors, status=status)
+    return result if isinstance(result, int) and not isinstance(result, bool) else None
+
+  app.run(run, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that answers a misspelt `--config.a.b=v` with one line naming it (instead
-  of a traceback from deep inside ml_collections). Pass as `app.run(main, flags_parser=...)`."""
-  import sys
-
-  from absl import flags
+  of a traceback from deep inside ml_collections). `cli` passes it to absl."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -88,6 +111,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def moved(old: str, new: str) -> None:
   """The whole of a command that has a new name: one line naming it, exit status 2."""
-  import sys  # pylint: disable=g-import-not-at-top
   sys.stderr.write(f"error: python -m {old} is now python -m {new} (same flags)\n")
   sys.exit(2)

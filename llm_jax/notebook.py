@@ -39,6 +39,10 @@ class _Lines(py_logging.Formatter):
     return msg if record.levelno <= py_logging.INFO else f"{record.levelname}: {msg}"
 
 
+class _CellHandler(py_logging.StreamHandler):
+  """The handler show_logs installs (found again and replaced when it is called again)."""
+
+
 def show_logs(verbose: bool = False) -> None:
   """Shows llm_jax's INFO lines (progress, metrics) as plain lines in the cell's output, and
   other libraries' only from WARNING up (`verbose` shows them all). Safe to call again."""
@@ -46,10 +50,9 @@ def show_logs(verbose: bool = False) -> None:
   # Outside `absl.app.run` absl's own handler is not installed and its records go to whatever
   # handler the notebook's root logger has, unfiltered; give absl's logger a handler of its own.
   absl_logger = py_logging.getLogger("absl")
-  for h in [h for h in absl_logger.handlers if getattr(h, "_llm_jax_notebook", False)]:
+  for h in [h for h in absl_logger.handlers if isinstance(h, _CellHandler)]:
     absl_logger.removeHandler(h)
-  handler = py_logging.StreamHandler(sys.stdout)
-  handler._llm_jax_notebook = True  # pylint: disable=protected-access
+  handler = _CellHandler(sys.stdout)
   handler.setFormatter(_Lines("%(message)s"))
   for f in logging.get_absl_handler().filters:  # console.setup's filter: our INFO, others WARNING+
     handler.addFilter(f)

@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import checkpoint
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 
@@ -80,7 +80,7 @@ def load_tokenizer(workdir: str, config: ml_collections.ConfigDict):
   """The run's tokenizer (SentencePiece or Hugging Face); sets config.data.tokenizer.path to it."""
   with config.unlocked():
     config.data.tokenizer.path = tokenizer_path(workdir, config)
-  return tokenizer_lib.get_tokenizer(config.data.tokenizer, workdir, corpus_fn=None)
+  return tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus_fn=None)
 
 
 def lineage(workdir: str) -> Iterator[tuple[str, ml_collections.ConfigDict | None]]:

@@ -16,7 +16,7 @@ import pytest
 from configs import base
 from llm_jax.data.tokenizer import train_sentencepiece
 from llm_jax.infer import chat, context as context_lib
-from llm_jax.infer.generate import Generator
+from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
 from llm_jax import rundir
@@ -195,3 +195,51 @@ def test_ctrl_c_stops_the_answer_and_a_second_one_exits(slow_run):
     if p.proc.poll() is None:
       p.proc.kill()
     os.close(p.master)
+
+
+class _Stub:
+  """A session whose answers (and their fits) are given: what `interactive` prints around them."""
+
+  def __init__(self, turns):
+    self.turns, self.last_fit = iter(turns), None
+
+  def reset(self):
+    pass
+
+  def reply(self, line, write, should_stop):
+    fit, text, finish = next(self.turns)
+    self.last_fit = fit
+    write(text)
+    return Generation(tokens=[1], text=text, finish_reason=finish, logprobs=None)
+
+
+def test_chat_notes_only_what_changed_the_answer():
+  """`[the answer may use at most 238 tokens ...]` used to follow every answer, even two tokens
+  that ended by themselves; a note now comes only when the context's cap, a cut prompt or
+  dropped history changed the answer."""
+  capped = context_lib.FittedPrompt(ids=list(range(18)), max_new_tokens=238,
+                                    requested_new_tokens=256, context=256)
+  cut = context_lib.FittedPrompt(ids=list(range(250)), max_new_tokens=6, requested_new_tokens=256,
+                                 context=256, cut_tokens=40)
+  roomy = context_lib.FittedPrompt(ids=list(range(18)), max_new_tokens=64,
+                                   requested_new_tokens=64, context=256)
+  turns = [(capped, "Hi.", "stop"), (capped, "word " * 238, "length"), (cut, "ok", "stop"),
+           (roomy, "word " * 64, "length")]
+  lines = iter(["a", "b", "c", "d"])
+  out = []
+
+  def read(_):
+    try:
+      return next(lines)
+    except StopIteration:
+      raise EOFError from None
+
+  chat.interactive(_Stub(turns), read=read, write=out.append, banner="\n")
+  text = "".join(out)
+  first = text[text.index("Hi."):text.index("word")]
+  assert "[" not in first  # ended by itself under the cap: nothing to say
+  assert text.count("[the answer was cut at 238 tokens: the prompt takes 18 of the 256-token "
+                    "context]") == 1
+  assert "[the prompt is longer than the 256-token context: its first 40 tokens were cut]" in text
+  assert text.count("[answer cut at the token limit (--max_new_tokens)]") == 1
+  assert "may use at most" not in text

@@ -6,7 +6,7 @@ import pytest
 from llm_jax.data import chat_template
 from llm_jax.data import formats
 from llm_jax.data import pipeline
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 from configs import data as data_config
 from llm_jax.data.sources import RecordError
 
@@ -23,7 +23,7 @@ CHAT = [
 def tok():
   corpus = [chat_template.render_chat_text(CHAT)] * 5 + [
       "assistant user system 莎士比亚 Shakespeare wrote Hamlet 中文 一遍"] * 5
-  return tokenizer_lib.train_sentencepiece(corpus, vocab_size=400)
+  return tok_lib.train_sentencepiece(corpus, vocab_size=400)
 
 
 def test_mask_token_by_token_matches_hand_built_expectation(tok):

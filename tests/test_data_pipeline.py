@@ -13,7 +13,7 @@ from configs import data as data_config
 from llm_jax.data import chat_template
 from llm_jax.data import pipeline
 from llm_jax.data.builtin import bios
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 
 WORDS = "alpha beta gamma delta 北京 上海 数据 模型 one two three 🙂".split()
 KEYS = {"inputs", "targets", "loss_weights", "segment_ids", "positions"}
@@ -27,7 +27,7 @@ def _docs(n, seed, max_words):
 
 @pytest.fixture(scope="module")
 def tok():
-  return tokenizer_lib.train_sentencepiece(_docs(200, 0, 30), vocab_size=400)
+  return tok_lib.train_sentencepiece(_docs(200, 0, 30), vocab_size=400)
 
 
 def _write_jsonl(path, records):
@@ -117,7 +117,7 @@ def test_packed_segments_match_unpacked_documents(tmp_path, tok, mode, packing, 
 def test_default_config_yields_contract_batches():
   cfg = data_config.get_config()
   cfg.synthetic.n_entities = 60
-  tok = tokenizer_lib.train_sentencepiece(pipeline.corpus_texts(cfg), vocab_size=800)
+  tok = tok_lib.train_sentencepiece(pipeline.corpus_texts(cfg), vocab_size=800)
   batch = next(pipeline.make_train_iterator(cfg, tok, seed=0))
   assert batch["inputs"].shape == (16, 256)
   assert {k: str(v.dtype) for k, v in batch.items()} == {

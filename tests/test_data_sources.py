@@ -10,7 +10,7 @@ import pytest
 from configs import data as data_config
 from llm_jax.data import pipeline
 from llm_jax.data import sources
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 TRICKY = [
@@ -91,7 +91,7 @@ def test_real_files_alpaca_array_and_sharegpt():
 
 @pytest.fixture(scope="module")
 def tok():
-  return tokenizer_lib.train_sentencepiece(["some text 中文 question answer"] * 20,
+  return tok_lib.train_sentencepiece(["some text 中文 question answer"] * 20,
                                            vocab_size=400)
 
 

@@ -59,8 +59,8 @@ def test_token_budget_uses_the_given_counter():
 
 
 def test_token_counter_reads_a_tokenizer_file(tmp_path):
-  from llm_jax.data import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.train_sentencepiece(["the river flows north.", "河流向北流。"] * 50,
+  from llm_jax.data import tokenizer as tok_lib
+  tok = tok_lib.train_sentencepiece(["the river flows north.", "河流向北流。"] * 50,
                                           vocab_size=300)
   count = documents.token_counter(tok.save(str(tmp_path)))
   for text in ("the river flows north.", "河流向北流。", "unseen words 未见"):

@@ -12,7 +12,7 @@ from configs import data as data_config
 from configs import sft as sft_config
 from llm_jax import config_check
 from llm_jax.data import pipeline
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 from llm_jax.data import train_tokenizer
 
 CORPUS = [
@@ -31,7 +31,7 @@ MIXED = ("中文简体：北京欢迎你。繁體：臺灣龍鳳。English text,
 
 @pytest.fixture(scope="module")
 def tok():
-  return tokenizer_lib.train_sentencepiece(CORPUS, vocab_size=400)
+  return tok_lib.train_sentencepiece(CORPUS, vocab_size=400)
 
 
 def test_round_trip_is_lossless_on_mixed_text(tok):
@@ -66,7 +66,7 @@ def test_pickle_save_and_load(tok, tmp_path):
   clone = pickle.loads(pickle.dumps(tok))
   assert clone.encode(MIXED) == tok.encode(MIXED)
   path = tok.save(str(tmp_path))
-  loaded = tokenizer_lib.Tokenizer.load(path)
+  loaded = tok_lib.Tokenizer.load(path)
   assert loaded.encode(MIXED) == tok.encode(MIXED) and loaded.vocab_size == tok.vocab_size
 
 
@@ -79,16 +79,16 @@ def test_get_tokenizer_trains_once_then_reuses_cache(tmp_path):
     calls.append(1)
     return iter(CORPUS)
 
-  first = tokenizer_lib.get_tokenizer(cfg, str(tmp_path), corpus)
+  first = tok_lib.get_tokenizer(cfg, str(tmp_path), corpus)
   assert os.path.isfile(tmp_path / "tokenizer.model") and calls == [1]
-  second = tokenizer_lib.get_tokenizer(cfg, str(tmp_path), corpus)
+  second = tok_lib.get_tokenizer(cfg, str(tmp_path), corpus)
   assert calls == [1]  # the cached model was reused, the corpus never read again
   assert second.encode(MIXED) == first.encode(MIXED)
   # An explicit .model path and a directory holding tokenizer.model load the same model.
   cfg.path = str(tmp_path / "tokenizer.model")
-  assert tokenizer_lib.get_tokenizer(cfg, None, corpus).encode(MIXED) == first.encode(MIXED)
+  assert tok_lib.get_tokenizer(cfg, None, corpus).encode(MIXED) == first.encode(MIXED)
   cfg.path = str(tmp_path)
-  assert tokenizer_lib.get_tokenizer(cfg, None, corpus).vocab_size == first.vocab_size
+  assert tok_lib.get_tokenizer(cfg, None, corpus).vocab_size == first.vocab_size
 
 
 def test_get_tokenizer_dispatches_tokenizer_json_to_hf(tmp_path, monkeypatch):
@@ -98,24 +98,24 @@ def test_get_tokenizer_dispatches_tokenizer_json_to_hf(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "llm_jax.data.hf_tokenizer", fake)
   cfg = data_config.get_config().tokenizer
   cfg.path = str(tmp_path)
-  assert tokenizer_lib.get_tokenizer(cfg, None, lambda: []) == ("hf", str(tmp_path))
+  assert tok_lib.get_tokenizer(cfg, None, lambda: []) == ("hf", str(tmp_path))
   cfg.path = str(tmp_path / "tokenizer.json")
-  assert tokenizer_lib.get_tokenizer(cfg, None, lambda: [])[0] == "hf"
+  assert tok_lib.get_tokenizer(cfg, None, lambda: [])[0] == "hf"
 
 
 def test_missing_model_file_and_empty_corpus_are_clear_errors(tmp_path):
   cfg = data_config.get_config().tokenizer
   cfg.path = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError, match="nope.model"):
-    tokenizer_lib.get_tokenizer(cfg, None, lambda: [])
+    tok_lib.get_tokenizer(cfg, None, lambda: [])
   with pytest.raises(ValueError, match="corpus is empty"):
-    tokenizer_lib.train_sentencepiece(["", "  "], vocab_size=400)
+    tok_lib.train_sentencepiece(["", "  "], vocab_size=400)
 
 
 def test_default_corpus_trains_fast_and_covers_chat(tmp_path):
   cfg = data_config.get_config()
   start = time.time()
-  tok = tokenizer_lib.get_tokenizer(cfg.tokenizer, str(tmp_path),
+  tok = tok_lib.get_tokenizer(cfg.tokenizer, str(tmp_path),
                                     lambda: pipeline.corpus_texts(cfg))
   assert time.time() - start < 15  # the contract with the trainer's default job
   assert tok.vocab_size <= cfg.tokenizer.vocab_size
@@ -142,7 +142,7 @@ def test_tokenizer_cli_and_the_retired_job(tmp_path, capsys):
 
 
 def test_saved_tokenizer_follows_the_umask(tmp_path):
-  tok = tokenizer_lib.train_sentencepiece([f"line {i} 你好" for i in range(100)], vocab_size=400)
+  tok = tok_lib.train_sentencepiece([f"line {i} 你好" for i in range(100)], vocab_size=400)
   old = os.umask(0o022)
   try:
     path = tok.save(str(tmp_path))

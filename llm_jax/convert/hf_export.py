@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 import ml_collections
 import numpy as np
 
@@ -195,9 +195,7 @@ def export_hf(workdir: str, out_dir: str, step: int = -1, *,
   return out_dir
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   f = flags.FLAGS
   export_hf(f.workdir, f.out, f.step, max_shard_bytes=int(f.max_shard_gb * (1 << 30)))
 
@@ -209,4 +207,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "checkpoint step to export; -1 is the latest")
   flags.DEFINE_float("max_shard_gb", 2.0, "largest safetensors file, in GiB")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

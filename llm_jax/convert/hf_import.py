@@ -25,7 +25,7 @@ import os
 import shutil
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import ml_collections
 import numpy as np
@@ -178,14 +178,11 @@ def import_hf(hf_dir: str, workdir: str, base_config: ml_collections.ConfigDict,
   return config
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   f = flags.FLAGS
   scan = None if f.scan_layers is None else f.scan_layers == "true"
   from configs import base  # pylint: disable=g-import-not-at-top (the job defaults)
-  console.run_reporting_errors(import_hf, f.hf_dir, f.workdir, base.get_config(), dtype=f.dtype,
-                               scan_layers=scan)
+  import_hf(f.hf_dir, f.workdir, base.get_config(), dtype=f.dtype, scan_layers=scan)
 
 
 if __name__ == "__main__":
@@ -195,4 +192,4 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", None, sorted(_NP_DTYPES), "parameter dtype; default: the checkpoint's")
   flags.DEFINE_enum("scan_layers", None, ["true", "false"], "layer layout; default: configs/base.py's")
   flags.mark_flags_as_required(["hf_dir", "workdir"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -20,7 +20,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from llm_jax import checkpoint, console, rundir
 
@@ -82,9 +82,7 @@ def merge_run(workdir: str, out: str, step: int = -1, dtype: str = "") -> str:
   return out
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   f = flags.FLAGS
   merge_run(f.workdir, f.out, f.step, f.dtype)
 
@@ -95,4 +93,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "the adapters' checkpoint step; -1 is the latest")
   flags.DEFINE_string("dtype", "", "dtype of the merged weights (float32, bfloat16); empty: the base's")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -24,7 +24,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from llm_jax import console, rundir
 from llm_jax.convert import hf_export, hf_weights
@@ -143,9 +143,7 @@ def export_peft(workdir: str, out: str, step: int = -1, max_shard_bytes: int = 2
   return base_dir, adapter_dir
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   f = flags.FLAGS
   export_peft(f.workdir, f.out, f.step, max_shard_bytes=int(f.max_shard_gb * (1 << 30)))
 
@@ -156,4 +154,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", -1, "the adapters' checkpoint step; -1 is the latest")
   flags.DEFINE_float("max_shard_gb", 2.0, "largest safetensors file of the base, in GiB")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

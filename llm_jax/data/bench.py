@@ -10,13 +10,12 @@ prints tokens/s (all block tokens, and real non-padding tokens) and the padding 
 
 import time
 
-from absl import app
 from absl import flags
 
 from configs import data as data_config
 from llm_jax import console
 from llm_jax.data import pipeline
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 
 _PATH = flags.DEFINE_string("path", "builtin:bios", "source spec to read")
 _MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "sft"], "pretrain or sft")
@@ -30,9 +29,7 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 6400, "vocab size when training a to
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "skip (and count) malformed records")
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   cfg = data_config.get_config()
   cfg.train, cfg.mode, cfg.packing = _PATH.value, _MODE.value, _PACKING.value
   cfg.seq_len, cfg.batch_size, cfg.worker_count = _SEQ_LEN.value, _BATCH.value, _WORKERS.value
@@ -40,8 +37,8 @@ def main(argv):
   cfg.skip_bad_records = _SKIP_BAD.value
   cfg.tokenizer.train_max_sentences = 50_000
   start = time.perf_counter()
-  tok = tokenizer_lib.get_tokenizer(cfg.tokenizer, None, lambda: pipeline.corpus_texts(cfg))
-  print(f"tokenizer ready in {time.perf_counter() - start:.1f}s: {tokenizer_lib.summarize(tok)}")
+  tok = tok_lib.get_tokenizer(cfg.tokenizer, None, lambda: pipeline.corpus_texts(cfg))
+  print(f"tokenizer ready in {time.perf_counter() - start:.1f}s: {tok_lib.summarize(tok)}")
   it = pipeline.make_train_iterator(cfg, tok, seed=0)
   for _ in range(3):  # warm-up: worker start, first reads
     next(it)
@@ -58,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

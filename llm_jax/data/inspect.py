@@ -11,12 +11,10 @@ guillemets» otherwise. `--tokens` lists every token with its id and weight. The
 run's (`--workdir`), config.data.tokenizer.path, or one trained on the data as a job would.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import console
@@ -30,11 +28,8 @@ _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which sources: 
 _TOKENS = flags.DEFINE_bool("tokens", False, "Also list every token: position, id, piece, weight.")
 
 
-def main(argv):
-  console.setup()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  console.run_reporting_errors(run, _CONFIG.value)
+def main():
+  run(_CONFIG.value)
 
 
 def run(config) -> None:
@@ -58,4 +53,4 @@ def run(config) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

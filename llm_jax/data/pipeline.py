@@ -138,7 +138,7 @@ class ToExamples(grain.experimental.FlatMapTransform):
                         key=doc["error"])
       return []
     try:
-      token_docs = list(self._token_docs(doc))
+      token_docs = list(self.token_docs(doc))
     except sources.RecordError as e:  # e.g. a chat without an assistant turn
       if not self._skip:
         raise
@@ -146,7 +146,9 @@ class ToExamples(grain.experimental.FlatMapTransform):
       return []
     return [ex for ids, w in token_docs for ex in self._examples(ids, w)]
 
-  def _token_docs(self, doc: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  def token_docs(self, doc: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, loss weights) of one normalised document, before length limits (preview.py
+    shows these)."""
     if "chosen" in doc:  # a preference pair outside DPO: train on its chosen conversation
       self.counters.add("preference pairs trained on their chosen response (DPO: mode=dpo)",
                         doc["where"])

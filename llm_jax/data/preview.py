@@ -32,7 +32,7 @@ def examples(config, tok, split: str, n: int):
       doc = reader[i]
       if "error" in doc:
         continue
-      for ids, w in to_examples._token_docs(doc):  # pylint: disable=protected-access
+      for ids, w in to_examples.token_docs(doc):
         yield reader.where(i), reader.format, ids, w
         shown += 1
         if shown >= n:

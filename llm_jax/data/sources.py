@@ -10,7 +10,6 @@ dropped on pickling and reopened on first use.
 from __future__ import annotations
 
 import bisect
-import glob
 import json
 import os
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from llm_jax import paths
+from llm_jax.data import files
 
 _CHUNK = 1 << 22  # bytes scanned at once while indexing (bounded memory on large files)
 _WHITESPACE = np.array([9, 10, 13, 32], np.uint8)
@@ -128,6 +127,34 @@ class TextLineSource(_FileSource):
     return self._bytes(i).decode("utf-8", errors="replace").rstrip("\r")
 
 
+def read_records(path: str, hint: str = "", plain_lines: bool = False):
+  """(where, record) for each non-blank line of a small JSON Lines file a user wrote (prompts,
+  probes, questions), where = "path:line". Every error is a ValueError naming the file and line;
+  `hint` says what a line should look like. plain_lines: a line that is not a JSON object (does
+  not start with "{") is yielded as its text, without the newline."""
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise ValueError(f"{path}: cannot open it ({e.strerror})") from None
+  with f:
+    for n, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if not line.strip():
+        continue
+      where = f"{path}:{n}"
+      if plain_lines and not line.lstrip().startswith("{"):
+        yield where, line
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg}){'; ' + hint if hint else ''}") from None
+      if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}"
+                         f"{'; ' + hint if hint else ''}")
+      yield where, rec
+
+
 class JsonlSource(_FileSource):
   """JSON Lines: one JSON object per non-blank line; the index is a numpy array of offsets."""
 
@@ -199,17 +226,6 @@ class JsonArraySource(_FileSource):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RecordError(f"{self.where(i)}: malformed JSON ({e}); fix the record or set "
                         "config.data.skip_bad_records=True to skip such records.") from e
-
-
-def first_nonspace_byte(path: str) -> bytes:
-  with open(path, "rb") as f:
-    while chunk := f.read(4096):
-      stripped = chunk.lstrip()
-      if stripped.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-        stripped = stripped[3:].lstrip()
-      if stripped:
-        return stripped[:1]
-  return b""
 
 
 class ParquetSource:
@@ -341,141 +357,28 @@ class ConcatSource:
     return source.where(j)
 
 
-def open_file(path: str):
-  """The source for one file, chosen by extension (and, for .json, by its first byte).
+# files.kind -> the source that reads it
+_SOURCES = {"jsonl": JsonlSource, "json_array": JsonArraySource, "parquet": ParquetSource,
+            "array_record": ArrayRecordSource, "text": TextLineSource}
 
-  Checked here, before any work, each with one line naming the file and the fix: a missing
-  path, a directory, text that is not UTF-8, a .json holding one object instead of records.
+
+def open_file(path: str):
+  """The source for one file, chosen by its kind (files.kind: extension, and for .json its first
+  byte). Checked first (files.check_file), each problem one line naming the file and the fix.
   A gzip-compressed file (`.jsonl.gz`, `.json.gz`, `.txt.gz`) is decompressed once into a cache
   and read from there (random access into gzip would mean decompressing from the start).
   """
-  check_file(path)
-  lower = path.lower()
-  if lower.endswith(".gz"):
+  files.check_file(path)
+  if path.lower().endswith(".gz"):
+    copy = files.decompressed(path)
     try:
-      source = open_file(decompressed(path))
+      source = open_file(copy)
     except ValueError as e:  # name the user's file, not the cache copy
-      raise ValueError(str(e).replace(decompressed(path), path)) from None
+      raise ValueError(str(e).replace(copy, path)) from None
     if hasattr(source, "shown_path"):
       source.shown_path = path
     return source
-  if lower.endswith(".jsonl"):
-    return JsonlSource(path)
-  if lower.endswith(".json"):
-    # Some ".json" files are really JSON Lines; a top-level array is indexed by object offsets.
-    return JsonArraySource(path) if first_nonspace_byte(path) == b"[" else JsonlSource(path)
-  if lower.endswith(".parquet"):
-    return ParquetSource(path)
-  if lower.endswith((".array_record", ".arrayrecord")) or ".array_record-" in lower:
-    return ArrayRecordSource(path)
-  if lower.endswith((".txt", ".text", ".md")):
-    return TextLineSource(path)
-  raise ValueError(f"data file {path!r}: unknown extension; use .txt, .jsonl, .json, .parquet "
-                   "or .array_record (optionally .gz-compressed).")
-
-
-_EXTENSIONS = (".jsonl", ".json", ".txt", ".text", ".md", ".parquet", ".array_record",
-               ".arrayrecord")
-
-
-def check_file(path: str) -> None:
-  """The checks open_file makes before indexing a file: cheap enough to run on every source
-  before a job starts any work (see train/run_setup.py preflight)."""
-  if os.path.isdir(path):
-    raise ValueError(f"data file {path!r} is a directory; name the files in it, e.g. "
-                     f"{os.path.join(path, '*.jsonl')!r} (a glob), or list them comma-separated.")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
-  if not os.access(path, os.R_OK):
-    raise PermissionError(f"data file {path!r} is not readable (check its permissions).")
-  lower = path.lower()
-  if lower.endswith(".gz"):
-    return
-  if not (lower.endswith(_EXTENSIONS) or ".array_record-" in lower):
-    raise ValueError(f"data file {path!r}: unknown extension; use .txt, .jsonl, .json, .parquet "
-                     "or .array_record (optionally .gz-compressed).")
-  if lower.endswith((".jsonl", ".json", ".txt", ".text", ".md")):
-    check_utf8(path)
-  if lower.endswith(".json") and first_nonspace_byte(path) != b"[":
-    check_not_single_object(path)
-
-
-def check_spec_path(path: str) -> None:
-  """check_file for every file a source path names (a file or a glob; tfds: is checked when
-  opened)."""
-  if path.startswith("tfds:"):
-    return
-  if any(ch in path for ch in "*?["):
-    files = sorted(glob.glob(path))
-    if not files:
-      raise FileNotFoundError(f"the pattern {path!r} matches no files.")
-    for f in files:
-      check_file(f)
-    return
-  check_file(path)
-
-
-_SNIFF = 1 << 20
-
-
-def check_utf8(path: str) -> None:
-  """Refuses a text file whose first MiB is not UTF-8 (e.g. GBK-encoded Chinese), naming the
-  line of the first bad byte, instead of failing later as 'malformed JSON' or garbled text."""
-  with open(path, "rb") as f:
-    head = f.read(_SNIFF)
-  try:
-    head.decode("utf-8")
-  except UnicodeDecodeError as e:
-    if e.start >= len(head) - 4 and len(head) == _SNIFF:  # a character cut by the sniff window
-      return
-    line = head[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset "
-                     f"{e.start}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`."
-                     ) from None
-
-
-def check_not_single_object(path: str) -> None:
-  """A .json file that starts with '{' is read as JSON Lines. Refuse one that is instead a single
-  (pretty-printed or wrapping) object, which would otherwise become 'malformed JSON' at line 1
-  or one record with the wrong keys."""
-  with open(path, "rb") as f:
-    first_line = f.readline()
-    more = bool(f.readline().strip())
-  try:
-    record = json.loads(first_line)
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    raise ValueError(f"{path}:1: one JSON object spread over several lines; llm_jax reads a JSON "
-                     "array of records ([{...}, {...}]) or JSON Lines (one object per line).") from None
-  if not more and isinstance(record, dict):
-    lists = [k for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
-    if lists:
-      raise ValueError(f"{path}:1: a single JSON object whose records are under {lists[0]!r}; "
-                       f"write them as a JSON array or JSON Lines (e.g. `jq -c '.{lists[0]}[]' "
-                       f"{os.path.basename(path)} > data.jsonl`).")
-
-
-def decompressed(path: str) -> str:
-  """The decompressed copy of a .gz file in llm_jax's cache (made once; keyed by the file's
-  path, size and modification time; written atomically)."""
-  import gzip  # pylint: disable=g-import-not-at-top
-  import hashlib  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  st = os.stat(path)
-  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-  cache = paths.cache_dir("decompressed")
-  os.makedirs(cache, exist_ok=True)
-  out = os.path.join(cache, f"{key}-{os.path.basename(path)[:-3]}")
-  if not os.path.exists(out):
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-      with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 22)
-    except (OSError, EOFError) as e:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise ValueError(f"{path}: cannot decompress ({e}); is it a complete gzip file?") from None
-    os.replace(tmp, out)
-  return out
+  return _SOURCES[files.kind(path)](path)
 
 
 def open_path(path: str, tfds_data_dir: str = ""):
@@ -483,9 +386,5 @@ def open_path(path: str, tfds_data_dir: str = ""):
   if path.startswith("tfds:"):
     name, _, split = path[len("tfds:"):].partition(":")
     return TfdsSource(name, split or "train", tfds_data_dir)
-  if any(ch in path for ch in "*?["):
-    files = sorted(glob.glob(path))
-    if not files:
-      raise FileNotFoundError(f"the pattern {path!r} matches no files.")
-    return ConcatSource([open_file(f) for f in files])
-  return open_file(path)
+  names = files.expand(path)
+  return open_file(names[0]) if names == [path] else ConcatSource([open_file(f) for f in names])

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with ChatML special tokens: train, load, cache, and the tokenizer job.
+"""SentencePiece tokenizer with ChatML special tokens: train, load, cache, compare.
 
 Training settings are chosen so that encode -> decode is lossless: identity normalisation (no
 NFKC folding of full-width characters), no whitespace collapsing or dummy prefix, whitespace-only

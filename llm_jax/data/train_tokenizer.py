@@ -10,13 +10,12 @@ A training job with no `config.data.tokenizer.path` trains one the same way on i
 
 import itertools
 
-from absl import app
 from absl import flags
 
 from configs import data as data_config
 from llm_jax import console
 from llm_jax.data import pipeline
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 
 _INPUT = flags.DEFINE_string("input", None, "comma-separated sources (path or path@weight)",
                              required=True)
@@ -30,28 +29,26 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "skip malformed records
 
 def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
           text_field: str = "text", max_sentences: int = 500_000,
-          skip_bad_records: bool = False) -> tokenizer_lib.Tokenizer:
+          skip_bad_records: bool = False) -> tok_lib.Tokenizer:
   cfg = data_config.get_config()
   cfg.train = inputs
   cfg.text_field = text_field
   cfg.skip_bad_records = skip_bad_records
-  tok = tokenizer_lib.train_sentencepiece(
+  tok = tok_lib.train_sentencepiece(
       pipeline.corpus_texts(cfg, max_records=max_sentences), vocab_size=vocab_size,
       model_type=model_type, max_sentences=max_sentences)
   path = tok.save(out)
   sample = "\n".join(itertools.islice(pipeline.corpus_texts(cfg), 200))
-  print(f"wrote {path}\n{tokenizer_lib.summarize(tok)}\n"
+  print(f"wrote {path}\n{tok_lib.summarize(tok)}\n"
         f"chars/token on 200 corpus records: {len(sample) / max(len(tok.encode(sample)), 1):.2f}")
   return tok
 
 
-def main(argv):
-  console.setup()
-  del argv
-  console.run_reporting_errors(train, _INPUT.value, _VOCAB.value, _OUT.value,
-                               model_type=_MODEL_TYPE.value, text_field=_TEXT_FIELD.value,
-                               max_sentences=_MAX_SENTENCES.value, skip_bad_records=_SKIP_BAD.value)
+def main():
+  train(_INPUT.value, _VOCAB.value, _OUT.value, model_type=_MODEL_TYPE.value,
+        text_field=_TEXT_FIELD.value, max_sentences=_MAX_SENTENCES.value,
+        skip_bad_records=_SKIP_BAD.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import random
 import re
 import string
@@ -33,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax.data.builtin import bios
+from llm_jax.data.sources import read_records
 
 BUILTIN = "builtin:bios_choice"
 STYLES = ("auto", "en", "zh")
@@ -118,39 +118,29 @@ def _read_csv(path: str) -> list[Question]:
 
 def _read_jsonl(path: str) -> list[Question]:
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        _fail(where, f"invalid JSON ({e.msg})")
-      if not isinstance(rec, dict):
-        _fail(where, f"expected a JSON object, got {type(rec).__name__}")
-      question = rec.get("question")
-      if not isinstance(question, str):
-        _fail(where, "field 'question' is missing or not a string")
-      if "choices" in rec:
-        choices = rec["choices"]
-        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-          _fail(where, "field 'choices' must be a list of strings")
-      else:
-        choices = []
-        for letter in string.ascii_uppercase:
-          if letter not in rec:
-            break
-          if not isinstance(rec[letter], str):
-            _fail(where, f"field {letter!r} is not a string")
-          choices.append(rec[letter])
-        if not choices:
-          _fail(where, "no choices: give 'choices': [...] or fields 'A', 'B', ...")
-      if "answer" not in rec:
-        _fail(where, "field 'answer' is missing")
-      answer = _answer_index(rec["answer"], len(choices), where, True)
-      out.append(_check(Question(question, list(choices), answer, where,
-                                 str(rec.get("subject", "")))))
+  for where, rec in read_records(path):
+    question = rec.get("question")
+    if not isinstance(question, str):
+      _fail(where, "field 'question' is missing or not a string")
+    if "choices" in rec:
+      choices = rec["choices"]
+      if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        _fail(where, "field 'choices' must be a list of strings")
+    else:
+      choices = []
+      for letter in string.ascii_uppercase:
+        if letter not in rec:
+          break
+        if not isinstance(rec[letter], str):
+          _fail(where, f"field {letter!r} is not a string")
+        choices.append(rec[letter])
+      if not choices:
+        _fail(where, "no choices: give 'choices': [...] or fields 'A', 'B', ...")
+    if "answer" not in rec:
+      _fail(where, "field 'answer' is missing")
+    answer = _answer_index(rec["answer"], len(choices), where, True)
+    out.append(_check(Question(question, list(choices), answer, where,
+                               str(rec.get("subject", "")))))
   return out
 
 

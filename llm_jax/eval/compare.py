@@ -11,7 +11,7 @@ paths of summary.csv (task.figure, e.g. loss.loss, repetition.greedy.seq_rep_4).
 import csv
 import os
 
-from absl import app, flags
+from absl import flags
 
 from llm_jax import console
 from llm_jax.eval import plots, summary
@@ -56,11 +56,9 @@ def compare(runs, labels, metrics, out, title=""):
   return table
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   print(compare(_RUNS.value, _LABELS.value, _METRICS.value, _OUT.value, _TITLE.value))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -104,7 +104,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> di
       if runner.cut_prompts:
         metrics["prompts_cut_to_context"], runner.cut_prompts = runner.cut_prompts, 0
       res["tasks"][name] = metrics
-      if name == "loss":  # the loss figures also at the top level, as before this sweep existed
+      if name == "loss":  # the loss figures also at the top level (eval_<step>.json readers use them)
         res.update({k: metrics[k] for k in LOSS_KEYS if k in metrics})
       if writer and samples:
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)

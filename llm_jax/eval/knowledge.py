@@ -19,11 +19,12 @@ A user's probe file (config.eval.probe) is JSONL: {"question": str, "answer": st
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import unicodedata
 from typing import Sequence
 
 from llm_jax.data.builtin import bios
+from llm_jax.data.sources import read_records
 
 _TRAILING = " \t\n.。!！?？,，;；:：'\"“”‘’"
 
@@ -80,38 +81,26 @@ def encyclopedia_probes(synthetic_cfg, max_people: int = 0) -> list[Probe]:
 
 def read_probe_file(path: str) -> list[Probe]:
   probes = []
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise ValueError(f"config.eval.probe={path!r}: cannot open it ({e.strerror})") from None
-  with f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg}); write one object per line like "
-                         '{"question": "...", "answer": "..."}') from None
-      if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-      if isinstance(rec.get("messages"), list):
-        messages = rec["messages"]
-      else:
-        question = rec.get("question", rec.get("prompt"))
-        if not isinstance(question, str) or not question.strip():
-          raise ValueError(f"{where}: field 'question' (or 'prompt' / 'messages') is missing or "
-                           "empty")
-        messages = [{"role": "user", "content": question}]
-      answer = rec.get("answer")
-      if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: field 'answer' is missing or empty")
-      aliases = rec.get("aliases", [])
-      if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
-        raise ValueError(f"{where}: field 'aliases' must be a list of strings")
-      probes.append(Probe(messages=messages, reference=answer, values=[answer, *aliases],
-                          tags={"source": "probe"}))
+  if not os.path.isfile(path):
+    raise ValueError(f"config.eval.probe={path!r}: cannot open it (no such file)")
+  hint = 'write one object per line like {"question": "...", "answer": "..."}'
+  for where, rec in read_records(path, hint):
+    if isinstance(rec.get("messages"), list):
+      messages = rec["messages"]
+    else:
+      question = rec.get("question", rec.get("prompt"))
+      if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field 'question' (or 'prompt' / 'messages') is missing or "
+                         "empty")
+      messages = [{"role": "user", "content": question}]
+    answer = rec.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+      raise ValueError(f"{where}: field 'answer' is missing or empty")
+    aliases = rec.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
+      raise ValueError(f"{where}: field 'aliases' must be a list of strings")
+    probes.append(Probe(messages=messages, reference=answer, values=[answer, *aliases],
+                        tags={"source": "probe"}))
   if not probes:
     raise ValueError(f"config.eval.probe={path!r} has no probes")
   return probes

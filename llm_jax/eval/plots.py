@@ -89,23 +89,6 @@ def save(fig, path: str, title: str = "", suptitle: bool = True) -> str:
   return path
 
 
-def twin(xs, left: tuple[str, Sequence[float]], right: tuple[str, Sequence[float]], path: str,
-         title: str = "", xlabel: str = "step") -> str:
-  """Two metrics against the same x on two y axes (e.g. eval loss and seq-rep-4)."""
-  plt = pyplot()
-  warn_if_cjk([title, left[0], right[0]])
-  fig, ax = plt.subplots(figsize=(5.6, 3.4))
-  ax.plot(xs, left[1], marker="o", markersize=3, color="tab:blue", label=left[0])
-  ax.xaxis.set_major_locator(_integer_locator())
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(left[0], color="tab:blue")
-  ax2 = ax.twinx()
-  ax2.plot(xs, right[1], marker="s", markersize=3, color="tab:red", label=right[0])
-  ax2.set_ylabel(right[0], color="tab:red")
-  ax.grid(alpha=0.3)
-  return save(fig, path, title, suptitle=False)
-
-
 def bars(labels: Sequence[str], series: dict, path: str, title: str = "", ylabel: str = "") -> str:
   """Grouped bars: one group per label, one bar per series (= {name: values per label})."""
   plt = pyplot()

@@ -65,22 +65,22 @@ def rep_l(predictions: np.ndarray, inputs: np.ndarray, targets: np.ndarray, weig
   counted = np.asarray(weights) > 0
   out = {"positions": int(counted.sum())}
   length = inputs.shape[1]
-  for l in windows:
+  for window in windows:
     hit = np.zeros(inputs.shape, bool)
-    for j in range(min(l, length)):  # x[t - j], j = 0 .. l-1
+    for j in range(min(window, length)):  # x[t - j], j = 0 .. l-1
       hit[:, j:] |= predictions[:, j:] == inputs[:, :length - j]
     hit &= counted
-    out[f"rep/{l}"] = int(hit.sum())
-    out[f"wrep/{l}"] = int((hit & (predictions != targets)).sum())
+    out[f"rep/{window}"] = int(hit.sum())
+    out[f"wrep/{window}"] = int((hit & (predictions != targets)).sum())
   return out
 
 
 def finish_rep_l(counts: dict, windows: Sequence[int]) -> dict:
   n = max(counts.get("positions", 0), 1)
   out = {}
-  for l in windows:
-    out[f"rep_{l}"] = counts.get(f"rep/{l}", 0) / n
-    out[f"wrep_{l}"] = counts.get(f"wrep/{l}", 0) / n
+  for window in windows:
+    out[f"rep_{window}"] = counts.get(f"rep/{window}", 0) / n
+    out[f"wrep_{window}"] = counts.get(f"wrep/{window}", 0) / n
   out["rep_positions"] = counts.get("positions", 0)
   return out
 

@@ -19,13 +19,12 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from configs import models
 from llm_jax import console
@@ -115,9 +114,7 @@ def compare_torch(vocab_size: int, kw: dict) -> None:
           f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:>10.2f}x")
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   kw = dict(batch_sizes=[int(b) for b in _BATCHES.value], prompt_len=_PROMPT_LEN.value,
             new_tokens=_NEW_TOKENS.value)
   if _COMPARE_TORCH.value:
@@ -137,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

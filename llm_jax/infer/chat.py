@@ -9,12 +9,12 @@ fitted into the run's context window by `context.py`, which says what it had to 
 
 import dataclasses
 import functools
-import json
 import sys
 from typing import Callable, Iterable
 
 
 from llm_jax.data.chat_template import encode_chat
+from llm_jax.data.sources import read_records
 from llm_jax.infer import context as context_lib
 from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.interrupt import Interrupts, read_line
@@ -165,37 +165,28 @@ def interactive(session, read: Callable[[str], str] = read_line,
       continue
     with interrupts.busy():
       gen = session.reply(line, write=out, should_stop=interrupts.should_stop)
-    notes = session.last_fit.notes() if session.last_fit else []
+    fit = session.last_fit
+    notes = fit.notes(gen.finish_reason) if fit else []
     if gen.finish_reason == "interrupted":
       notes.append("stopped")
-    elif gen.finish_reason == "length":
-      notes.append("answer cut at the token limit" + (" of the context" if session.last_fit and
-                                                      session.last_fit.answer_capped else
-                                                      " (--max_new_tokens)"))
+    elif gen.finish_reason == "length" and not (fit and fit.answer_capped):
+      notes.append("answer cut at the token limit (--max_new_tokens)")
     out("\n" + "".join(f"[{n}]\n" for n in notes))
 
 
 def read_prompts(path: str) -> list[dict]:
   """Records of a prompts file: JSONL lines {"prompt": str} or {"messages": [...]}, else plain text
-  lines (one prompt each). Blank lines are skipped. Each record remembers its line ("line")."""
+  lines (one prompt each). Blank lines are skipped."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      if line.lstrip().startswith("{"):
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); write one JSON object or one plain "
-                           "prompt per line") from None
-        if not isinstance(rec.get("prompt"), str) and not isinstance(rec.get("messages"), list):
-          raise ValueError(f"{path}:{n}: a JSON line needs a string field 'prompt' or a list field "
-                           f"'messages' (found keys {sorted(rec)})")
-        records.append(rec)
-      else:
-        records.append({"prompt": line})
+  hint = "write one JSON object or one plain prompt per line"
+  for where, rec in read_records(path, hint, plain_lines=True):
+    if isinstance(rec, str):
+      records.append({"prompt": rec})
+    elif isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list):
+      records.append(rec)
+    else:
+      raise ValueError(f"{where}: a JSON line needs a string field 'prompt' or a list field "
+                       f"'messages' (found keys {sorted(rec)})")
   return records
 
 
@@ -232,9 +223,9 @@ def answer_prompts(generator: Generator, tok, records: list[dict], sampling: Sam
     for k, ((rec, fit), gen) in enumerate(zip(chunk, gens)):
       result = {**rec, "answer": gen.text, "finish_reason": gen.finish_reason,
                 "n_tokens": len(gen.tokens), "prompt_tokens": len(fit.ids)}
-      if fit.notes():
-        result["notes"] = fit.notes()
-        if warn and (fit.cut_tokens or fit.dropped_messages):
-          warn(f"prompt record {start + k + 1}: " + "; ".join(fit.notes()))
+      if fit.notes(gen.finish_reason):
+        result["notes"] = fit.notes(gen.finish_reason)
+      if warn and (fit.cut_tokens or fit.dropped_messages):
+        warn(f"prompt record {start + k + 1}: " + "; ".join(fit.notes()))
       out.append(result)
   return out

@@ -11,7 +11,8 @@ the model saw in training produce garbage, silently. The rules, in order:
   4. Only a question that cannot fit at all (with a quarter of the context kept for the
      answer) is cut, from the left: its end (usually the question proper) is kept.
 
-Every cut is reported in `FittedPrompt.notes()`, which chat prints and the prompts file records.
+Every cut is reported in `FittedPrompt.notes()`, which chat prints and the prompts file records;
+the answer's cap only when it cut the answer.
 """
 
 import dataclasses
@@ -32,7 +33,10 @@ class FittedPrompt:
   def answer_capped(self) -> bool:
     return self.max_new_tokens < self.requested_new_tokens
 
-  def notes(self) -> list[str]:
+  def notes(self, finish_reason: str | None = None) -> list[str]:
+    """What the fit changed, for the user: prompt tokens cut and messages left out, and, once the
+    answer is known, whether the context's cap cut it (finish_reason "length"). An answer that
+    ended by itself under a cap was not changed by it: no note."""
     out = []
     if self.cut_tokens:
       out.append(f"the prompt is longer than the {self.context}-token context: its first "
@@ -40,9 +44,9 @@ class FittedPrompt:
     if self.dropped_messages:
       out.append(f"{self.dropped_messages} earlier message(s) left out to fit the "
                  f"{self.context}-token context")
-    if self.answer_capped:
-      out.append(f"the answer may use at most {self.max_new_tokens} tokens (the prompt takes "
-                 f"{len(self.ids)} of the {self.context}-token context)")
+    if self.answer_capped and finish_reason == "length":
+      out.append(f"the answer was cut at {self.max_new_tokens} tokens: the prompt takes "
+                 f"{len(self.ids)} of the {self.context}-token context")
     return out
 
 

@@ -128,7 +128,7 @@ def sample(keys, logits_BxV, seen_BxV, counts_BxV, settings):
 
   def draw(_):
     filtered_BxV = filter_logits(penalised_BxV, settings)
-    drawn_B = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, filtered_BxV).astype(jnp.int32)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
     return jnp.where(settings["temperature"] > 0, drawn_B, greedy_B)
 
   return jax.lax.cond(jnp.all(settings["temperature"] == 0), lambda _: greedy_B, draw, None)

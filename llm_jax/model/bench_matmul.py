@@ -15,9 +15,8 @@ asserted. Needs torch (tests/requirements.txt).
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,9 +91,7 @@ def _torch_chain_rate(torch, batch, m, k, n) -> float:
   return _CHAIN * 2 * batch * m * k * n / seconds
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   import torch  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   all_threads = torch.get_num_threads()
@@ -112,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -3,7 +3,7 @@
   logits_BxLxV = Decoder(cfg).apply({"params": params}, inputs_BxL, positions_BxL, segment_ids_BxL)
   logits_BxLxV, cache = Decoder(cfg).apply({"params": params}, ..., cache=cache)
 
-The parameter tree is the one in /work/notes/common.md (HF conversion depends on it). Layers are
+The parameter tree is the one convert/hf_weights.py maps to Hugging Face tensors. Layers are
 stacked under one `nn.scan` ("layers", leading n_layers axis) when cfg.scan_layers, else unrolled as
 "layers_0".."layers_{n-1}". A sparse (MoE) layer has "moe" where a dense one has "mlp"; when
 only every k-th layer is sparse, scanning goes over blocks of k layers ("layers"/"layer_{j}").

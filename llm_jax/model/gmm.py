@@ -10,6 +10,9 @@ The one wrapper around the fast-moving library API (jax.lax.ragged_dot), with a 
   tiled       a scan over (row tile, group) pairs with a custom VJP (megablox's schedule in
               plain XLA): about sum(group_sizes) + G * tile rows of work; the CPU choice.
   auto        tiled on CPU, ragged_dot elsewhere.
+
+Shape letters here follow the matmul convention, not the model's legend (model/__init__.py):
+lhs_MxK @ rhs_GxKxN -> out_MxN, G groups, T rows of a tile.
 """
 
 import functools

@@ -247,8 +247,8 @@ def _delta_equation(a_ndim: int, b_ndim: int, w_ndim: int) -> str:
   letters = iter("abcdefghijk")
   ins = "".join(next(letters) for _ in range(n_in))
   outs = "".join(next(letters) for _ in range(n_out))
-  l = "l" * lead
-  return f"{l}{ins}r,{l}r{outs}->{l}{ins}{outs}"
+  stack = "l" * lead  # the stacked-layers axis
+  return f"{stack}{ins}r,{stack}r{outs}->{stack}{ins}{outs}"
 
 
 def _base_leaf(flat_base: dict, module_path: tuple) -> tuple:

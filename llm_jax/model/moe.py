@@ -27,6 +27,9 @@ them into losses) are per row (sequence), so they add up exactly over microbatch
                                   probability of e over row r's tokens (Switch Transformer; 1 when
                                   perfectly balanced)
   z_r   = mean over row r's tokens of logsumexp(router logits)^2   (ST-MoE router z-loss)
+
+Shape letters as in model/__init__.py, except K, which is top_k here (experts_TxK), and T the
+tokens of the batch flattened.
 """
 
 import math
@@ -179,11 +182,11 @@ def sparse_mlp(x_BxLxD, valid_BxL, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD,
   replicated_ep_ax = tuple(a for a in ep_ax if a not in token_ax)
 
   def local(x_bxlxD, valid_bxl, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD):
-    b, l, d = x_bxlxD.shape
-    x_TxD, valid_T = x_bxlxD.reshape(b * l, d).astype(dtype), valid_bxl.reshape(-1)
+    b, length, d = x_bxlxD.shape
+    x_TxD, valid_T = x_bxlxD.reshape(b * length, d).astype(dtype), valid_bxl.reshape(-1)
     logits, probs, weights_TxK, experts_TxK = route(x_TxD, router_DxE, m.top_k, m.norm_topk_prob)
-    sums = row_sums(logits.reshape(b, l, -1), probs.reshape(b, l, -1),
-                    experts_TxK.reshape(b, l, -1), valid_bxl)
+    sums = row_sums(logits.reshape(b, length, -1), probs.reshape(b, length, -1),
+                    experts_TxK.reshape(b, length, -1), valid_bxl)
     if length_ax:  # a row split over devices: its sums are completed first
       sums = jax.lax.psum(sums, length_ax)
     aux_b, z_b = row_stats(*sums, m.top_k)
@@ -208,7 +211,7 @@ def sparse_mlp(x_BxLxD, valid_BxL, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD,
       y_TxD = jax.lax.psum(y_TxD, replicated_ep_ax + hidden_ax)
     if token_ax + ep_ax:
       dropped = jax.lax.psum(dropped, tuple(dict.fromkeys(token_ax + ep_ax)))
-    return y_TxD.reshape(b, l, d).astype(dtype), (aux_b, z_b, load_E, dropped, slots)
+    return y_TxD.reshape(b, length, d).astype(dtype), (aux_b, z_b, load_E, dropped, slots)
 
   args = (x_BxLxD, valid_BxL, router_DxE, gate_ExDxF, up_ExDxF, down_ExFxD)
   if axes is None:

@@ -9,13 +9,10 @@ policy (estimates), for the mesh (data x fsdp x tensor) that fits with the least
 and recompute, and the overrides that select it. Nothing is allocated; no accelerator is needed.
 """
 
-import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import config_check, console, devices as devices_lib
@@ -37,17 +34,11 @@ def _gib(b: float) -> str:
   return f"{b / GiB:8.2f}"
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   config = _CONFIG.value
-  try:  # user errors: one line naming the flag or field, no traceback
-    config_check.validate(config)
-    devices = devices_lib.parse(_DEVICES.value)
-    cfg = model_config(config)
-  except ValueError as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
+  config_check.validate(config)
+  devices = devices_lib.parse(_DEVICES.value)
+  cfg = model_config(config)
   budget = _USABLE.value * devices.hbm_bytes
   shapes, _ = model_init.mesh_specs(cfg, tuple(tuple(r) for r in config.sharding_rules))
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
@@ -94,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "devices"])
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -9,9 +9,8 @@ the API at <url>/v1 (point the `openai` client's base_url there).
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from llm_jax import console
 
@@ -34,10 +33,7 @@ _MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 8.0, "Largest request body acce
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
-  console.setup()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   import uvicorn  # pylint: disable=g-import-not-at-top
 
   from llm_jax.serve import server  # pylint: disable=g-import-not-at-top
@@ -47,12 +43,12 @@ def main(argv):
   names = [n for _, n in specs]
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:
-    raise app.UsageError(f"two runs are served as {dup[0]!r}; give them names: --workdir=PATH:NAME")
+    raise ValueError(f"two runs are served as {dup[0]!r}; give them names: --workdir=PATH:NAME")
   for path, _ in specs:
     if not os.path.isdir(path):
-      raise app.UsageError(f"--workdir={path}: no such directory")
+      raise ValueError(f"--workdir={path}: no such directory")
   if _SLOTS.value < 1 or _CHUNK.value < 16 or _MAX_CONTEXT.value < 0:
-    raise app.UsageError("--slots must be >= 1, --prefill_chunk >= 16 and --max_context >= 0")
+    raise ValueError("--slots must be >= 1, --prefill_chunk >= 16 and --max_context >= 0")
   models = [server.load_model(s, n_slots=_SLOTS.value, max_context=_MAX_CONTEXT.value,
                               prefill_chunk=_CHUNK.value, step=_STEP.value) for s in _WORKDIR.value]
   if _WARMUP.value:
@@ -80,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

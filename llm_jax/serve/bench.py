@@ -22,9 +22,8 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from llm_jax import console
@@ -129,9 +128,7 @@ async def load_level(url: str, clients: int, per_client: int, qs: list[str], max
           "first_error": next((r["error"] for r in results if "error" in r), "")}
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   qs = questions()
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
              platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
@@ -159,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -16,11 +16,10 @@ import os
 import resource
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import config_check, console, devices, sharding
@@ -103,18 +102,16 @@ def timed_steps(compiled, state, batch, steps: int):
   return state, m, times
 
 
-def main(argv):
-  console.setup()
-  del argv
+def main():
   if (_SHAPE.value is None) == (_CONFIG.value is None):
-    raise app.UsageError("give exactly one of --config and --shape")
+    raise ValueError("give exactly one of --config and --shape")
   config = shape_config(_SHAPE.value) if _SHAPE.value else _CONFIG.value
   config_check.validate(config)
   torch_step = None
   if _COMPARE_TORCH.value:
     from llm_jax.train import bench_torch  # pylint: disable=g-import-not-at-top
     if (why := bench_torch.unavailable()):
-      raise app.UsageError(f"--compare_torch needs torch and transformers: {why}")
+      raise ValueError(f"--compare_torch needs torch and transformers: {why}")
   vocab = config.model.vocab_size or config.data.tokenizer.vocab_size
   with config.unlocked():
     config.model.vocab_size = vocab
@@ -195,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main)

@@ -34,9 +34,6 @@ from llm_jax.model.decoder import Decoder
 from llm_jax.train import objectives
 
 LOSS_TYPES = ("sigmoid", "ipo")
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
-
 
 def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
                 label_smoothing: float = 0.0, loss_type: str = "sigmoid"):

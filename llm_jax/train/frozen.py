@@ -18,7 +18,7 @@ import ml_collections
 
 from llm_jax.model.config import SHAPE_FIELDS, ModelConfig
 from llm_jax import rundir
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tok_lib
 from llm_jax.model import init as model_init
 
 
@@ -44,7 +44,7 @@ def teacher_model_config(config, model_cfg: ModelConfig) -> ModelConfig | None:
                      f"{teacher_cfg.vocab_size} tokens, the student {model_cfg.vocab_size}: "
                      "logit distillation needs the same tokenizer for both.")
   theirs = rundir.tokenizer_path(teacher_dir, src)
-  if theirs and config.data.tokenizer.path and tokenizer_lib.same_tokenizer(
+  if theirs and config.data.tokenizer.path and tok_lib.same_tokenizer(
       theirs, config.data.tokenizer.path) is False:
     raise ValueError(f"config.distill.teacher={teacher_dir!r} uses another tokenizer than this "
                      f"run ({config.data.tokenizer.path}): logit distillation compares "

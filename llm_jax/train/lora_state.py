@@ -127,15 +127,12 @@ def summary(model_cfg, optimizer, abstract_state) -> str:
           f"{mib(m['full_bytes'] + m['full_grad_bytes'])}")
 
 
-def main(argv):
+def main():
   """`python -m llm_jax.train.lora_state --config=configs/sft.py:minimind-26m
   --config.lora.rank=8 --config.model.vocab_size=6400`: what LoRA saves, from shapes alone."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from llm_jax import console  # pylint: disable=g-import-not-at-top
   from llm_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from llm_jax.train import optimizer as opt_lib  # pylint: disable=g-import-not-at-top
-  console.setup()
-  del argv
   config = flags.FLAGS.config
   lora_cfg = lora.LoraConfig.from_config(config.lora)
   if lora_cfg is None:
@@ -152,8 +149,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from llm_jax import console as _console  # pylint: disable=g-import-not-at-top
+  from llm_jax import console  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
-  app.run(main, flags_parser=_console.parse_flags)
+  console.cli(main)

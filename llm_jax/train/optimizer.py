@@ -1,6 +1,5 @@
 """AdamW with warmup + decay schedules, global-norm clipping and a weight-decay mask."""
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -50,7 +49,3 @@ def make_optimizer(tc) -> optax.GradientTransformation:
       schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
       mask=lambda p: decay_mask(p, tc.decay_norms_and_embeddings)))
   return optax.chain(*parts)
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.tree.norm(tree)

@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from llm_jax.data import builtin, pipeline, sources, tokenizer as tok_lib
+from llm_jax.data import builtin, files, pipeline, tokenizer as tok_lib
 from llm_jax.model.config import SHAPE_FIELDS, SUB_SHAPE_FIELDS, ModelConfig, sub_field_default
 from llm_jax import checkpoint, rundir
 from llm_jax.model import lora
@@ -99,7 +99,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     for s in pipeline.parse_spec(spec, f"config.data.{field}"):
       if not builtin.is_builtin(s.path):
-        sources.check_spec_path(s.path)
+        files.check_spec_path(s.path)
   if config.init_from:
     rundir.read_config(config.init_from)  # names the directory if it is not a run
     if not checkpoint.steps(config.init_from):

@@ -1,4 +1,4 @@
-"""The jitted train and eval steps.
+"""The jitted train step (held-out evaluation: evaluate.py).
 
 The loss of a step is the objective's sum over the whole global batch divided by its global
 normalizer (for the LM objective: sum(w * ce) / sum(w)). With gradient accumulation each

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from llm_jax import console
 from llm_jax.data.synth import client as client_lib
@@ -157,16 +157,10 @@ def _interrupt(signum, frame):
   raise KeyboardInterrupt  # SIGTERM (a preempted VM, `kill`) stops like Ctrl-C
 
 
-def main(argv):
-  console.setup()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   signal.signal(signal.SIGTERM, _interrupt)
   try:
     summary = run_lib.run(_config().validate())
-  except _USER_ERRORS as e:
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
   except KeyboardInterrupt:  # before the first request: nothing to save
     sys.stderr.write("interrupted before any request was sent\n")
     sys.exit(130)
@@ -182,4 +176,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=console.parse_flags)
+  console.cli(main, user_errors=_USER_ERRORS, status=2)  # 2: a script's "fix the command"

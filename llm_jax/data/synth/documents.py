@@ -219,9 +219,9 @@ def iter_chunks(opts: DocOptions, spec: ChunkSpec, size: Callable[[str], int] = 
 def token_counter(tokenizer_path: str) -> Callable[[str], int]:
   """len(encode(text)) for a SentencePiece .model, a tokenizer.json, or a directory holding
   either (a run directory works)."""
-  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
   class _Cfg:
     path = tokenizer_path
-  tok = tokenizer_lib.get_tokenizer(_Cfg, None, lambda: [])
+  tok = tok_lib.get_tokenizer(_Cfg, None, lambda: [])
   return lambda text: len(tok.encode(text))

@@ -1,0 +1,155 @@
+"""What a user's data file is, checked before any work starts: its kind (by extension, and for
+.json by its first byte), that it exists, is readable and is UTF-8 text, that a .json holds
+records and not one wrapping object, and the decompressed cache copy of a .gz file. Each
+problem is one line naming the file (and line) and the fix. sources.py reads the records.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from llm_jax import paths
+
+# extension -> kind (sources.py maps each kind to the source that reads it); ".json" is
+# "json_array" when the file opens with "[", else JSON Lines.
+_KINDS = {".jsonl": "jsonl", ".json": "json", ".txt": "text", ".text": "text", ".md": "text",
+          ".parquet": "parquet", ".array_record": "array_record", ".arrayrecord": "array_record"}
+_TEXT_KINDS = ("jsonl", "json", "text")
+_UNKNOWN = ("unknown extension; use .txt, .jsonl, .json, .parquet or .array_record (optionally "
+            ".gz-compressed).")
+
+
+def _kind_by_name(path: str) -> str | None:
+  lower = path.lower()
+  if ".array_record-" in lower:  # sharded ArrayRecord files: name.array_record-00000-of-00008
+    return "array_record"
+  return next((k for ext, k in _KINDS.items() if lower.endswith(ext)), None)
+
+
+def kind(path: str) -> str:
+  """jsonl | json_array | text | parquet | array_record, of an uncompressed file."""
+  k = _kind_by_name(path)
+  if k is None:
+    raise ValueError(f"data file {path!r}: {_UNKNOWN}")
+  if k == "json":
+    # Some ".json" files are really JSON Lines; a top-level array is indexed by object offsets.
+    return "json_array" if first_nonspace_byte(path) == b"[" else "jsonl"
+  return k
+
+
+def check_file(path: str) -> None:
+  """The checks made before a file is indexed: cheap enough to run on every source before a job
+  starts any work (see train/run_setup.py preflight)."""
+  if os.path.isdir(path):
+    raise ValueError(f"data file {path!r} is a directory; name the files in it, e.g. "
+                     f"{os.path.join(path, '*.jsonl')!r} (a glob), or list them comma-separated.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
+  if not os.access(path, os.R_OK):
+    raise PermissionError(f"data file {path!r} is not readable (check its permissions).")
+  if path.lower().endswith(".gz"):
+    return
+  k = _kind_by_name(path)
+  if k is None:
+    raise ValueError(f"data file {path!r}: {_UNKNOWN}")
+  if k in _TEXT_KINDS:
+    check_utf8(path)
+  if k == "json" and first_nonspace_byte(path) != b"[":
+    check_not_single_object(path)
+
+
+def expand(path: str) -> list[str]:
+  """The files a source path names: itself, or a glob's matches (sorted)."""
+  if any(ch in path for ch in "*?["):
+    files = sorted(glob.glob(path))
+    if not files:
+      raise FileNotFoundError(f"the pattern {path!r} matches no files.")
+    return files
+  return [path]
+
+
+def check_spec_path(path: str) -> None:
+  """check_file for every file a source path names (a file or a glob; tfds: is checked when
+  opened)."""
+  if path.startswith("tfds:"):
+    return
+  for f in expand(path):
+    check_file(f)
+
+
+def first_nonspace_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    while chunk := f.read(4096):
+      stripped = chunk.lstrip()
+      if stripped.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        stripped = stripped[3:].lstrip()
+      if stripped:
+        return stripped[:1]
+  return b""
+
+
+
+
+_SNIFF = 1 << 20
+
+
+def check_utf8(path: str) -> None:
+  """Refuses a text file whose first MiB is not UTF-8 (e.g. GBK-encoded Chinese), naming the
+  line of the first bad byte, instead of failing later as 'malformed JSON' or garbled text."""
+  with open(path, "rb") as f:
+    head = f.read(_SNIFF)
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if e.start >= len(head) - 4 and len(head) == _SNIFF:  # a character cut by the sniff window
+      return
+    line = head[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset "
+                     f"{e.start}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`."
+                     ) from None
+
+
+def check_not_single_object(path: str) -> None:
+  """A .json file that starts with '{' is read as JSON Lines. Refuse one that is instead a single
+  (pretty-printed or wrapping) object, which would otherwise become 'malformed JSON' at line 1
+  or one record with the wrong keys."""
+  with open(path, "rb") as f:
+    first_line = f.readline()
+    more = bool(f.readline().strip())
+  try:
+    record = json.loads(first_line)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise ValueError(f"{path}:1: one JSON object spread over several lines; llm_jax reads a JSON "
+                     "array of records ([{...}, {...}]) or JSON Lines (one object per line).") from None
+  if not more and isinstance(record, dict):
+    lists = [k for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if lists:
+      raise ValueError(f"{path}:1: a single JSON object whose records are under {lists[0]!r}; "
+                       f"write them as a JSON array or JSON Lines (e.g. `jq -c '.{lists[0]}[]' "
+                       f"{os.path.basename(path)} > data.jsonl`).")
+
+
+def decompressed(path: str) -> str:
+  """The decompressed copy of a .gz file in llm_jax's cache (made once; keyed by the file's
+  path, size and modification time; written atomically)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  st = os.stat(path)
+  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+  cache = paths.cache_dir("decompressed")
+  os.makedirs(cache, exist_ok=True)
+  out = os.path.join(cache, f"{key}-{os.path.basename(path)[:-3]}")
+  if not os.path.exists(out):
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+      with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    except (OSError, EOFError) as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise ValueError(f"{path}: cannot decompress ({e}); is it a complete gzip file?") from None
+    os.replace(tmp, out)
+  return out
