@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.infer import chat
 from llm_jax.serve import protocol, tokens as tokens_lib
 from llm_jax.serve.arena import WINNERS, Arena
@@ -32,14 +33,6 @@ from llm_jax.serve.protocol import ApiError, GenRequest
 from llm_jax.serve.scheduler import Engine, Sequence
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-# The Jinja form of llm_jax.data.chat_template's ChatML (what `prompt_ids` renders), for clients
-# that template prompts themselves (lm-evaluation-harness's remote tokenizer).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-_PUBLIC = ("/", "/health", "/metrics", "/favicon.ico")
 
 
 @dataclasses.dataclass
