@@ -28,17 +28,11 @@ import numpy as np
 
 from llm_jax import console
 from llm_jax.convert import hf_config, hf_import, hf_weights, sp_to_hf
+from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.data.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer
 from llm_jax.model.config import ModelConfig
 from llm_jax import rundir
 
-# The Jinja form of llm_jax.data.chat_template.render_chat_text (+ the generation prompt).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 
 # A function that rewrites the parameter tree before it is written, given the run's config. The

@@ -18,6 +18,15 @@ import numpy as np
 from llm_jax.data.sources import RecordError
 from llm_jax.data.tokenizer import IM_END, IM_START
 
+# The Jinja form of `render_chat_text` plus the generation prompt (what `encode_chat(...,
+# add_generation_prompt=True)` encodes), for tokenizers that template prompts themselves: the
+# exported HF tokenizer's chat_template and the server's /tokenizer_info.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
 
 class ChatError(RecordError):
   """A conversation cannot be rendered into a useful training example."""

@@ -12,13 +12,13 @@ import functools
 import sys
 from typing import Callable, Iterable
 
-
 from llm_jax.data.chat_template import encode_chat
 from llm_jax.data.sources import read_records
 from llm_jax.infer import context as context_lib
 from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.interrupt import Interrupts, read_line
 from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.infer.text import Detokenizer
 
 
 def end_of_turn_ids(tok) -> list[int]:
@@ -32,26 +32,23 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
 
 
 class TextStream:
-  """Turns a token stream into text deltas. Holds back a trailing U+FFFD, which is a multi-byte
-  character whose remaining byte tokens have not arrived yet."""
+  """Turns a token stream into text deltas (a `Detokenizer`: a multi-byte character whose remaining
+  byte tokens have not arrived yet is held back)."""
 
   def __init__(self, tok, write: Callable[[str], None]):
-    self.tok, self.write, self.ids, self.shown = tok, write, [], 0
+    self.detok, self.write = Detokenizer(tok.decode), write
 
   def __call__(self, row: int, token: int) -> None:
     del row
-    self.ids.append(token)
-    text = self.tok.decode(self.ids)
-    if text.endswith("\ufffd"):
-      return
-    if len(text) > self.shown:
-      self.write(text[self.shown:])
-    self.shown = len(text)
+    delta = self.detok.add(token)
+    if delta:
+      self.write(delta)
 
   def finish(self, final_text: str) -> None:
     # Stop strings cut the final text; anything not yet shown (held-back bytes) is written now.
-    if len(final_text) > self.shown:
-      self.write(final_text[self.shown:])
+    shown = len(self.detok.text)
+    if len(final_text) > shown:
+      self.write(final_text[shown:])
 
 
 class ChatSession:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.infer.sampling import SamplingConfig, row_keys, sample, stack_settings
+from llm_jax.infer.text import Detokenizer, StopMatcher
 from llm_jax.model.config import ModelConfig
 from llm_jax.model import cpu
 from llm_jax.model.decoder import Decoder, init_cache, unstack_layers
@@ -179,6 +180,9 @@ class Generator:
     out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
     reasons: list[str | None] = [None] * n_rows
     texts: list[str | None] = [None] * n_rows
+    # Each row's text, decoded a token at a time, and where its first stop string begins.
+    detoks = [Detokenizer(decode_fn) for _ in range(n_rows)] if stop_strings else []
+    matchers = [StopMatcher(stop_strings) for _ in range(n_rows)] if stop_strings else []
 
     def accept(row: int, token: int, logprob: float) -> None:
       if token in stop_ids:
@@ -189,10 +193,13 @@ class Generator:
       if callback is not None:
         callback(row, token)
       if stop_strings:
-        text = decode_fn(out_tokens[row])
-        hits = [text.find(s) for s in stop_strings if s and s in text]
-        if hits:
-          texts[row], reasons[row] = text[:min(hits)], "stop"
+        detok = detoks[row]
+        detok.add(token)
+        if len(out_tokens[row]) >= row_max_new[row]:
+          detok.finish()  # the row's last token: text held back (a partial character) counts now
+        at = matchers[row].find(detok.text)
+        if at is not None:
+          texts[row], reasons[row] = detok.text[:at], "stop"
           return
       if len(out_tokens[row]) >= row_max_new[row]:
         reasons[row] = "length"

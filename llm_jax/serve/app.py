@@ -1,5 +1,6 @@
-"""The HTTP layer: FastAPI routes that authenticate, parse and validate, hand `Sequence`s to each
-model's `Engine`, and turn its events into OpenAI responses (one JSON body, or SSE chunks).
+"""The HTTP layer: FastAPI routes that authenticate, parse and validate (`protocol.py`), hand
+`Sequence`s to each model's `Engine` (`scheduler.py`), and answer with its events as OpenAI
+responses (`responses.py`: one JSON body, or SSE chunks). /metrics is `metrics.py`'s text.
 
   app = create_app([ServedModel(...), ...], api_key=..., db_path="arena.sqlite")
 
@@ -15,7 +16,6 @@ import dataclasses
 import hmac
 import json
 import os
-import threading
 import time
 import uuid
 
@@ -25,21 +25,15 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.infer import chat
-from llm_jax.serve import protocol, tokens as tokens_lib
+from llm_jax.serve import protocol, responses, tokens as tokens_lib
 from llm_jax.serve.arena import WINNERS, Arena
+from llm_jax.serve.metrics import CountStatus, prometheus
 from llm_jax.serve.protocol import ApiError, GenRequest
 from llm_jax.serve.scheduler import Engine, Sequence
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-# The Jinja form of llm_jax.data.chat_template's ChatML (what `prompt_ids` renders), for clients
-# that template prompts themselves (lm-evaluation-harness's remote tokenizer).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-_PUBLIC = ("/", "/health", "/metrics", "/favicon.ico")
 
 
 @dataclasses.dataclass
@@ -62,23 +56,8 @@ class ServedModel:
     return s
 
 
-def _sse(obj) -> str:
-  return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
 def _error_response(e: ApiError) -> JSONResponse:
   return JSONResponse(e.body(), status_code=e.status)
-
-
-class _Choice:
-  """What one choice has produced so far (the non-streaming response is built from it)."""
-
-  def __init__(self, chat: bool):
-    self.chat = chat
-    self.text, self.tokens, self.logprobs, self.tops, self.offsets = [], [], [], [], []
-    self.prompt_logprobs = self.prompt_tops = None
-    self.finish_reason, self.completion_tokens, self.error = None, 0, None
-    self.echo_sent = False
 
 
 def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path: str = "arena.sqlite",
@@ -99,7 +78,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
 
   # ---- plumbing: status counting, errors, auth, body ------------------------------------------
 
-  app.add_middleware(_CountStatus, counts=http_counts, routes=routes)
+  app.add_middleware(CountStatus, counts=http_counts, routes=routes)
 
   @app.exception_handler(ApiError)
   async def api_error(_, e: ApiError):
@@ -155,7 +134,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     if name is None:
       return models[0]  # as llama.cpp: a single-model client need not name it
     if not isinstance(name, str):
-      raise ApiError(400, f"'model' must be a string, got {protocol._show(name)}", "model")  # pylint: disable=protected-access
+      raise ApiError(400, f"'model' must be a string, got {protocol.show(name)}", "model")
     if name not in by_name:
       raise ApiError(404, f"The model '{name}' does not exist; this server has {sorted(by_name)}", "model",
                      code="model_not_found")
@@ -163,11 +142,11 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
 
   # ---- generation ------------------------------------------------------------------------------
 
-  sinks: dict = {}  # event loop -> its _LoopSink
+  sinks: dict = {}  # event loop -> its LoopSink
 
   async def generate(request: Request, req: GenRequest, served: ServedModel, shown_name: str):
     loop = asyncio.get_running_loop()
-    sink = sinks.get(loop) or sinks.setdefault(loop, _LoopSink(loop))
+    sink = sinks.get(loop) or sinks.setdefault(loop, responses.LoopSink(loop))
     queue: asyncio.Queue = asyncio.Queue()
 
     def emitter(index):
@@ -186,27 +165,16 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
       raise ApiError(429, "the server's queue is full; retry later", None, "server_busy", code="queue_full")
     rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    choices = [_Choice(req.kind == "chat") for _ in seqs]
+    choices = [responses.Choice(req.kind == "chat") for _ in seqs]
     prompt_tokens = sum(len(p) for p in req.prompts)
-    fmt = _Formatter(req, served, shown_name, rid, created, echo_texts)
+    fmt = responses.Formatter(req, served.token_str, shown_name, rid, created, echo_texts)
 
     if req.stream:
-      return StreamingResponse(_stream(served.engine, seqs, queue, choices, fmt, prompt_tokens),
+      return StreamingResponse(responses.stream(served.engine, seqs, queue, choices, fmt, prompt_tokens),
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    remaining = len(seqs)
-    try:
-      while remaining:
-        try:
-          index, ev = await asyncio.wait_for(queue.get(), 0.5)
-        except asyncio.TimeoutError:
-          if await request.is_disconnected():
-            return JSONResponse({}, status_code=499)  # nobody reads it; the finally frees the slots
-          continue
-        remaining -= _apply(choices[index], ev)
-    finally:
-      if remaining:
-        served.engine.cancel(seqs)
+    if not await responses.collect(served.engine, seqs, queue, choices, request.is_disconnected):
+      return JSONResponse({}, status_code=499)  # nobody reads it; its sequences are cancelled
     errors = [c.error for c in choices if c.error]
     if errors:
       raise ApiError(500, errors[0], None, "server_error")
@@ -288,7 +256,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     snap = {m.name: m.engine.snapshot() for m in models}
     if format == "json":
       return {"models": snap, "http": [{"path": p, "status": s, "count": c} for (p, s), c in http_counts.items()]}
-    return PlainTextResponse(_prometheus(snap, http_counts), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(prometheus(snap, http_counts), media_type="text/plain; version=0.0.4")
 
   # ---- the page and the arena ------------------------------------------------------------------
 
@@ -312,7 +280,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     body = await read_json(request)
     battle, side = body.get("battle_id"), body.get("side")
     if side not in ("a", "b"):
-      raise ApiError(400, f"'side' must be \"a\" or \"b\", got {protocol._show(side)}", "side")  # pylint: disable=protected-access
+      raise ApiError(400, f"'side' must be \"a\" or \"b\", got {protocol.show(side)}", "side")
     name = arena.model_of(battle, side) if isinstance(battle, str) else None
     if name is None:
       raise ApiError(404, "unknown 'battle_id'; start one with POST /arena/battle", "battle_id")
@@ -326,7 +294,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     body = await read_json(request)
     winner = body.get("winner")
     if winner not in WINNERS:
-      raise ApiError(400, f"'winner' must be one of {list(WINNERS)}, got {protocol._show(winner)}", "winner")  # pylint: disable=protected-access
+      raise ApiError(400, f"'winner' must be one of {list(WINNERS)}, got {protocol.show(winner)}", "winner")
     prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
     battle = body.get("battle_id")
     try:
@@ -345,253 +313,3 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
 
   routes.update(r.path for r in app.routes if hasattr(r, "path"))
   return app
-
-
-class _LoopSink:
-  """Hands engine events to the event loop's queues, waking the loop once per batch of events (a
-  decode step of 32 rows is one wake-up, not 32) instead of once per event."""
-
-  def __init__(self, loop):
-    self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
-
-  def put(self, queue: asyncio.Queue, item) -> None:
-    with self.lock:
-      self.items.append((queue, item))
-      if self.scheduled:
-        return
-      self.scheduled = True
-    try:
-      self.loop.call_soon_threadsafe(self._flush)
-    except RuntimeError:  # the event loop is gone (server shutting down)
-      pass
-
-  def _flush(self) -> None:
-    with self.lock:
-      items, self.items, self.scheduled = self.items, [], False
-    for queue, item in items:
-      queue.put_nowait(item)
-
-
-class _CountStatus:
-  """Pure ASGI middleware counting responses by path and status (a BaseHTTPMiddleware would sit
-  between streaming responses and the client's disconnect)."""
-
-  def __init__(self, app, counts: dict, routes: set):
-    self.app, self.counts, self.routes = app, counts, routes
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] != "http":
-      return await self.app(scope, receive, send)
-    path = scope.get("path", "")
-
-    async def send_counted(message):
-      if message["type"] == "http.response.start":
-        key = (path if path in self.routes else "other", message["status"])
-        self.counts[key] = self.counts.get(key, 0) + 1
-      await send(message)
-
-    return await self.app(scope, receive, send_counted)
-
-
-def _apply(c: _Choice, ev: dict) -> int:
-  """Adds an engine event to a choice; returns 1 when the choice is over."""
-  kind = ev["type"]
-  if kind == "delta":
-    if ev.get("stop_token") and c.chat:
-      return 0  # chat log-probs cover the message only (OpenAI); completions keep the end token
-    c.text.append(ev["text"])
-    c.tokens += ev["tokens"]
-    c.offsets += ev["offsets"]
-    if "logprobs" in ev:
-      c.logprobs += ev["logprobs"]
-      c.tops += ev["top"]
-    return 0
-  if kind == "prompt":
-    c.prompt_logprobs, c.prompt_tops = ev["logprobs"], ev["top"]
-    return 0
-  if kind == "done":
-    c.finish_reason, c.completion_tokens = ev["finish_reason"], ev["completion_tokens"]
-    return 1
-  c.error = ev.get("message", "error")
-  return 1
-
-
-async def _stream(engine: Engine, seqs, queue: asyncio.Queue, choices: list[_Choice], fmt: "_Formatter",
-                  prompt_tokens: int):
-  remaining = len(seqs)
-  try:
-    for chunk in fmt.opening(len(seqs)):
-      yield _sse(chunk)
-    while remaining:
-      index, ev = await queue.get()
-      c = choices[index]
-      done = _apply(c, ev)
-      remaining -= done
-      if c.error:
-        yield _sse(ApiError(500, c.error, None, "server_error").body())
-        return
-      chunk = fmt.chunk(index, ev, c)
-      if chunk is not None:
-        yield _sse(chunk)
-    if fmt.req.include_usage:
-      yield _sse(fmt.usage_chunk(choices, prompt_tokens))
-    yield "data: [DONE]\n\n"
-  finally:
-    if remaining:  # the client went away (or an error ended the stream): free the slots
-      engine.cancel(seqs)
-
-
-class _Formatter:
-  """OpenAI response shapes for one request."""
-
-  def __init__(self, req: GenRequest, served: ServedModel, name: str, rid: str, created: int, echo_texts):
-    self.req, self.served, self.name, self.rid, self.created = req, served, name, rid, created
-    self.echo_texts = echo_texts
-    self.chat = req.kind == "chat"
-    self.object = "chat.completion" if self.chat else "text_completion"
-
-  def _head(self, obj: str) -> dict:
-    return {"id": self.rid, "object": obj, "created": self.created, "model": self.name,
-            "system_fingerprint": None}
-
-  def _usage(self, choices, prompt_tokens) -> dict:
-    completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
-
-  # -- log-probs --
-  def _top_dict(self, top) -> dict | None:
-    if top is None:
-      return None
-    return {self.served.token_str(i): lp for i, lp in top}
-
-  def _chat_logprobs(self, tokens, logprobs, tops) -> dict:
-    s = self.served.token_str
-    entry = lambda i, lp: {"token": s(i), "logprob": lp, "bytes": list(s(i).encode("utf-8"))}
-    return {"content": [dict(entry(i, lp), top_logprobs=[entry(j, lq) for j, lq in top])
-                        for i, lp, top in zip(tokens, logprobs, tops)], "refusal": None}
-
-  def _completion_logprobs(self, tokens, logprobs, tops, offsets) -> dict:
-    return {"tokens": [self.served.token_str(i) for i in tokens], "token_logprobs": list(logprobs),
-            "top_logprobs": [self._top_dict(t) for t in tops], "text_offset": list(offsets)}
-
-  def _prompt_part(self, index: int, c: _Choice):
-    """(text, logprobs dict parts) of the echoed prompt of choice `index`."""
-    text, offsets = self.echo_texts[index // self.req.n]
-    ids = self.req.prompts[index // self.req.n]
-    if self.req.logprobs is None:
-      return text, None
-    lps = c.prompt_logprobs or [None] * len(ids)
-    tops = c.prompt_tops or [None] * len(ids)
-    return text, (ids, lps, tops, offsets)
-
-  # -- whole responses --
-  def full(self, choices: list[_Choice], prompt_tokens: int) -> dict:
-    out = self._head(self.object)
-    items = []
-    for index, c in enumerate(choices):
-      text = "".join(c.text)
-      if self.chat:
-        lp = self._chat_logprobs(c.tokens, c.logprobs, c.tops) if self.req.logprobs is not None else None
-        items.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": lp, "finish_reason": c.finish_reason})
-        continue
-      lp = None
-      if self.req.echo:
-        ptext, part = self._prompt_part(index, c)
-        if part is not None:
-          ids, lps, tops, offs = part
-          lp = self._completion_logprobs(ids, lps, tops, offs)
-        base = len(ptext)
-        text = ptext + text
-      else:
-        base = 0
-      if self.req.logprobs is not None:
-        gen = self._completion_logprobs(c.tokens, c.logprobs, c.tops, [base + o for o in c.offsets])
-        lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
-      items.append({"text": text, "index": index, "logprobs": lp, "finish_reason": c.finish_reason})
-    out["choices"] = items
-    out["usage"] = self._usage(choices, prompt_tokens)
-    return out
-
-  # -- streaming --
-  def _chunk(self, choices: list[dict]) -> dict:
-    out = self._head(self.object + ("" if not self.chat else ".chunk"))
-    out["choices"] = choices
-    if self.req.include_usage:
-      out["usage"] = None
-    return out
-
-  def opening(self, n_choices: int) -> list[dict]:
-    if self.chat:  # the first delta of each choice carries the role
-      return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}]) for i in range(n_choices)]
-    return []
-
-  def chunk(self, index: int, ev: dict, c: _Choice) -> dict | None:
-    kind = ev["type"]
-    if kind == "prompt":
-      return None  # sent with the first completion chunk (below)
-    if self.chat:
-      if ev.get("stop_token"):
-        return None
-      if kind == "done":
-        return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
-      want_lp = self.req.logprobs is not None and ev["tokens"]
-      if not ev["text"] and not want_lp:
-        return None  # text held back (a partial character or a possible stop string)
-      lp = self._chat_logprobs(ev["tokens"], ev["logprobs"], ev["top"]) if want_lp else None
-      return self._chunk([{"index": index, "delta": {"content": ev["text"]}, "logprobs": lp,
-                           "finish_reason": None}])
-    text, base, lp = ("", 0, None) if kind == "done" else (ev["text"], 0, None)
-    if self.req.echo:
-      ptext, part = self._prompt_part(index, c)
-      base = len(ptext)
-      if not c.echo_sent:  # the prompt opens the choice's first chunk
-        c.echo_sent = True
-        text = ptext + text
-        if part is not None:
-          lp = self._completion_logprobs(*part)
-    if kind != "done" and self.req.logprobs is not None and ev["tokens"]:
-      gen = self._completion_logprobs(ev["tokens"], ev["logprobs"], ev["top"], [base + o for o in ev["offsets"]])
-      lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
-    finish = c.finish_reason if kind == "done" else None
-    if not text and lp is None and finish is None:
-      return None
-    return self._chunk([{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}])
-
-  def usage_chunk(self, choices, prompt_tokens) -> dict:
-    out = self._head(self.object + ("" if not self.chat else ".chunk"))
-    out["choices"] = []
-    out["usage"] = self._usage(choices, prompt_tokens)
-    return out
-
-
-def _prometheus(snap: dict, http_counts: dict) -> str:
-  lines = []
-
-  def metric(name, kind, help_, values):
-    lines.append(f"# HELP llm_jax_{name} {help_}")
-    lines.append(f"# TYPE llm_jax_{name} {kind}")
-    for labels, v in values:
-      label = ",".join(f'{k}="{val}"' for k, val in labels.items())
-      lines.append(f"llm_jax_{name}{{{label}}} {0 if v is None else v}")
-
-  per = lambda key: [({"model": m}, s[key]) for m, s in snap.items()]
-  metric("requests_total", "counter", "Sequences admitted into a slot (one per choice).", per("requests"))
-  metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", per("prompt_tokens"))
-  metric("generation_tokens_total", "counter", "Tokens generated.", per("generated_tokens"))
-  metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
-         per("tokens_per_s"))
-  metric("requests_waiting", "gauge", "Sequences queued for a free slot.", per("waiting"))
-  metric("slots_used", "gauge", "Slots of the batched KV cache in use.", per("slots_used"))
-  metric("slots_total", "gauge", "Slots of the batched KV cache.", per("slots"))
-  metric("compiled_programs", "gauge", "Distinct prefill/decode shapes compiled.", per("programs"))
-  metric("engine_errors_total", "counter", "Decode loop failures (requests in flight got an error).",
-         per("errors"))
-  metric("time_to_first_token_seconds", "summary", "Time to first token of recent requests.",
-         [({"model": m, "quantile": q}, s[k]) for m, s in snap.items()
-          for q, k in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s"))])
-  metric("http_responses_total", "counter", "HTTP responses by path and status.",
-         [({"path": p, "status": st}, c) for (p, st), c in sorted(http_counts.items())])
-  return "\n".join(lines) + "\n"

@@ -35,7 +35,8 @@ class ApiError(Exception):
     return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _show(v) -> str:
+def show(v) -> str:
+  """A JSON value as error messages quote it (cut to 60 characters)."""
   s = json.dumps(v, ensure_ascii=False)
   return s if len(s) <= 60 else s[:57] + "..."
 
@@ -72,7 +73,7 @@ def number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, i
     return default
   kind = "an integer" if integer else "a number"
   if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-    raise ApiError(400, f"'{name}' must be {kind}, got {_show(v)}", name)
+    raise ApiError(400, f"'{name}' must be {kind}, got {show(v)}", name)
   if not math.isfinite(v):
     raise ApiError(400, f"'{name}' must be finite, got {v}", name)
   if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
@@ -88,7 +89,7 @@ def boolean(body: dict, name: str, default: bool) -> bool:
   if v is None:
     return default
   if not isinstance(v, bool):
-    raise ApiError(400, f"'{name}' must be true or false, got {_show(v)}", name)
+    raise ApiError(400, f"'{name}' must be true or false, got {show(v)}", name)
   return v
 
 
@@ -105,7 +106,7 @@ def stop_strings(body: dict) -> tuple[str, ...]:
     return ()
   items = [v] if isinstance(v, str) else v
   if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-    raise ApiError(400, f"'stop' must be a string or a list of strings, got {_show(v)}", "stop")
+    raise ApiError(400, f"'stop' must be a string or a list of strings, got {show(v)}", "stop")
   if len(items) > MAX_STOPS:
     raise ApiError(400, f"'stop' has {len(items)} strings; at most {MAX_STOPS} are allowed", "stop")
   if any(not x for x in items):
@@ -169,7 +170,7 @@ def _common(body: dict) -> tuple[int, tuple, bool, bool, bool]:
   stream = boolean(body, "stream", False)
   opts = body.get("stream_options")
   if opts is not None and not isinstance(opts, dict):
-    raise ApiError(400, f"'stream_options' must be an object, got {_show(opts)}", "stream_options")
+    raise ApiError(400, f"'stream_options' must be an object, got {show(opts)}", "stream_options")
   try:
     include_usage = boolean(opts or {}, "include_usage", False)
   except ApiError as e:
@@ -200,7 +201,7 @@ def messages_of(body: dict) -> list[dict]:
     if role == "developer":
       role = "system"
     if role not in ("system", "user", "assistant"):
-      raise ApiError(400, f"'{where}.role'={_show(role)} is not supported; use system, user or assistant",
+      raise ApiError(400, f"'{where}.role'={show(role)} is not supported; use system, user or assistant",
                      f"{where}.role")
     if role == "system" and k:
       raise ApiError(400, f"'{where}': a system message may only open the conversation", f"{where}.role")
@@ -216,7 +217,7 @@ def messages_of(body: dict) -> list[dict]:
         parts.append(part["text"])
       content = "".join(parts)
     if not isinstance(content, str):
-      raise ApiError(400, f"'{where}.content' must be a string, got {_show(content)}", f"{where}.content")
+      raise ApiError(400, f"'{where}.content' must be a string, got {show(content)}", f"{where}.content")
     out.append({"role": role, "content": content})
   return out
 
@@ -242,7 +243,7 @@ def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
   """`prompt` as token ids: a string, a list of strings, a list of ids or a list of id lists."""
   p = body.get("prompt")
   bad = ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                      f"lists of token ids, got {_show(p)}", "prompt")
+                      f"lists of token ids, got {show(p)}", "prompt")
   if isinstance(p, str):
     items = [p]
   elif isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):

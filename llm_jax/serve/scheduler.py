@@ -25,8 +25,9 @@ import numpy as np
 
 from llm_jax.infer.generate import bucket
 from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.infer.text import Detokenizer, StopMatcher
 from llm_jax.serve import slots
-from llm_jax.serve.tokens import Detokenizer, token_str
+from llm_jax.serve.tokens import token_str
 
 TOP_N = 20  # top log-probs computed when any row asks for them (OpenAI allows up to 20)
 _SETTINGS_INACTIVE = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0).arrays(1)
@@ -53,6 +54,7 @@ class Sequence:
   t_submit: float = 0.0
   t_first: float | None = None
   detok: Detokenizer | None = None
+  stops: StopMatcher | None = None  # over detok.text
   emitted: int = 0  # characters of detok.text sent to the client
   echo_reads: list = dataclasses.field(default_factory=list)
   settings_row: dict | None = None  # sampling.arrays(1), computed by submit()
@@ -250,7 +252,8 @@ class Engine:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(s.prompt)
         # Decoding resumes after the prompt; its last tokens give the first delta's context.
-        s.detok = Detokenizer(self.tok, s.prompt[-4:])
+        s.detok = Detokenizer(self.tok.decode, s.prompt[-4:])
+        s.stops = StopMatcher(s.stop_strings)
 
   def _prefill_some(self) -> None:
     budget = self.prefill_budget
@@ -357,22 +360,12 @@ class Engine:
     """Sends the text that is certain: up to a stop string (then finishes), or up to the longest
     tail that could still become one."""
     text = s.detok.text
-    end = len(text)
-    if s.stop_strings:
-      lo = max(0, s.emitted - max(len(x) for x in s.stop_strings))
-      hits = [i for i in (text.find(x, lo) for x in s.stop_strings) if i >= 0]
-      if hits:
-        end = max(min(hits), s.emitted)  # held-back text never contains a whole stop string
-        entry["text"] = text[s.emitted:end]
-        s.emitted = end
-        s.emit(entry)
-        self._finish(s, "stop", text_cut=end)
-        return
-      if not final:
-        end -= _held_back(text, s.stop_strings)
-    entry["text"] = text[s.emitted:max(end, s.emitted)]
-    s.emitted = max(end, s.emitted)
+    end = max(s.stops.certain(text, final), s.emitted)  # held-back text never holds a whole stop string
+    entry["text"] = text[s.emitted:end]
+    s.emitted = end
     s.emit(entry)
+    if s.stops.at is not None:
+      self._finish(s, "stop", text_cut=end)
 
   def _emit_echo(self, s: Sequence) -> None:
     """Log-probs of the prompt's tokens (the first has none), read back once its prefill is done."""
@@ -404,7 +397,7 @@ class Engine:
       self._free(s)
       return
     if text_cut is None:
-      s.detok.text += s.detok.finish()
+      s.detok.finish()
       entry = {"type": "delta", "tokens": [], "offsets": []}
       if s.logprobs is not None:
         entry.update(logprobs=[], top=[])
@@ -428,17 +421,6 @@ class Engine:
   # Token strings for responses (the HTTP layer calls these with ids from events).
   def token_str(self, i: int) -> str:
     return token_str(self.tok, i)
-
-
-def _held_back(text: str, stops) -> int:
-  """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-  best = 0
-  for x in stops:
-    for n in range(min(len(x) - 1, len(text)), best, -1):
-      if text.endswith(x[:n]):
-        best = n
-        break
-  return best
 
 
 def _pow2_range(lo: int, hi: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""Text <-> tokens for the server: raw prompts with special tokens, incremental detokenization,
-printable token strings for log-probs.
+"""Text <-> tokens for the server: raw prompts with special tokens, printable token strings for
+log-probs, prompt text with token offsets (incremental detokenization is llm_jax.infer.text's).
 
 Chat message content goes through `llm_jax.infer.chat.prompt_ids` (special-token text typed by a
 user stays text, so nobody can forge a turn). A raw `/v1/completions` prompt or `/tokenize` text is
@@ -10,6 +10,8 @@ different: it is the model's input written out, as vLLM and llama.cpp take it, s
 from __future__ import annotations
 
 import re
+
+from llm_jax.infer.text import Detokenizer
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -61,49 +63,9 @@ def token_str(tok, i: int) -> str:
     return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
 
 
-class Detokenizer:
-  """Incremental decoding in O(1) tokens per step (vLLM's prefix/read offsets).
-
-  `add(id)` returns the new text (maybe ""). A token that ends inside a multi-byte character is
-  held back until the character completes. The concatenated deltas equal `tok.decode(all ids)`
-  for tokenizers whose decoding is concatenative at character boundaries (SentencePiece without a
-  dummy prefix, byte-level BPE); `finish()` returns any remainder otherwise.
-  """
-
-  def __init__(self, tok, context: list[int] | None = None):
-    self.tok = tok
-    self.ids: list[int] = list(context or [])
-    # A few tokens of context before the first new token keep decoding of e.g. a leading space
-    # right; that context is never emitted.
-    self.prefix = max(0, len(self.ids) - 4)
-    self.read = len(self.ids)
-    self.start = self.read
-    self.text = ""
-
-  def add(self, i: int) -> str:
-    self.ids.append(int(i))
-    before = self.tok.decode(self.ids[self.prefix:self.read])
-    now = self.tok.decode(self.ids[self.prefix:])
-    if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
-      delta = now[len(before):]
-      self.prefix, self.read = self.read, len(self.ids)
-      self.text += delta
-      return delta
-    return ""
-
-  def finish(self) -> str:
-    """Text not yet returned (held-back bytes at the end, or a tokenizer's non-local decoding)."""
-    full = self.tok.decode(self.ids[self.start:])
-    if full.startswith(self.text) and len(full) > len(self.text):
-      delta = full[len(self.text):]
-      self.text = full
-      return delta
-    return ""
-
-
 def prompt_offsets(tok, ids: list[int]) -> tuple[str, list[int]]:
   """(text of `ids`, character offset where each token's text starts in it)."""
-  d = Detokenizer(tok)
+  d = Detokenizer(tok.decode)
   offsets = []
   for i in ids:
     offsets.append(len(d.text))
