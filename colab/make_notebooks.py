@@ -466,7 +466,7 @@ HF = [
     md('''
         ## 1. Your chats
 
-        One JSON object per line, in any of the shapes the README lists (OpenAI / minimind
+        One JSON object per line, in any of the shapes `docs/data.md` lists (OpenAI / minimind
         `messages`, ShareGPT `conversations`, Alpaca `instruction`/`output`). Without a file,
         this writes chats about the encyclopedia's people in the `messages` shape; point `CHATS`
         at your own file (upload it with the Files pane on the left) to train on that instead.
@@ -799,9 +799,9 @@ DEVICES = [
 
         - Plan a bigger model before renting devices: `python -m llm_jax.plan
           --config=configs/pretrain.py:qwen2-0.5b --devices=8xH100` prints the memory per device
-          and the mesh and remat policy that fit (README, "Memory and throughput planner").
+          and the mesh and remat policy that fit (`docs/scaling.md`, the planner).
         - Benchmark one train step: `python -m llm_jax.bench --config=configs/pretrain.py`.
-        - Pods and clusters: `launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch` (README).
+        - Pods and clusters: `launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch` (`docs/scaling.md`).
     '''),
 ]
 
