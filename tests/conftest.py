@@ -33,7 +33,8 @@ def trained_sft_run(tmp_path_factory) -> str:
   return workdir
 
 
-# `@pytest.mark.slow` tests (the README walk) run only with `--run-slow` or LLM_JAX_SLOW=1.
+# `@pytest.mark.slow` tests (the walk of the commands of README.md and docs/) run only with `--run-slow`
+# or LLM_JAX_SLOW=1.
 def pytest_addoption(parser):
   parser.addoption("--run-slow", action="store_true", default=False,
                    help="also run tests marked slow (or set LLM_JAX_SLOW=1)")

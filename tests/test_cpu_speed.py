@@ -245,8 +245,9 @@ def test_fresh_cache_prefill_equals_attending_over_the_cache(layout):
 
 
 def test_bench_matmul_runs_every_side():
-  """`python -m llm_jax.model.bench_matmul` (README, Benchmarks) times each shape in JAX and in torch with
-  1 and with all threads; tiny shapes here, only that every side runs and yields a rate."""
+  """`python -m llm_jax.model.bench_matmul` (docs/benchmarks.md) times each shape in JAX and in
+  torch with 1 and with all threads; tiny shapes here, only that every side runs and yields a
+  rate."""
   pytest.importorskip("torch")
   from llm_jax.model import bench_matmul  # pylint: disable=g-import-not-at-top
   shapes = bench_matmul._shapes(dim=32, mlp=48, tokens=16)
@@ -256,8 +257,9 @@ def test_bench_matmul_runs_every_side():
 
 
 def test_cpu_peak_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
-  """MFU's CPU peak is measured on a machine's first run and read back afterwards (README: it
-  takes about 0.7 s); an unreadable file is measured over and rewritten whole."""
+  """MFU's CPU peak is measured on a machine's first run and read back afterwards
+  (docs/benchmarks.md: it takes about 0.7 s); an unreadable file is measured over and rewritten
+  whole."""
   from llm_jax import devices  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   path = devices.cpu_peak_cache_path()

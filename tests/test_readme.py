@@ -1,16 +1,21 @@
-"""Every command in README.md's ```bash blocks, run as a user runs it on a fresh clone.
+"""Every ```bash command of README.md and docs/*.md, run as a user runs it on a fresh clone.
 
-The commands are read from README.md itself, in document order, and looked up in `RULES` below:
-each is either run (as written, in one temporary directory standing for the clone's root, with
-flags appended that shrink it to a few steps) or skipped with a stated reason (it needs the
-network, an accelerator, a cluster, a model server, ...). A README command that no rule matches
-fails the test, so a new or edited command cannot rot unnoticed: add it to `RULES`.
+The commands are read from the pages themselves: README.md, then each docs/ page in the order of
+`PAGES` (the order a reader follows them; a docs/*.md page missing from `PAGES` fails the test),
+each in document order. Every command is looked up in `RULES` below: it is either run (as written,
+in one temporary directory standing for the clone's root, with flags appended that shrink it to a
+few steps) or skipped with a stated reason (it needs the network, an accelerator, a cluster, a
+model server, ...). A command that no rule matches fails the test, so a new or edited command
+cannot rot unnoticed: add it to `RULES`. A command may use what a later page's command makes
+(`needs=`): it runs once that exists.
 
   test_readme_quick_start   the Quick start path: SFT, chat (typed and --prompts), eval, resume
-  test_readme_walk (slow)   every command of the README; `--run-slow` or LLM_JAX_SLOW=1 runs it
+  test_readme_walk (slow)   every command of the pages; `--run-slow` or LLM_JAX_SLOW=1 runs it
+  test_doc_links            every relative link of the pages reaches a file (and a heading)
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -25,7 +30,11 @@ import urllib.request
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+# The pages whose commands are walked, in this order (the order a reader follows them, and today's
+# order of the commands that depend on each other). Every docs/*.md page must be listed here.
+PAGES = ("README.md", "docs/notebooks.md", "docs/serving.md", "docs/training.md", "docs/post_training.md",
+         "docs/data.md", "docs/synth.md", "docs/eval.md", "docs/huggingface.md", "docs/scaling.md",
+         "docs/models.md", "docs/benchmarks.md", "docs/experiments.md", "docs/testing.md")
 
 # Appended to `python -m llm_jax.main` training commands: a few steps, one checkpoint, one small
 # evaluation. Later flags override the command's own (`--config.train.steps=2000` becomes 4).
@@ -84,14 +93,14 @@ USER_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  command: str  # the README command, comments and line continuations removed; or a regex with `regex`
+  command: str  # the documented command, comments and line continuations removed; or a regex with `regex`
   skip: str = ""  # why it is not run ("" = run it)
   args: tuple[str, ...] = ()  # appended to the command (to its first simple command in a shell loop)
   env: dict | None = None  # extra environment
   stdin: str | None = None  # piped to the command (interactive chat)
   files: tuple[str, ...] = ()  # USER_FILES written into the clone first
   links: tuple[tuple[str, str], ...] = ()  # (link, target) made first: runs the user brings
-  needs: tuple[str, ...] = ()  # paths a later README command makes: run it once they exist
+  needs: tuple[str, ...] = ()  # paths a later command (of any page) makes: run it once they exist
   outputs: tuple[str, ...] = ()  # paths that must exist afterwards
   expect: tuple[str, ...] = ()  # text its console output (stdout and stderr) must hold
   server: bool = False  # a server: started, asked for its models and one answer, stopped with Ctrl-C
@@ -111,15 +120,14 @@ CHAT_SHORT = ("--max_new_tokens=12",)
 SERVE_SMALL = ("--port=0", "--warmup=false", "--slots=2")
 
 RULES = [
-    # Install
+    # README.md: Install and Tests
     Rule("pip install -r requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
     Rule("pip install -r requirements.txt -r tests/requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
     Rule("python -m pytest -q tests", skip="the test suite itself"),
     Rule("python -m pytest -q tests/test_readme.py --run-slow", skip="this test itself"),
-    Rule("python -m pytest -q tests/test_notebooks.py", skip="tests of the suite (the notebooks run in CI)"),
-    # Quick start
+    # README.md: Quick start
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft", args=QUICK_SFT, quick=True,
          outputs=("runs/sft/config.json", "runs/sft/tokenizer.model", "runs/sft/final_metrics.json",
                   "runs/sft/checkpoints/40")),
@@ -134,14 +142,13 @@ RULES = [
     # Resume: 4 steps more than the first run, from its last checkpoint.
     Rule("until python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft ; do sleep 1 ; done",
          args=QUICK_SFT[1:] + ("--config.train.steps=44",), outputs=("runs/sft/checkpoints/44",), quick=True),
-    # Serve
-    # Serve: on a free port (port 8000 may be taken on a shared machine), compiling shapes on first use.
+    # docs/notebooks.md
+    Rule("python -m pytest -q tests/test_notebooks.py", skip="tests of the suite (the notebooks run in CI)"),
+    # docs/serving.md: on a free port (port 8000 may be taken on a shared machine), compiling shapes on first use.
     Rule("python -m llm_jax.serve --workdir=runs/sft", server=True, args=SERVE_SMALL),
     Rule("python -m llm_jax.serve --workdir=runs/sft --workdir=runs/sft2:pretrained --port=8000 --api_key=secret",
          server=True, args=SERVE_SMALL, needs=("runs/sft2/checkpoints",)),
-    Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
-         skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
-    # Configs and presets
+    # docs/training.md: configs and presets, pretrain then fine-tune
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-512 --config.train.steps=2000 "
          "--config.train.lr=1e-3 --config.data.seq_len=512", args=TINY, outputs=("runs/pre-512/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py:minimind-26m --workdir=runs/mm "
@@ -151,14 +158,22 @@ RULES = [
          outputs=("runs/pre/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft2 --config.init_from=runs/pre",
          args=TINY, outputs=("runs/sft2/checkpoints/4",)),
-    # DPO, distillation
+    # docs/post_training.md: DPO, distillation, LoRA
     Rule("python -m llm_jax.main --config=configs/dpo.py --workdir=runs/dpo --config.init_from=runs/sft",
          args=TINY, outputs=("runs/dpo/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/distill.py --workdir=runs/distill --config.init_from=runs/sft",
          args=TINY, outputs=("runs/distill/checkpoints/4",)),
     Rule("python -m llm_jax.chat --workdir=runs/distill --show_reasoning", args=CHAT_SHORT,
          stdin="Where was the first person born?\n", expect=("runs/distill: step 4",)),
-    # Your own data
+    # The imported model: here the tiny pretrained run stands in for runs/qwen.
+    Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/qwen-lora --config.init_from=runs/qwen "
+         "--config.lora.rank=8 --config.lora.alpha=16 --config.lora.dropout=0.05 "
+         "--config.lora.targets=q,k,v,o,gate,up,down --config.train.lr=2e-4 --config.data.train=my_chats.jsonl "
+         "--config.model.dtype=bfloat16 --config.model.param_dtype=bfloat16", args=TINY,
+         files=("my_chats.jsonl",), links=(("runs/qwen", "pre"),), outputs=("runs/qwen-lora/checkpoints/4",)),
+    Rule("python -m llm_jax.convert.merge_lora --workdir=runs/qwen-lora --out=runs/qwen-lora-merged",
+         outputs=("runs/qwen-lora-merged/config.json",)),
+    # docs/data.md
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/mine "
          "--config.data.train=chats.jsonl@0.7,alpaca.json@0.3 --config.data.eval=heldout.jsonl",
          args=TINY, files=("chats.jsonl", "alpaca.json", "heldout.jsonl"), outputs=("runs/mine/checkpoints/4",)),
@@ -168,12 +183,13 @@ RULES = [
          files=("corpus.jsonl", "more.txt"), outputs=("tok/tokenizer.model",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-tok "
          "--config.data.tokenizer.path=tok/tokenizer.model", args=TINY, outputs=("runs/pre-tok/checkpoints/4",)),
+    # docs/synth.md
     Rule(r"python -m llm_jax\.data\.synth --docs=wiki\.jsonl .*", regex=True,
          skip="needs an OpenAI-compatible LLM server; tests/test_synth_e2e.py runs it against a scripted one"),
     Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/wiki-sft "
          "--config.data.train=qa.train.jsonl --config.data.eval=qa.val.jsonl", args=TINY,
          files=("qa.train.jsonl", "qa.val.jsonl"), outputs=("runs/wiki-sft/checkpoints/4",)),
-    # Evaluation
+    # docs/eval.md
     Rule("python -m llm_jax.main --config=configs/eval.py --workdir=runs/sft --config.eval.steps=all "
          "--config.eval.tasks=loss,rouge,repetition,knowledge,choice", args=TINY_EVAL,
          outputs=("runs/sft/eval_20.json", "runs/sft/eval_44.json", "runs/sft/eval/summary.md")),
@@ -184,7 +200,10 @@ RULES = [
     # Two runs the user trained: here the quick-start run under both names.
     Rule("python -m llm_jax.eval.compare --runs=runs/a,runs/b --metrics=knowledge.qa_heldout.contains --out=cmp",
          links=(("runs/a", "sft"), ("runs/b", "sft")), outputs=("cmp.md", "cmp.csv")),
-    # Hugging Face
+    # lm-evaluation-harness through the server
+    Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
+         skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
+    # docs/huggingface.md (its hf_import command is also in docs/post_training.md)
     Rule(r"python -m llm_jax\.convert\.hf_import --hf_dir=/models/Qwen2\.5-0\.5B-Instruct --workdir=runs/qwen",
          regex=True, skip="needs a Hugging Face checkpoint the user downloaded; tests/test_convert_import.py "
                           "imports tiny transformers models"),
@@ -194,16 +213,9 @@ RULES = [
          files=("my_chats.jsonl",), links=(("runs/qwen", "pre"),), outputs=("runs/qwen-sft/checkpoints/4",)),
     Rule("python -m llm_jax.convert.hf_export --workdir=runs/sft --out=export/sft-hf",
          outputs=("export/sft-hf/config.json",)),
-    Rule("python -m llm_jax.main --config=configs/sft.py --workdir=runs/qwen-lora --config.init_from=runs/qwen "
-         "--config.lora.rank=8 --config.lora.alpha=16 --config.lora.dropout=0.05 "
-         "--config.lora.targets=q,k,v,o,gate,up,down --config.train.lr=2e-4 --config.data.train=my_chats.jsonl "
-         "--config.model.dtype=bfloat16 --config.model.param_dtype=bfloat16", args=TINY,
-         files=("my_chats.jsonl",), links=(("runs/qwen", "pre"),), outputs=("runs/qwen-lora/checkpoints/4",)),
-    Rule("python -m llm_jax.convert.merge_lora --workdir=runs/qwen-lora --out=runs/qwen-lora-merged",
-         outputs=("runs/qwen-lora-merged/config.json",)),
     Rule("python -m llm_jax.convert.peft_export --workdir=runs/qwen-lora --out=export/qwen-lora",
          outputs=("export/qwen-lora/adapter/adapter_config.json",)),
-    # Several devices and hosts: virtual CPU devices stand in for the GPUs.
+    # docs/scaling.md: several devices and hosts; virtual CPU devices stand in for the GPUs.
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-fsdp --config.mesh.fsdp=8 "
          "--config.mesh.data=1 --config.model.dtype=bfloat16", args=TINY, env=EIGHT_DEVICES,
          outputs=("runs/pre-fsdp/checkpoints/4",), expect=("'fsdp': 8",)),
@@ -217,7 +229,7 @@ RULES = [
     Rule(r"launch/tpu_pod\.sh .* --dry_run -- .*", regex=True, expect=("queued-resources create",)),
     Rule(r"sbatch .*", regex=True,
          skip="needs a SLURM cluster; tests/test_launch.py runs the scripts against a fake sbatch/srun"),
-    # Mixture of experts
+    # docs/models.md: mixture of experts
     Rule("python -m llm_jax.main --config=configs/pretrain.py:minimind-moe --workdir=runs/moe "
          "--config.data.tokenizer.vocab_size=6400", args=TINY + SMALL_MODEL, outputs=("runs/moe/checkpoints/4",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/moe2 --config.model.moe.n_experts=8 "
@@ -226,7 +238,7 @@ RULES = [
     Rule("python -m llm_jax.main --config=configs/pretrain.py:minimind-moe --workdir=runs/moe-ep "
          "--config.mesh.expert=4 --config.mesh.data=-1", args=TINY + SMALL_MODEL, env=EIGHT_DEVICES,
          outputs=("runs/moe-ep/checkpoints/4",), expect=("'expert': 4",)),
-    # Benchmarks: one timed step, the heavy presets with one layer.
+    # docs/benchmarks.md: one timed step, the heavy presets with one layer.
     Rule(r"python -m llm_jax\.bench --config=configs/pretrain\.py:minimind-(26m|moe) "
          r"--config\.model\.vocab_size=6400 --steps=5", regex=True, args=("--steps=1",) + SMALL_MODEL),
     Rule("python -m llm_jax.bench --config=configs/pretrain.py --steps=20", args=("--steps=1",)),
@@ -247,6 +259,13 @@ RULES = [
     Rule("python -m llm_jax.serve.bench",
          args=("--models=tiny", "--clients=1", "--requests_per_client=1", "--min_requests=1", "--max_tokens=4",
                "--slots=2", "--seq_len=64")),
+    # docs/experiments.md
+    Rule("bash docs/experiments/repetition.sh",
+         skip="an experiment of several training runs and evals (docs/experiments.md gives its CPU time); "
+              "it runs the training and eval jobs the other pages' commands run"),
+    Rule("bash docs/experiments/knowledge.sh",
+         skip="an experiment of several training runs and evals (docs/experiments.md gives its CPU time); "
+              "it runs the training and eval jobs the other pages' commands run"),
 ]
 
 
@@ -280,10 +299,19 @@ def readme_commands(text: str) -> list[tuple[int, str]]:
   return commands
 
 
+def page_commands() -> list[tuple[str, str]]:
+  """(page:line, command) of every page of `PAGES`, in that order."""
+  commands = []
+  for page in PAGES:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+      commands += [(f"{page}:{line}", command) for line, command in readme_commands(f.read())]
+  return commands
+
+
 def _rule(command: str) -> Rule:
   found = [r for r in RULES if r.matches(command)]
-  assert found, f"README command not covered by tests/test_readme.py: {command}"
-  assert len(found) == 1, f"README command matches {len(found)} rules of tests/test_readme.py: {command}"
+  assert found, f"documented command not covered by tests/test_readme.py: {command}"
+  assert len(found) == 1, f"documented command matches {len(found)} rules of tests/test_readme.py: {command}"
   return found[0]
 
 
@@ -317,7 +345,7 @@ def _env(clone, extra):
   return env
 
 
-def _run(clone, line: int, command: str, rule: Rule):
+def _run(clone, where: str, command: str, rule: Rule):
   for name in rule.files:
     path = clone / name
     if not path.exists():
@@ -330,24 +358,24 @@ def _run(clone, line: int, command: str, rule: Rule):
   shell = _shell_line(command, rule.args)
   start = time.time()
   if rule.server:
-    _serve(clone, line, shell, rule)
-    print(f"README.md:{line} ({time.time() - start:.0f} s): {shell}")
+    _serve(clone, where, shell, rule)
+    print(f"{where} ({time.time() - start:.0f} s): {shell}")
     return None
   out = subprocess.run(["bash", "-c", shell], cwd=clone, env=_env(clone, rule.env), text=True,
                        input=rule.stdin if rule.stdin is not None else "", capture_output=True,
                        timeout=rule.timeout, check=False)
-  print(f"README.md:{line} ({time.time() - start:.0f} s): {shell}")
-  assert out.returncode == 0, (f"README.md:{line}: `{shell}` exited {out.returncode}\n"
+  print(f"{where} ({time.time() - start:.0f} s): {shell}")
+  assert out.returncode == 0, (f"{where}: `{shell}` exited {out.returncode}\n"
                                f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
   for path in rule.outputs:
-    assert os.path.exists(clone / path), f"README.md:{line}: `{shell}` wrote no {path}"
+    assert os.path.exists(clone / path), f"{where}: `{shell}` wrote no {path}"
   for text in rule.expect:
-    assert text in out.stdout + out.stderr, (f"README.md:{line}: `{shell}` printed no {text!r}\n"
+    assert text in out.stdout + out.stderr, (f"{where}: `{shell}` printed no {text!r}\n"
                                              f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}")
   return out
 
 
-def _serve(clone, line: int, shell: str, rule: Rule):
+def _serve(clone, where: str, shell: str, rule: Rule):
   """Starts the server, lists its models, gets one short chat answer from each, stops it with SIGINT."""
   key = next((t.split("=", 1)[1] for t in _tokens(shell) if t.startswith("--api_key=")), "")
   names = [t.split("=", 1)[1] for t in _tokens(shell) if t.startswith("--workdir=")]
@@ -364,7 +392,7 @@ def _serve(clone, line: int, shell: str, rule: Rule):
       printed.append(text)
       if text.strip().startswith("API:"):
         url = text.split()[1]
-    assert url, f"README.md:{line}: `{shell}` never said where it serves:\n{''.join(printed)}{proc.stderr.read()}"
+    assert url, f"{where}: `{shell}` never said where it serves:\n{''.join(printed)}{proc.stderr.read()}"
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
 
     def ask(path, body=None):
@@ -386,16 +414,16 @@ def _serve(clone, line: int, shell: str, rule: Rule):
     except subprocess.TimeoutExpired:
       proc.kill()
       _, err = proc.communicate()
-  assert proc.returncode == 0, f"README.md:{line}: `{shell}` exited {proc.returncode} on Ctrl-C:\n{err[-3000:]}"
+  assert proc.returncode == 0, f"{where}: `{shell}` exited {proc.returncode} on Ctrl-C:\n{err[-3000:]}"
 
 
 def _walk(clone, quick_only: bool, checks=None) -> dict[str, subprocess.CompletedProcess]:
-  """Runs the README's commands in order; returns each run command's result by its text.
+  """Runs the pages' commands in order; returns each run command's result by its text.
 
   `checks[command](result)` runs right after that command (before a later one changes its run).
   """
   results, deferred, skipped, failures = {}, [], [], []
-  for line, command in readme_commands(open(README, encoding="utf-8").read()):
+  for line, command in page_commands():
     rule = _rule(command)  # every command, run or not, has a rule
     if rule.skip or (quick_only and (not rule.quick or command in results)):
       skipped.append((line, command, rule.skip))
@@ -417,21 +445,92 @@ def _walk(clone, quick_only: bool, checks=None) -> dict[str, subprocess.Complete
         failures.append(str(e))
   for line, command, reason in skipped:
     if reason:
-      print(f"README.md:{line} skipped ({reason}): {command}")
-  assert not deferred, f"commands whose inputs no README command made: {deferred}"
-  assert not failures, f"{len(failures)} README command(s) failed:\n\n" + "\n\n".join(failures)
+      print(f"{line} skipped ({reason}): {command}")
+  assert not deferred, f"commands whose inputs no documented command made: {deferred}"
+  assert not failures, f"{len(failures)} documented command(s) failed:\n\n" + "\n\n".join(failures)
   assert not checks, f"checks of commands that were not run: {list(checks)}"
   return results
 
 
+def test_every_docs_page_is_walked():
+  """Every docs/*.md page is in `PAGES` (so its commands are walked), and every page listed exists."""
+  pages = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))}
+  missing = sorted(pages - set(PAGES))
+  assert not missing, f"docs pages not in PAGES (add each in reading order): {missing}"
+  gone = [p for p in PAGES if not os.path.exists(os.path.join(ROOT, p))]
+  assert not gone, f"PAGES of tests/test_readme.py that do not exist: {gone}"
+  assert PAGES[0] == "README.md" and len(set(PAGES)) == len(PAGES)
+
+
 def test_every_readme_command_has_a_rule():
-  commands = readme_commands(open(README, encoding="utf-8").read())
+  commands = page_commands()
   assert len(commands) > 30
   for _, command in commands:
     _rule(command)
   used = {id(_rule(c)) for _, c in commands}
   stale = [r.command for r in RULES if id(r) not in used]
-  assert not stale, f"rules of tests/test_readme.py no README command uses any more: {stale}"
+  assert not stale, f"rules of tests/test_readme.py no documented command uses any more: {stale}"
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())  # a link's text only
+  return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+  """The anchors of a page's headings (outside code blocks); repeated ones get -1, -2, ... as on GitHub."""
+  seen, anchors, fence = {}, set(), False
+  for line in text.split("\n"):
+    if line.lstrip().startswith("```"):
+      fence = not fence
+    elif not fence and re.match(r"#{1,6} ", line):
+      slug = _slug(line.lstrip("#"))
+      anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+      seen[slug] = seen.get(slug, 0) + 1
+  return anchors
+
+
+def _links(text: str) -> list[tuple[int, str]]:
+  """(line, target) of the page's Markdown links and images, outside code blocks and code spans."""
+  links, fence = [], False
+  for number, line in enumerate(text.split("\n"), 1):
+    if line.lstrip().startswith("```"):
+      fence = not fence
+      continue
+    if not fence:
+      line = re.sub(r"`[^`]*`", "", line)
+      links += [(number, m) for m in re.findall(r"\]\(([^)\s]+)\)", line)]
+  return links
+
+
+def test_doc_links():
+  """Every relative link of the pages leads to a file of the repository, and its #anchor to a heading."""
+  broken = []
+  for page in PAGES:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+      text = f.read()
+    for line, target in _links(text):
+      if re.match(r"[a-z]+:", target):  # https:, mailto:
+        continue
+      path, _, anchor = target.partition("#")
+      file = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path or os.path.basename(page)))
+      if not os.path.exists(file) or not file.startswith(ROOT + os.sep):
+        broken.append(f"{page}:{line}: {target} (no such file)")
+      elif anchor:
+        with open(file, encoding="utf-8") as f:
+          if anchor not in _anchors(f.read()):
+            broken.append(f"{page}:{line}: {target} (no such heading)")
+  assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_link_checker():
+  text = ("# Quick start: fine-tune a chat model\n```bash\n# not a heading\n```\n## Pretrain, then fine-tune\n"
+          "## Pretrain, then fine-tune\nsee [a](b.md#c) and ![img](x.png) but not `[d](e)`\n")
+  assert _anchors(text) == {"quick-start-fine-tune-a-chat-model", "pretrain-then-fine-tune",
+                            "pretrain-then-fine-tune-1"}
+  assert _links(text) == [(7, "b.md#c"), (7, "x.png")]
+  assert _slug("Notebooks (Colab)") == "notebooks-colab" and _slug("The `xla` path") == "the-xla-path"
 
 
 def test_readme_parser():
@@ -495,5 +594,5 @@ def test_readme_quick_start(clone):
 
 @pytest.mark.slow
 def test_readme_walk(clone):
-  """Every README command that can run on a CPU without the network, in document order."""
+  """Every command of the pages that can run on a CPU without the network, in the pages' order."""
   _walk(clone, quick_only=False)

@@ -39,7 +39,7 @@ MAX_NEW_TOKENS = 64  # longest answer
 # %% [markdown]
 # ## 1. Your chats
 #
-# One JSON object per line, in any of the shapes the README lists (OpenAI / minimind
+# One JSON object per line, in any of the shapes `docs/data.md` lists (OpenAI / minimind
 # `messages`, ShareGPT `conversations`, Alpaca `instruction`/`output`). Without a file,
 # this writes chats about the encyclopedia's people in the `messages` shape; point `CHATS`
 # at your own file (upload it with the Files pane on the left) to train on that instead.

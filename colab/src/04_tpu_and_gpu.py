@@ -131,6 +131,6 @@ else:
 #
 # - Plan a bigger model before renting devices: `python -m llm_jax.plan
 #   --config=configs/pretrain.py:qwen2-0.5b --devices=8xH100` prints the memory per device
-#   and the mesh and remat policy that fit (README, "Memory and throughput planner").
+#   and the mesh and remat policy that fit (`docs/scaling.md`, the planner).
 # - Benchmark one train step: `python -m llm_jax.train.bench --config=configs/pretrain.py`.
-# - Pods and clusters: `launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch` (README).
+# - Pods and clusters: `launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch` (`docs/scaling.md`).

@@ -111,7 +111,7 @@ class Generator:
   cache_* rules and activations as in training."""
 
   # Tokens decoded per device call after the first (which comes with the prefill).
-  # On a 2-core CPU, 16 per call decoded 8-18% more tokens/s than one per call (README, Benchmarks);
+  # On a 2-core CPU, 16 per call decoded 8-18% more tokens/s than one per call;
   # streaming then arrives in bursts of up to this many tokens, and a stop (end token, stop string,
   # should_stop) wastes at most a burst's compute.
   chunk = 16

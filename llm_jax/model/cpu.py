@@ -1,7 +1,7 @@
 """Program shapes that XLA's CPU backend runs fast; the math is unchanged (float round-off only).
 
-Two things cost most of a CPU train step when written the natural way (profile in the README's
-Benchmarks section):
+Two things cost most of a CPU train step when written the natural way (docs/benchmarks.md, "On a
+CPU, against PyTorch", says what the CPU paths do and measures them):
 
 - A projection `einsum("bld,df->blf")` contracts over two axes (b, l) in its weight gradient.
   XLA canonicalises such a dot by physically transposing the [B*L, F] activation gradient first,
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 # Queries per attention block on the CPU, and the shortest sequence that is split at all. 64 was
-# the fastest of 32/64/128/256 for the fwd+bwd pass at L=512 (README, Benchmarks); below 256
+# the fastest of 32/64/128/256 for the fwd+bwd pass at L=512 (2-core development CPU); below 256
 # tokens one block is as fast and compiles to fewer ops.
 QUERY_BLOCK = 64
 MIN_BLOCKED_LENGTH = 256
@@ -37,7 +37,7 @@ def on_cpu() -> bool:
 def scan_unroll(n_layers: int) -> int:
   """How many layers of an `nn.scan` stack XLA sees unrolled per loop iteration: all of them on
   the CPU, one elsewhere. On the CPU a while loop over layers spends ~10% of a train step
-  zero-filling, writing and re-reading the per-layer residual stacks (README, Benchmarks); the
+  zero-filling, writing and re-reading the per-layer residual stacks (2-core development CPU); the
   parameter layout ("layers" stacked on axis 0) is the same either way."""
   return n_layers if on_cpu() else 1
 

@@ -10,8 +10,8 @@ The same function as `attention.xla_attention(..., segment_causal_mask(segment_i
   one pass, and dS = P * (dP - rowsum(dO * O)) in one more; autodiff of the softmax took about
   six passes over the scores and kept them all alive.
 
-What made the plain formulation slow on the CPU (profile of the minimind-26m step, README
-Benchmarks): the five-dimensional GQA einsums made XLA transpose scores and their gradients
+What made the plain formulation slow on the CPU (profile of the minimind-26m step; timings in
+docs/benchmarks.md): the five-dimensional GQA einsums made XLA transpose scores and their gradients
 between the matmuls, and the softmax's elementwise passes (mask, max, exp, divide, and their
 gradients) cost more than the attention matmuls themselves. Here q, k and v are put head-major
 once per layer ([B, K, L, G, H], the G query heads of a key/value head next to each other, so a

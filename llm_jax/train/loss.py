@@ -9,7 +9,7 @@ import jax.numpy as jnp
 def cross_entropy_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
                        z_loss: float = 0.0) -> dict[str, jax.Array]:
   """Weighted sums over all tokens: loss (CE + z_loss * logZ^2), ce, correct, weight."""
-  with jax.named_scope("cross_entropy"):  # names its ops in profiles (README, Benchmarks)
+  with jax.named_scope("cross_entropy"):  # names its ops in profiles
     return _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss)
 
 
