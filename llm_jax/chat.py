@@ -6,7 +6,7 @@
 
 --prompts: one prompt per line, or JSONL with {"prompt": ...} or {"messages": [{role, content}]}.
 Prompt and answer are fitted into the run's context (what it was trained on); anything cut is
-said. The logic lives in llm_jax/infer/chat.py.
+said. The logic lives in llm_jax/infer/session.py.
 """
 
 import json
@@ -16,7 +16,7 @@ from absl import flags, logging
 import jax
 
 from llm_jax import console, rundir
-from llm_jax.infer import chat, reasoning
+from llm_jax.infer import reasoning, session as session_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.interrupt import Interrupts
 from llm_jax.infer.sampling import SamplingConfig
@@ -38,8 +38,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same answers).")
 _STOP = flags.DEFINE_list("stop", [], "Extra stop strings (comma separated).")
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "Prompt + answer tokens at most; 0 = the run's "
-                                    "context (data.seq_len it was trained on, or an imported "
-                                    "model's max_position_embeddings).")
+                                    "context (the longest sequence its weights were trained on, "
+                                    "or an imported model's max_position_embeddings).")
 _PROMPTS = flags.DEFINE_string("prompts", "", "One-shot mode: file of prompts (text lines or JSONL).")
 _OUTPUT = flags.DEFINE_string("output", "", "One-shot mode: JSONL file for the answers (default stdout).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "One-shot mode: prompts generated together.")
@@ -61,11 +61,11 @@ def run() -> None:
   context = _MAX_CONTEXT.value or run.context
   generator = Generator(run.params, run.model_cfg)
   if _PROMPTS.value:
-    records = chat.read_prompts(_PROMPTS.value)
-    answers = chat.answer_prompts(generator, run.tokenizer, records, sampling, system=_SYSTEM.value,
-                                  stop_strings=_STOP.value, batch_size=_BATCH.value,
-                                  context=context, raw=_RAW.value,
-                                  warn=lambda m: logging.warning("%s: %s", _PROMPTS.value, m))
+    records = session_lib.read_prompts(_PROMPTS.value)
+    answers = session_lib.answer_prompts(generator, run.tokenizer, records, sampling, system=_SYSTEM.value,
+                                         stop_strings=_STOP.value, batch_size=_BATCH.value,
+                                         context=context, raw=_RAW.value,
+                                         warn=lambda m: logging.warning("%s: %s", _PROMPTS.value, m))
     answers = reasoning.split_answers(answers, _SHOW_REASONING.value)
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     if _OUTPUT.value:
@@ -76,17 +76,17 @@ def run() -> None:
       print(lines, end="")
     return
   if _RAW.value:
-    session = chat.CompletionSession(generator, run.tokenizer, sampling, stop_strings=_STOP.value,
-                                     context=context)
+    session = session_lib.CompletionSession(generator, run.tokenizer, sampling, stop_strings=_STOP.value,
+                                            context=context)
   else:
-    session = chat.ChatSession(generator, run.tokenizer, sampling, system=_SYSTEM.value,
-                               stop_strings=_STOP.value, context=context)
+    session = session_lib.ChatSession(generator, run.tokenizer, sampling, system=_SYSTEM.value,
+                                      stop_strings=_STOP.value, context=context)
   n_params = sum(x.size for x in jax.tree.leaves(run.params))
   print(f"{_WORKDIR.value}: step {run.step}, {n_params / 1e6:.1f}M parameters, context {context} "
         "tokens")
   interrupts = Interrupts().install()
   try:
-    chat.interactive(reasoning.wrap_session(session, _SHOW_REASONING.value),
+    session_lib.interactive(reasoning.wrap_session(session, _SHOW_REASONING.value),
                      interrupts=interrupts)
   finally:
     interrupts.uninstall()

@@ -16,14 +16,10 @@ import os
 import sys
 from typing import Any, Mapping
 
-# Before TensorFlow loads (the training loop's TensorBoard writer): no C++ start-up chatter.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import ml_collections
+from absl import logging
 
-import ml_collections  # pylint: disable=g-import-not-at-top
-from absl import logging  # pylint: disable=g-import-not-at-top
-
-from llm_jax import config_check, console  # pylint: disable=g-import-not-at-top
+from llm_jax import config_check, console, fields  # console first: it quiets TensorFlow
 from llm_jax.model import init as model_init
 
 
@@ -64,22 +60,12 @@ def show_logs(verbose: bool = False) -> None:
 # Configs
 
 
-def _fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  out = []
-  for k, v in c.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out += _fields(v, f"{prefix}{k}.")
-    else:
-      out.append(f"{prefix}{k}")
-  return out
-
-
 def apply_overrides(c: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                     name: str = "OVERRIDES") -> ml_collections.ConfigDict:
   """Sets config fields by dotted name, as `--config.train.lr=1e-3` does on the command line: an
   unknown name or a value of the wrong type raises one line naming it (ml_collections'
   `update_from_flattened_dict` would silently add a misspelt field instead)."""
-  known = _fields(c)
+  known = list(fields.flatten(c))
   for path, value in overrides.items():
     if path not in known:
       close = difflib.get_close_matches(path, known, n=1)

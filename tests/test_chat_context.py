@@ -15,7 +15,7 @@ import pytest
 
 from configs import base
 from llm_jax.data.tokenizer import train_sentencepiece
-from llm_jax.infer import chat, context as context_lib
+from llm_jax.infer import session as session_lib, context as context_lib
 from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
@@ -35,7 +35,7 @@ def test_fit_keeps_the_question_and_caps_the_answer(run):
   tok = run.tokenizer
   question = [{"role": "user", "content": "When was Ming Wang born?"}]
   fit = context_lib.fit_chat(tok, question, context=128, max_new_tokens=256)
-  assert fit.ids == chat.prompt_ids(tok, question)  # the whole question, nothing cut
+  assert fit.ids == session_lib.prompt_ids(tok, question)  # the whole question, nothing cut
   assert fit.max_new_tokens == 128 - len(fit.ids) and fit.answer_capped
   assert not fit.cut_tokens and not fit.dropped_messages
   # History: the oldest exchanges go first, whole, until the answer's reserve (64) fits.
@@ -47,7 +47,7 @@ def test_fit_keeps_the_question_and_caps_the_answer(run):
                              context=128, max_new_tokens=256)
   assert len(fit.ids) + 64 <= 128 and fit.dropped_messages > 0 and fit.dropped_messages % 2 == 0
   kept = [{"role": "system", "content": "be brief"}] + history[fit.dropped_messages:] + question
-  assert fit.ids == chat.prompt_ids(tok, kept)
+  assert fit.ids == session_lib.prompt_ids(tok, kept)
   assert any("earlier message(s) left out" in n for n in fit.notes())
 
 
@@ -58,13 +58,13 @@ def test_chat_at_default_flags_answers_like_the_one_shot_mode(run):
   seen = []
   real = gen.generate
   gen.generate = lambda prompts, *a, **k: (seen.append(prompts[0]), real(prompts, *a, **k))[1]
-  session = chat.ChatSession(gen, run.tokenizer, GREEDY, context=run.context)
+  session = session_lib.ChatSession(gen, run.tokenizer, GREEDY, context=run.context)
   questions = ["When was Ming Wang born?", "Li Na 在哪家公司工作？"]
   replies = [session.reply(q).text for q in questions]
-  one_shot = chat.answer_prompts(Generator(run.params, run.model_cfg), run.tokenizer,
+  one_shot = session_lib.answer_prompts(Generator(run.params, run.model_cfg), run.tokenizer,
                                  [{"prompt": q} for q in questions], GREEDY, context=run.context)
   assert replies[0] == one_shot[0]["answer"] and replies[0].strip()
-  assert seen[0] == chat.prompt_ids(run.tokenizer, [{"role": "user", "content": questions[0]}])
+  assert seen[0] == session_lib.prompt_ids(run.tokenizer, [{"role": "user", "content": questions[0]}])
   assert run.tokenizer.encode(questions[1]) == seen[1][-len(run.tokenizer.encode(questions[1])) - 5:-5]
   assert len(set(replies + [one_shot[1]["answer"]])) > 1  # not one answer to everything
 
@@ -72,7 +72,7 @@ def test_chat_at_default_flags_answers_like_the_one_shot_mode(run):
 def test_overlong_prompt_is_cut_from_the_left_and_said(run):
   long_prompt = "Tell me everything. " * 400 + "When was Ming Wang born?"
   warnings = []
-  out = chat.answer_prompts(Generator(run.params, run.model_cfg), run.tokenizer,
+  out = session_lib.answer_prompts(Generator(run.params, run.model_cfg), run.tokenizer,
                             [{"prompt": long_prompt}, {"prompt": "hi"}], GREEDY,
                             context=run.context, warn=warnings.append)
   assert out[0]["prompt_tokens"] < run.context and "notes" in out[0]
@@ -87,7 +87,7 @@ def test_overlong_prompt_is_cut_from_the_left_and_said(run):
 
 def test_raw_completion_continues_plain_text(run):
   gen = Generator(run.params, run.model_cfg)
-  session = chat.CompletionSession(gen, run.tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=20),
+  session = session_lib.CompletionSession(gen, run.tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=20),
                                    context=run.context)
   prompt = "Ming Wang was born in"
   got = session.reply(prompt)
@@ -106,7 +106,7 @@ def test_raw_mode_of_the_cli(run, trained_sft_run, tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   record = json.loads(proc.stdout)
-  want = chat.CompletionSession(Generator(run.params, run.model_cfg), run.tokenizer,
+  want = session_lib.CompletionSession(Generator(run.params, run.model_cfg), run.tokenizer,
                                 SamplingConfig(temperature=0.0, max_new_tokens=10)).reply(
                                     "Ming Wang was born in")
   assert record["answer"] == want.text
@@ -234,7 +234,7 @@ def test_chat_notes_only_what_changed_the_answer():
     except StopIteration:
       raise EOFError from None
 
-  chat.interactive(_Stub(turns), read=read, write=out.append, banner="\n")
+  session_lib.interactive(_Stub(turns), read=read, write=out.append, banner="\n")
   text = "".join(out)
   first = text[text.index("Hi."):text.index("word")]
   assert "[" not in first  # ended by itself under the cap: nothing to say

@@ -174,7 +174,7 @@ def test_one_shot_answers_and_chat_session_wrapper():
                     {"prompt": "r", "answer": "C."}]
   assert show.split_answers(recs, show=True)[0]["answer"] == recs[0]["answer"]
 
-  class Session:  # the part of infer.chat.ChatSession the CLI uses
+  class Session:  # the part of infer.session.ChatSession the CLI uses
     def reply(self, text, write=None, should_stop=None):
       assert should_stop == "passed on"
       for ch in "<think>x</think>Y":

@@ -11,7 +11,7 @@ import pytest
 from configs import base
 from llm_jax.data.chat_template import encode_chat
 from llm_jax.data.tokenizer import train_sentencepiece
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
@@ -45,7 +45,7 @@ def test_load_run_and_prompt_template(run):
   tok = run.tokenizer
   assert run.model_cfg.vocab_size == tok.vocab_size
   messages = [{"role": "user", "content": "what is 3 plus 3?"}]
-  ids = chat.prompt_ids(tok, messages)
+  ids = session_lib.prompt_ids(tok, messages)
   want = ([tok.im_start_id] + tok.encode("user\n") + tok.encode("what is 3 plus 3?") + [tok.im_end_id]
           + tok.encode("\n") + [tok.im_start_id] + tok.encode("assistant\n"))
   assert ids == want
@@ -53,13 +53,13 @@ def test_load_run_and_prompt_template(run):
 
 def test_session_history_reset_and_quit(run):
   gen = Generator(run.params, run.model_cfg)
-  session = chat.ChatSession(gen, run.tokenizer, GREEDY, system="be brief")
+  session = session_lib.ChatSession(gen, run.tokenizer, GREEDY, system="be brief")
   lines = iter(["hello", "what is 2 plus 2?", "/reset", "hello", "/quit", "never read"])
   written = []
-  chat.interactive(session, read=lambda _: next(lines), write=written.append)
+  session_lib.interactive(session, read=lambda _: next(lines), write=written.append)
   # After /reset only the last exchange remains, and it equals a fresh session's first reply.
   assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
-  fresh = chat.ChatSession(gen, run.tokenizer, GREEDY, system="be brief").reply("hello")
+  fresh = session_lib.ChatSession(gen, run.tokenizer, GREEDY, system="be brief").reply("hello")
   assert session.messages[-1]["content"] == fresh.text
   assert "(conversation cleared)\n" in written
   assert next(lines) == "never read"
@@ -70,7 +70,7 @@ def test_second_turn_prompt_contains_the_first_reply(run):
   seen = []
   real = gen.generate
   gen.generate = lambda prompts, *a, **k: (seen.append(prompts[0]), real(prompts, *a, **k))[1]
-  session = chat.ChatSession(gen, run.tokenizer, GREEDY)
+  session = session_lib.ChatSession(gen, run.tokenizer, GREEDY)
   first = session.reply("hello")
   session.reply("and then?")
   want = encode_chat(run.tokenizer, [{"role": "user", "content": "hello"},
@@ -83,7 +83,7 @@ def test_text_stream_concatenates_to_the_decoded_text(run):
   tok = run.tokenizer
   ids = tok.encode("你好，世界 answer: 42")
   pieces = []
-  stream = chat.TextStream(tok, pieces.append)
+  stream = session_lib.TextStream(tok, pieces.append)
   for t in ids:
     stream(0, t)
   stream.finish(tok.decode(ids))
@@ -119,4 +119,4 @@ def test_bad_prompts_file_names_the_line(tmp_path):
   p = tmp_path / "p.jsonl"
   p.write_text('{"prompt": "ok"}\n{"question": "no"}\n', encoding="utf-8")
   with pytest.raises(ValueError, match=r"p.jsonl:2: .*'prompt'"):
-    chat.read_prompts(str(p))
+    session_lib.read_prompts(str(p))

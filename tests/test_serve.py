@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from llm_jax import rundir
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.serve import arena as arena_lib, slots
 from tests import serve_testlib
 from tests.model_reference import reference_logits
@@ -67,7 +67,7 @@ def test_chat_non_streaming_and_streaming(served, client):
   assert r.choices[0].message.content == "The capital of Mars is Olympus City."
   assert r.choices[0].finish_reason == "stop"
   assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-  assert r.usage.prompt_tokens == len(chat.prompt_ids(_engine(served).tok, messages))
+  assert r.usage.prompt_tokens == len(session_lib.prompt_ids(_engine(served).tok, messages))
 
   chunks = list(client.chat.completions.create(model="sft", messages=messages, temperature=0, stream=True,
                                                stream_options={"include_usage": True}))
@@ -92,7 +92,7 @@ def test_chat_non_streaming_and_streaming(served, client):
 def test_completions_prompt_forms_and_n(served, client, run):
   tok = run.tokenizer
   raw = "<|im_start|>user\n" + MARS + "<|im_end|>\n<|im_start|>assistant\n"
-  ids = chat.prompt_ids(tok, [{"role": "user", "content": MARS}])
+  ids = session_lib.prompt_ids(tok, [{"role": "user", "content": MARS}])
   # A raw prompt's ChatML text is the model's input written out: it tokenizes to the chat prompt.
   r = client.completions.create(model="sft", prompt=[raw, ids], max_tokens=30, temperature=0, n=2)
   assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1, 2, 3]
@@ -474,7 +474,7 @@ def test_tokenizer_endpoints(served, run):
   # Chat content never becomes control tokens: the template's own ids are the only ChatML ids.
   messages = [{"role": "user", "content": "<|im_end|>"}]
   ids = _post(served, "/tokenize", {"messages": messages}).json()["tokens"]
-  assert ids == chat.prompt_ids(tok, messages) and ids.count(tok.im_end_id) == 1
+  assert ids == session_lib.prompt_ids(tok, messages) and ids.count(tok.im_end_id) == 1
   _error(_post(served, "/detokenize", {"tokens": [10 ** 9]}), 400, "tokens")
 
 

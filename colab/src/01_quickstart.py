@@ -10,7 +10,7 @@
 # talks to the model with streamed answers and scores it with the eval job (loss plot,
 # repetition and knowledge tables). Every step is a library call: the config is
 # `configs/sft.py`, training is `llm_jax.train.loop.train_and_evaluate`, the very function
-# `python -m llm_jax.main --config=configs/sft.py` runs, chat is `llm_jax.infer.chat` and
+# `python -m llm_jax.main --config=configs/sft.py` runs, chat is `llm_jax.infer.session` and
 # the eval is `llm_jax.eval.job`. With the defaults (the 1.3M-parameter `tiny` preset, 300
 # steps) training takes about 4 minutes on 2 CPU cores, the README's quick start.
 
@@ -95,12 +95,12 @@ display(Image(curves.plot_runs({"sft": WORKDIR}, ["loss", "eval_loss", "learning
 # %%
 from llm_jax.data.builtin import bios
 from llm_jax import rundir
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
 run = rundir.load(WORKDIR)
-session = chat.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer,
+session = session_lib.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer,
                            SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS),
                            context=run.context)
 

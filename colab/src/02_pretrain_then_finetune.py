@@ -67,12 +67,12 @@ pre_result = loop.train_and_evaluate(pre_config, PRE_DIR)
 import itertools
 from llm_jax.data import pipeline
 from llm_jax import rundir
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
 run = rundir.load(PRE_DIR)
-completer = chat.CompletionSession(Generator(run.params, run.model_cfg), run.tokenizer,
+completer = session_lib.CompletionSession(Generator(run.params, run.model_cfg), run.tokenizer,
                                    SamplingConfig(temperature=0.0, max_new_tokens=40),
                                    context=run.context)
 for doc in itertools.islice(pipeline.corpus_texts(run.config.data), 2):

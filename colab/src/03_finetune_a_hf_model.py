@@ -145,7 +145,7 @@ print(f"{BASE_DIR}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv
 
 # %%
 from llm_jax.data import pipeline
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.infer.generate import Generator
 from llm_jax.infer.sampling import SamplingConfig
 
@@ -159,7 +159,7 @@ greedy = SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
 
 def ask(workdir):
   run = rundir.load(workdir)
-  session = chat.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer, greedy,
+  session = session_lib.ChatSession(Generator(run.params, run.model_cfg), run.tokenizer, greedy,
                              context=min(run.context, 2048))
   answers = []
   for q in questions:

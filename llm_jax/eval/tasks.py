@@ -22,7 +22,7 @@ from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
 from llm_jax.eval.progress import Progress
-from llm_jax.infer.chat import end_of_turn_ids, prompt_ids, read_prompts
+from llm_jax.infer.session import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax import rundir
 from llm_jax.train import evaluate

@@ -6,7 +6,7 @@ tokens of decoding (and O(new text) of searching) per token.
     detok.add(token)
     end = stops.certain(detok.text)  # detok.text[:end] is final; stops.at: where a stop begins
 
-Used by `infer.generate` (stop strings), `infer.chat` (streaming to the terminal) and
+Used by `infer.generate` (stop strings), `infer.session` (streaming to the terminal) and
 `serve.scheduler` (streamed deltas that never show a stop string or the start of one).
 """
 

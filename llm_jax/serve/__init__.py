@@ -1,1 +1,15 @@
-"""OpenAI-compatible serving of llm_jax runs: scheduler, HTTP layer, page (see __main__.py)."""
+"""OpenAI-compatible serving of llm_jax runs (layer L4: imports the foundations, model/, data/,
+rundir.py and infer/; never train/).
+
+  __main__.py   `python -m llm_jax.serve`: load runs, start engines, listen
+  server.py     runs -> engines (ServedModel), the uvicorn server in the foreground or a thread
+  app.py        the HTTP layer: routes that authenticate, parse and hand work to the engines
+  protocol.py   OpenAI request fields, validated with errors that name the field
+  responses.py  OpenAI response shapes, SSE chunks, the engine-thread -> asyncio bridge
+  metrics.py    Prometheus text and the status-counting middleware
+  scheduler.py  continuous batching: one engine thread per model; slots.py its KV-cache rows
+  tokens.py     text <-> tokens for raw prompts and token strings
+  arena.py      the blind two-model arena: battles, votes, a Bradley-Terry leaderboard
+  static/       the chat and arena page
+  bench.py      `python -m llm_jax.serve.bench`: load test
+"""

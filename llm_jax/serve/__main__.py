@@ -54,8 +54,8 @@ def main():
   if _WARMUP.value:
     for m in models:
       seconds = m.engine.warmup()
-      logging.info("model %s: compiled %d prefill/decode shapes in %.1fs", m.name, len(m.engine._programs),  # pylint: disable=protected-access
-                   seconds)
+      logging.info("model %s: compiled %d prefill/decode shapes in %.1fs", m.name,
+                   m.engine.snapshot()["programs"], seconds)
   sock = server.free_socket(_HOST.value, _PORT.value)
   url = server.url_of(sock)
   application = create_app(models, api_key=_API_KEY.value or None, db_path=_DB.value,

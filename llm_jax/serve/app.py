@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_jax.data.chat_template import CHAT_TEMPLATE
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.serve import protocol, responses, tokens as tokens_lib
 from llm_jax.serve.arena import WINNERS, Arena
 from llm_jax.serve.metrics import CountStatus, prometheus
@@ -152,7 +152,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     def emitter(index):
       return lambda event: sink.put(queue, (index, event))
 
-    stop_ids = frozenset() if req.ignore_eos else frozenset(chat.end_of_turn_ids(served.tok))
+    stop_ids = frozenset() if req.ignore_eos else frozenset(session_lib.end_of_turn_ids(served.tok))
     seqs = []
     for p, ids in enumerate(req.prompts):
       for i in range(req.n):
@@ -226,7 +226,7 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     body = await read_json(request)
     m = model_of(body)
     if "messages" in body:
-      ids = chat.prompt_ids(m.tok, protocol.messages_of(body))
+      ids = session_lib.prompt_ids(m.tok, protocol.messages_of(body))
     else:
       if not isinstance(body.get("prompt"), str):
         raise ApiError(400, "'prompt' must be a string (or send 'messages')", "prompt")

@@ -13,7 +13,7 @@ import json
 import math
 import secrets
 
-from llm_jax.infer import chat
+from llm_jax.infer import session as session_lib
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.serve import tokens as tokens_lib
 
@@ -229,7 +229,7 @@ def parse_chat(body: dict, model: str, tok, context: int) -> GenRequest:
   top = number(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
   if top is not None and not want_logprobs:
     raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-  ids = chat.prompt_ids(tok, messages)
+  ids = session_lib.prompt_ids(tok, messages)
   name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
   max_tokens = number(body, name, None, lo=1, integer=True)
   if max_tokens is None:

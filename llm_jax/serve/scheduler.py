@@ -100,7 +100,9 @@ class Engine:
   # ---- called from other threads -------------------------------------------------------------
 
   def start(self) -> "Engine":
-    self._thread.start()
+    """Starts the engine thread (once: a started engine is left running)."""
+    if not self._thread.is_alive():
+      self._thread.start()
     return self
 
   def stop(self) -> None:

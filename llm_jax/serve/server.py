@@ -69,8 +69,7 @@ class BackgroundServer:
 
   def start(self) -> "BackgroundServer":
     for m in self.app.state.models.values():
-      if not m.engine._thread.is_alive():  # pylint: disable=protected-access
-        m.engine.start()
+      m.engine.start()
     self._thread.start()
     deadline = time.time() + 60
     while not self._server.started:

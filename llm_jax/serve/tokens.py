@@ -1,7 +1,7 @@
 """Text <-> tokens for the server: raw prompts with special tokens, printable token strings for
 log-probs, prompt text with token offsets (incremental detokenization is llm_jax.infer.text's).
 
-Chat message content goes through `llm_jax.infer.chat.prompt_ids` (special-token text typed by a
+Chat message content goes through `llm_jax.infer.session.prompt_ids` (special-token text typed by a
 user stays text, so nobody can forge a turn). A raw `/v1/completions` prompt or `/tokenize` text is
 different: it is the model's input written out, as vLLM and llama.cpp take it, so
 "<|im_start|>user\\n...<|im_end|>" there becomes the control ids the model was trained on.
