@@ -1,8 +1,8 @@
 """Fitting a prompt and its answer into a model's context window, and saying what was cut.
 
-A run has a context length (checkpoint.context_length: the length it was trained on, or an
-imported model's max_position_embeddings). Prompt + answer must fit in it; positions beyond what
-the model saw in training produce garbage, silently. The rules, in order:
+A run has a context length (rundir.context_length: the longest sequence its weights were trained
+on, or an imported model's max_position_embeddings). Prompt + answer must fit in it; positions
+beyond what the model saw in training produce garbage, silently. The rules, in order:
 
   1. The current question is kept whole, and so is the system prompt when there is room.
   2. Earlier exchanges are kept, newest first, while the answer still gets its reserve:

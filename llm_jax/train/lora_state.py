@@ -5,7 +5,7 @@
    "frozen": the base parameters, from config.init_from}
 
 The optimizer never sees the base, so it holds no moments for it; checkpoints hold everything but
-"frozen" (train/checkpoint.py), and the base is read again from `init_from` at `init_step`,
+"frozen" (checkpoint.py), and the base is read again from `init_from` at `init_step`,
 which the run records at its first start, whenever it resumes, merges or exports.
 
   python -m llm_jax.train.lora_state --config=configs/sft.py:minimind-26m \
