@@ -26,12 +26,11 @@ from absl import flags, logging
 import ml_collections
 import numpy as np
 
-from llm_jax import console
+from llm_jax import console, rundir
 from llm_jax.convert import hf_config, hf_import, hf_weights, sp_to_hf
 from llm_jax.data.chat_template import CHAT_TEMPLATE
-from llm_jax.data.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer
+from llm_jax.data.hf_tokenizer import HFTokenizer, TOKENIZER_CONFIG, TOKENIZER_JSON
 from llm_jax.model.config import ModelConfig
-from llm_jax import rundir
 
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 

@@ -30,11 +30,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import console
+from llm_jax import console, rundir
 from llm_jax.convert import hf_config, hf_weights
-from llm_jax.model.config import ModelConfig
-from llm_jax import rundir
 from llm_jax.model import init as model_init
+from llm_jax.model.config import ModelConfig
 
 # Files a Hugging Face tokenizer may consist of; whichever exist are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

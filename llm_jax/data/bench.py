@@ -14,8 +14,7 @@ from absl import flags
 
 from configs import data as data_config
 from llm_jax import console
-from llm_jax.data import pipeline
-from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data import pipeline, tokenizer as tok_lib
 
 _PATH = flags.DEFINE_string("path", "builtin:bios", "source spec to read")
 _MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "sft"], "pretrain or sft")

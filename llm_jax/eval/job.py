@@ -16,12 +16,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from llm_jax import sharding
+from llm_jax import checkpoint, rundir, sharding
 from llm_jax.console import ConfigError
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
-from llm_jax.model.config import ModelConfig
-from llm_jax import checkpoint, rundir
 from llm_jax.model import init as model_init
+from llm_jax.model.config import ModelConfig
 
 LOSS_KEYS = ("loss", "perplexity", "accuracy", "tokens", "batches", "documents", "doc_mean_loss",
              "doc_perplexity_geomean", "doc_perplexity_mean", "data")

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llm_jax import sharding
 from llm_jax.eval.progress import Progress
 from llm_jax.infer.context import fit_ids
-from llm_jax.infer.generate import Generation, Generator, bucket
+from llm_jax.infer.generate import bucket, Generation, Generator
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder

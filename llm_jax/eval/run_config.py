@@ -14,8 +14,7 @@ from typing import Iterable
 
 import ml_collections
 
-from llm_jax import fields as fields_lib
-from llm_jax import rundir
+from llm_jax import fields as fields_lib, rundir
 from llm_jax.console import ConfigError
 
 # Runtime choices of config.model the eval job may change (parameters are cast to param_dtype).

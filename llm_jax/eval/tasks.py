@@ -12,19 +12,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from llm_jax import sharding
-from llm_jax.data import builtin, formats, pipeline, sources
+from llm_jax import rundir, sharding
+from llm_jax.data import builtin, chat_template, formats, pipeline, sources
 from llm_jax.data.builtin import bios
-from llm_jax.data import chat_template
 from llm_jax.eval import choice as choice_lib
 from llm_jax.eval import knowledge as knowledge_lib
 from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
 from llm_jax.eval.progress import Progress
-from llm_jax.infer.session import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.infer.sampling import SamplingConfig
-from llm_jax import rundir
+from llm_jax.infer.session import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.train import evaluate
 
 TASKS = ("loss", "rouge", "repetition", "knowledge", "choice")

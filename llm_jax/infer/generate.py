@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.infer.sampling import SamplingConfig, row_keys, sample, stack_settings
+from llm_jax.infer.sampling import row_keys, sample, SamplingConfig, stack_settings
 from llm_jax.infer.text import Detokenizer, StopMatcher
-from llm_jax.model.config import ModelConfig
 from llm_jax.model import cpu
+from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder, init_cache, unstack_layers
 
 

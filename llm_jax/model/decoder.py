@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model import cpu, precision
-from llm_jax.model import lora as lora_lib
+from llm_jax.model import cpu, lora as lora_lib, precision
 from llm_jax.model.attention import Attention, one_token_step, write_token
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.layers import Projection, RMSNorm, SwiGLU

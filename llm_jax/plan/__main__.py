@@ -16,9 +16,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import config_check, console, devices as devices_lib
-from llm_jax.model import flops
-from llm_jax.plan.search import POLICY_ORDER, model_config, plan
-from llm_jax.model import init as model_init
+from llm_jax.model import flops, init as model_init
+from llm_jax.plan.search import model_config, plan, POLICY_ORDER
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _DEVICES = flags.DEFINE_string("devices", None, "tpu-v5p-64, v5litepod-16, 8xH100, 2x8xA100, ...")

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.config import REMAT_POLICIES, ModelConfig
 from llm_jax.model import init as model_init
+from llm_jax.model.config import ModelConfig, REMAT_POLICIES
 
 
 class Indivisible(ValueError):

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.infer import session as session_lib
 from llm_jax.serve import protocol, responses, tokens as tokens_lib
-from llm_jax.serve.arena import WINNERS, Arena
+from llm_jax.serve.arena import Arena, WINNERS
 from llm_jax.serve.metrics import CountStatus, prometheus
 from llm_jax.serve.protocol import ApiError, GenRequest
 from llm_jax.serve.scheduler import Engine, Sequence

@@ -25,8 +25,7 @@ from ml_collections import config_flags
 from llm_jax import config_check, console, devices, sharding
 from llm_jax.model import flops
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import optimizer as opt_lib
-from llm_jax.train import state as state_lib, step as step_lib
+from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _SHAPE = flags.DEFINE_enum("shape", None, ["minimind-26m", "nanogpt-cpu"],

@@ -28,7 +28,7 @@ from llm_jax import sharding
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder, output_weights
-from llm_jax.train import chunked_loss, loss as loss_lib, lora_state, objectives
+from llm_jax.train import chunked_loss, lora_state, loss as loss_lib, objectives
 
 _PER_DOCUMENT = ("doc_ce", "doc_weight")  # [B * documents] arrays, not scalar sums
 

@@ -16,10 +16,10 @@ base (see train/dpo.py).
 
 import ml_collections
 
-from llm_jax.model.config import SHAPE_FIELDS, ModelConfig
 from llm_jax import rundir
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.model import init as model_init
+from llm_jax.model.config import ModelConfig, SHAPE_FIELDS
 
 
 def lora_enabled(config) -> bool:

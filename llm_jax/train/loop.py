@@ -16,10 +16,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import console, sharding
+from llm_jax import checkpoint, console, rundir, sharding
 from llm_jax.data import pipeline
 from llm_jax.model import flops
-from llm_jax import checkpoint, rundir
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
 from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
 from llm_jax.train import evaluate, frozen as frozen_lib

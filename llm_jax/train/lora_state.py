@@ -25,8 +25,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
-from llm_jax.model import lora
-from llm_jax.model import init as model_init
+from llm_jax.model import init as model_init, lora
 
 # A run's LoRA settings, fixed at its first start: a resumed run goes on training the same way.
 _RUN_FIELDS = ("rank", "alpha", "dropout", "targets", "init")

@@ -22,13 +22,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model import lora
+from llm_jax.model import lora, moe as moe_lib
 from llm_jax.model.config import ModelConfig
-from llm_jax.model import moe as moe_lib
-from llm_jax.model.decoder import Decoder
-from llm_jax.model.decoder import output_weights  # chunked loss
-from llm_jax.train import loss as loss_lib
-from llm_jax.train import chunked_loss
+from llm_jax.model.decoder import Decoder, output_weights  # chunked loss
+from llm_jax.train import chunked_loss, loss as loss_lib
 
 Sums = dict[str, jax.Array]
 

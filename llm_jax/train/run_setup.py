@@ -10,10 +10,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from llm_jax.data import builtin, files, pipeline, tokenizer as tok_lib
-from llm_jax.model.config import SHAPE_FIELDS, SUB_SHAPE_FIELDS, ModelConfig, sub_field_default
 from llm_jax import checkpoint, rundir
+from llm_jax.data import builtin, files, pipeline, tokenizer as tok_lib
 from llm_jax.model import lora
+from llm_jax.model.config import ModelConfig, SHAPE_FIELDS, sub_field_default, SUB_SHAPE_FIELDS
 from llm_jax.train import distill, dpo, frozen, objectives
 
 def _sub_field(model: ml_collections.ConfigDict, dotted: str, default=None):

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llm_jax.model import init as model_init
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import lora_state
-from llm_jax.model import init as model_init
 
 
 def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules):

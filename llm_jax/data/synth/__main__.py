@@ -16,11 +16,7 @@ import sys
 from absl import flags
 
 from llm_jax import console
-from llm_jax.data.synth import client as client_lib
-from llm_jax.data.synth import documents
-from llm_jax.data.synth import ledger
-from llm_jax.data.synth import run as run_lib
-from llm_jax.data.synth import validate
+from llm_jax.data.synth import client as client_lib, documents, ledger, run as run_lib, validate
 
 # Documents and chunks
 _DOCS = flags.DEFINE_list("docs", None,

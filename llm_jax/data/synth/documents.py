@@ -20,9 +20,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 
-from llm_jax.data import formats
-from llm_jax.data import sources
-from llm_jax.data import text_clean
+from llm_jax.data import formats, sources, text_clean
 
 _CLOSERS = "”’\"')）」』]】"
 
