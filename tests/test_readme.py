@@ -221,7 +221,7 @@ RULES = [
          outputs=("runs/pre-fsdp/checkpoints/4",), expect=("'fsdp': 8",)),
     Rule("launch/local_multiprocess.sh 2 --config=configs/sft.py --workdir=runs/mp", args=TINY,
          outputs=("runs/mp/checkpoints/4",)),
-    Rule(r"python -m llm_jax\.bench --config=configs/pretrain\.py --compile_only --config\.data\.seq_len=32768 .*",
+    Rule(r"python -m llm_jax\.train\.bench --config=configs/pretrain\.py --compile_only --config\.data\.seq_len=32768 .*",
          regex=True, expect=("XLA buffers",)),
     Rule("python -m llm_jax.plan --config=configs/pretrain.py:qwen2-0.5b --devices=8xH100 "
          "--config.model.vocab_size=151936 --config.data.seq_len=4096 --config.data.batch_size=64",
