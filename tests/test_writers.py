@@ -15,7 +15,7 @@ from llm_jax import fields
 from llm_jax.train import loop, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_TF = os.path.join(ROOT, "tests", "no_tensorflow")  # its sitecustomize hides TensorFlow
+NO_TF = os.path.join(ROOT, "tests", "hide_packages")  # its sitecustomize hides TensorFlow
 
 
 def read_events(logdir: str) -> dict:
@@ -83,7 +83,8 @@ def test_training_without_tensorflow_writes_the_same_scalars(tmp_path):
     fields.set_path(config, path, value)
   loop.train_and_evaluate(config, str(tmp_path / "with_tf"))
 
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([NO_TF, ROOT]), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([NO_TF, ROOT]), HIDE_PACKAGES="tensorflow",
+             JAX_PLATFORMS="cpu")
   args = [f"--config.{k}={v}" for k, v in TINY_RUN.items()]
   out = subprocess.run([sys.executable, "-m", "llm_jax.main", "--config=configs/sft.py",
                         f"--workdir={tmp_path / 'without_tf'}", *args], cwd=ROOT, env=env,
