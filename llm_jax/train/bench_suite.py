@@ -137,6 +137,9 @@ def _parse_budgets(budgets: list[str]) -> dict:
 
 def _run_child(part: str, items: list[str], out: str, tiny: bool, deadline: float) -> str:
   """Runs one group in its own process until it ends or the deadline; '' or why it stopped."""
+  from llm_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  if xla_flags.backends_started():  # it would hold the GPU's memory the children need
+    raise RuntimeError("the suite's parent process started JAX's backend; only its children may")
   cmd = [sys.executable, "-m", "llm_jax.train.bench_suite", "--part", part, "--items",
          ",".join(items), "--out", out, "--deadline", f"{deadline:.3f}"] + (["--tiny"] if tiny else [])
   proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: killed with its workers
