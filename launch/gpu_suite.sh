@@ -3,8 +3,9 @@
 # GPU image (Python 3.12, jax with its CUDA plugin, flax, optax, orbax-checkpoint, sentencepiece,
 # tensorboard) has no grain, array-record, ml-collections or clu, and often no network. So:
 #
-#   launch/gpu_suite.sh --download    # where there is network: their wheels (cp312, manylinux,
-#                                     # about 6 MB) into .whl/, which git ignores; carry it along
+#   launch/gpu_suite.sh --download    # where there is network: their wheels (manylinux, for
+#                                     # Python 3.12, 3.13 and 3.11: about 15 MB) into .whl/, which
+#                                     # git ignores; carry it along
 #   launch/gpu_suite.sh               # on the GPU machine: installs .whl/ offline (only what is
 #                                     # missing), then runs the suite under a time limit
 #   launch/gpu_suite.sh -- --parts=train --budget=train=300    # suite flags after --
@@ -12,7 +13,7 @@
 # The suite (python -m llm_jax.train.bench --suite=gpu, llm_jax/train/bench_suite.py) prints its
 # table and writes $SUITE_OUT/results.json (default runs/gpu_suite); run the same command again to
 # resume after a time limit. Settings: PYTHON (python3), WHEELS (.whl), SUITE_OUT, SUITE_TIMEOUT
-# (seconds for the whole suite, default 540), PYVER (the wheels' Python for --download, 3.12).
+# (seconds for the whole suite, default 540), PYVERS (the wheels' Pythons for --download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -26,13 +27,15 @@ dependencies=(cloudpickle==3.1.3 portpicker==1.6.0 psutil==7.2.2 wrapt==2.1.2 Py
               etils==1.15.0 fsspec==2026.9.0 zipp==4.1.2)
 
 if [ "${1:-}" = --download ]; then
-  pyver=${PYVER:-3.12}
-  abi=cp${pyver/./}
   mkdir -p "$wheels"
-  "$py" -m pip download --disable-pip-version-check --only-binary=:all: --no-deps \
-    --python-version "$pyver" --implementation cp --abi "$abi" --platform manylinux2014_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$wheels" \
-    "${packages[@]}" "${dependencies[@]}"
+  # The image's Python is 3.12; 3.13 and 3.11 too, in case it is not (pip picks the one that fits).
+  for pyver in ${PYVERS:-3.12 3.13 3.11}; do
+    "$py" -m pip download --disable-pip-version-check --only-binary=:all: --no-deps \
+      --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux_2_28_x86_64 -d "$wheels" "${packages[@]}" "${dependencies[@]}" ||
+      echo "$0: no complete set of wheels for Python $pyver" >&2
+  done
   du -sh "$wheels"
   exit 0
 fi
@@ -52,7 +55,7 @@ else
   [ -d "$wheels" ] || { echo "$0: no $wheels/: run $0 --download where there is network" >&2; exit 2; }
   "$py" -m pip install --disable-pip-version-check --no-index --find-links "$wheels" "${packages[@]}" || {
     echo "$0: installing from $wheels/ failed: its wheels must match this Python ($("$py" --version));" \
-         "PYVER=<version> $0 --download makes others" >&2
+         "PYVERS=<version> $0 --download makes others" >&2
     exit 2
   }
 fi

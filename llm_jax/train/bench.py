@@ -40,7 +40,7 @@ _SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "Run a suite of benchmarks in
                            "gpu = smoke, train steps, attention kernels, decoding; prints and writes JSON.")
 _OUT = flags.DEFINE_string("out", "runs/gpu_suite", "--suite: directory of results.json (finished parts "
                            "are kept: the next run resumes) and the smoke test's run.")
-_TINY = flags.DEFINE_bool("tiny", False, "--suite: tiny shapes, every part end to end in a minute on a CPU.")
+_TINY = flags.DEFINE_bool("tiny", False, "--suite: tiny shapes, every part end to end on a CPU in minutes.")
 _PARTS = flags.DEFINE_list("parts", [], "--suite: only these parts (smoke, train, attention, decode).")
 _FRESH = flags.DEFINE_bool("fresh", False, "--suite: forget earlier results and run every part again.")
 _BUDGET_SCALE = flags.DEFINE_float("budget_scale", 1.0, "--suite: multiply every part's time budget.")

@@ -29,7 +29,7 @@ own; a crash or an out-of-memory ends only that process), started with the time 
 left and killed when it runs out. Items are written to `<out>/results.json` as they finish; when a
 budget ends the suite prints what the part reached, and the next run (same command) skips the
 finished parts and items and resumes with the first unfinished one (`--fresh` starts over).
-`--tiny` shrinks every shape so that the whole suite runs on a CPU in about a minute
+`--tiny` shrinks every shape so that the whole suite runs on a CPU in a few minutes
 (tests/test_gpu_suite.py), with the Pallas kernel in interpret mode and cuDNN skipped.
 
 Nothing here needs TensorFlow (train/writers.py writes TensorBoard events without it), and only
