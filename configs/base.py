@@ -76,6 +76,10 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.lora.targets = "q,k,v,o,gate,up,down"  # adapted layers, comma-separated; also embed, lm_head
   c.lora.init = "kaiming"  # A's init as in PEFT: kaiming (uniform) | gaussian (N(0, 1/rank))
 
+  c.xla = ml_collections.ConfigDict()  # XLA flags, set before JAX starts (llm_jax/xla_flags.py)
+  c.xla.preset = "auto"  # auto (the platform's: MaxText's GPU flags on a GPU, none on CPU/TPU) | gpu | tpu | cpu | none
+  c.xla.flags = ""  # more XLA flags, "--xla_a=1 --xla_b=2"; any this jaxlib does not know is dropped with a warning
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel replicas; -1 takes the devices left over
   c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style)

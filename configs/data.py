@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.clean_text = False  # pretraining hygiene: drop empty brackets and wiki/HTML markup from text
   c.max_doc_chars = 0  # cut text documents longer than this at a sentence end; 0 = no cut
   c.sentence_ends = "。！？.!?"  # characters a document may be cut after (with max_doc_chars)
-  c.tfds_data_dir = ""  # TFDS data_dir for `tfds:` sources; "" = TFDS default (~/tensorflow_datasets)
+  c.tfds_data_dir = ""  # TFDS data_dir for `tfds:` sources (pip install tensorflow-datasets); "" = ~/tensorflow_datasets
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # "" = train SentencePiece on the train sources (cached as workdir/tokenizer.model) | a .model | a tokenizer.json or its dir

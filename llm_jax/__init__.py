@@ -4,6 +4,8 @@ Layers, lowest first; a module imports only its own layer and those below
 (tests/test_layers.py checks it):
 
   L0  console.py, paths.py, fields.py   console lines and user errors, the cache dir, dotted fields
+      packages.py                       the packages it needs, and one line when one is missing
+      xla_flags.py                      XLA flag presets per platform, checked against this jaxlib
       devices.py                        the hardware catalogue and peak FLOP/s (MFU)
       sharding.py                       the mesh, logical-axis rules, multi-host start-up
       checkpoint.py                     Orbax: the one module that touches its API
@@ -24,4 +26,13 @@ Commands (`__main__.py`, `bench*.py`, modules defining absl flags) are leaves no
 the library never imports the top-level configs/ package.
 """
 
+import sys as _sys
+
 __version__ = "0.1.0"
+
+if _sys.argv[:1] == ["-m"]:
+  # `python -m llm_jax.<command>`: Python sets argv[0] to "-m" while it locates the command's
+  # module, i.e. now, before the command imports anything. A missing package ends it in one line
+  # that names the pip command (packages.py), not in a traceback.
+  from llm_jax import packages as _packages
+  _packages.check_command()

@@ -6,6 +6,7 @@ typed); these catch values of the right type that cannot work.
 
 import ml_collections
 
+from llm_jax import xla_flags
 from llm_jax.console import ConfigError
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
@@ -55,6 +56,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = c.mesh[axis]
     if v == 0 or v < -1:
       _fail(f"mesh.{axis}", v, "must be a positive device count, or -1 for the devices left over")
+  if c.get("xla") and c.xla.preset not in xla_flags.CHOICES:
+    _fail("xla.preset", c.xla.preset, f"must be one of {xla_flags.CHOICES}")
   _validate_accel(c)
   _validate_lora(c)
   _validate_eval(c)

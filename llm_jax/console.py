@@ -8,12 +8,14 @@ import logging as py_logging
 import os
 import sys
 
-# Before TensorFlow can load (clu writes TensorBoard files through it; it is never given a
-# device): no C++ chatter and no oneDNN banner on the console. Every command imports this first.
+# Before TensorFlow can load (where it is installed, clu writes TensorBoard files through it; it is
+# never given a device): no C++ chatter and no oneDNN banner on the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from llm_jax.packages import MissingPackage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OWN = (os.sep + "llm_jax" + os.sep,)
 
@@ -51,9 +53,9 @@ class ConfigError(ValueError):
   exit_code = 2
 
 
-# Errors a user can cause and fix (a bad value, file, path or record; a diverging loss): their
-# messages name the field or file and the fix, so the traceback adds nothing.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# Errors a user can cause and fix (a bad value, file, path or record; a diverging loss; a package
+# a feature needs): their messages name the field, file or pip command, so the traceback adds nothing.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MissingPackage)
 
 
 def run_reporting_errors(fn, *args, user_errors=USER_ERRORS, status: int = 1, **kwargs):

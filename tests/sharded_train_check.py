@@ -13,7 +13,7 @@ import numpy as np
 
 from configs import base
 from llm_jax import sharding
-from llm_jax.train.bench import synthetic_batch
+from llm_jax.train.measure import synthetic_batch
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 

@@ -202,13 +202,13 @@ def test_compare_torch_builds_the_same_model():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   import torch  # pylint: disable=g-import-not-at-top
-  from llm_jax.train import bench, bench_torch  # pylint: disable=g-import-not-at-top
+  from llm_jax.train import bench, bench_torch, measure  # pylint: disable=g-import-not-at-top
   from llm_jax.model import flops  # pylint: disable=g-import-not-at-top
   config = bench.shape_config("nanogpt-cpu")
   cfg = ModelConfig.from_config(config.model)
   assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, config.data.seq_len,
           config.data.batch_size) == (128, 4, 4, 65, 64, 12)
-  batch = bench.synthetic_batch(2, 16, cfg.vocab_size, docs_per_row=1)
+  batch = measure.synthetic_batch(2, 16, cfg.vocab_size, docs_per_row=1)
   step = bench_torch.TorchTrainStep(cfg, config.train, batch)
   params = jax.eval_shape(lambda: random_params(dataclasses.replace(cfg, scan_layers=False)))
   assert sum(p.numel() for p in step.model.parameters()) == flops.param_counts(params)["total"]

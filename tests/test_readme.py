@@ -250,6 +250,13 @@ RULES = [
          args=("--steps=1", "--rounds=1"), expect=("ratio",)),
     Rule("python -m llm_jax.train.bench --shape=nanogpt-cpu --compare_torch --steps=30",
          args=("--steps=1", "--rounds=1"), expect=("ratio",)),
+    Rule("python -m llm_jax.train.bench --suite=gpu",
+         skip="needs a GPU (an H100: under 8 minutes); tests/test_gpu_suite.py runs the suite with --tiny "
+              "on the CPU"),
+    Rule("launch/gpu_suite.sh --download", skip="downloads wheels (needs the network)"),
+    Rule("launch/gpu_suite.sh", skip="needs a GPU machine; the suite itself runs with --tiny below"),
+    Rule("python -m llm_jax.train.bench --suite=gpu --tiny --out=runs/gpu_suite_tiny",
+         outputs=("runs/gpu_suite_tiny/results.json",), expect=("| measurement | result |",)),
     Rule("python -m llm_jax.infer.bench --compare_torch",
          args=("--dim=64", "--n_layers=1", "--repeats=1", "--batch_sizes=1", "--prompt_len=8", "--new_tokens=4")),
     Rule("python -m llm_jax.infer.bench --compare_torch --repeats=5",

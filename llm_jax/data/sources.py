@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from llm_jax import packages
 from llm_jax.data import files
 
 _CHUNK = 1 << 22  # bytes scanned at once while indexing (bounded memory on large files)
@@ -294,6 +295,7 @@ class TfdsSource:
   """A TFDS dataset prepared locally (array_record format), read through tfds.data_source."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
+    packages.require("tensorflow_datasets")  # an optional install (TensorFlow itself is not needed)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.path = f"tfds:{name}:{split}"
     try:

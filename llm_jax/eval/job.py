@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from llm_jax import checkpoint, rundir, sharding
+from llm_jax import checkpoint, rundir, sharding, xla_flags
 from llm_jax.console import ConfigError
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model import init as model_init
@@ -60,6 +60,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> di
   """Evaluates `workdir`'s checkpoints; returns {step: that checkpoint's JSON}.
   `explicit`: the dotted config fields the user set ("data.packing", ...; see
   run_config.resolve); every other setting is the run's own."""
+  xla_flags.apply_config(config)  # before JAX starts its backend
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   cfg = run_config.resolve(config, workdir, explicit)

@@ -7,7 +7,7 @@
 
 Random weights (speed does not depend on their values); greedy decoding with no end token, so
 every row produces exactly new_tokens. Each shape is generated once untimed to compile first.
-Figures are printed, never asserted. `measure_llm_jax` is the reusable part.
+Figures are printed, never asserted. `measure_llm_jax` (infer/measure.py) is the reusable part.
 
 --compare_torch builds a random transformers model of --family/--dim/--n_layers (bench_torch.py),
 imports it with hf_import so both sides hold the same weights, and times both with the same
@@ -17,21 +17,16 @@ change in the machine's load hits both alike.
 
 import os
 import tempfile
-import time
 
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from configs import models
 from llm_jax import console
 from llm_jax.infer.generate import Generator
-from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.infer.measure import measure_llm_jax, random_params
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.decoder import Decoder
 
 _MODEL = flags.DEFINE_string("model", "tiny", "A preset of configs/models.py.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 6400, "Vocabulary size of the random model.")
@@ -47,38 +42,6 @@ _DIM = flags.DEFINE_integer("dim", 512, "--compare_torch: hidden size (heads of 
 _N_LAYERS = flags.DEFINE_integer("n_layers", 8, "--compare_torch: decoder layers.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "--compare_torch: alternating timed runs per side; "
                                 "figures are their medians.")
-
-
-def measure_llm_jax(params, cfg: ModelConfig, *, batch_sizes=(1, 8), prompt_len: int = 64,
-                    new_tokens: int = 128, seed: int = 0, mesh=None, rules=(), generator=None,
-                    warmup: bool = True) -> list[dict]:
-  """[{"batch", "ttft_s", "decode_tokens_per_s", "total_s"}] for greedy generation of random prompts.
-
-  ttft_s: from the call to the first token on the host (prefill + one step). decode_tokens_per_s:
-  batch * (new_tokens - 1) / (time of the last token - time of the first). `generator` reuses a
-  Generator of these params between calls; warmup=False skips the untimed compiling run.
-  """
-  gen = generator or Generator(params, cfg, mesh=mesh, rules=rules)
-  rng = np.random.default_rng(seed)
-  sampling = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
-  results = []
-  for batch in batch_sizes:
-    prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-    if warmup:
-      gen.generate(prompts, sampling)  # compile these shapes
-    stamps = []
-    start = time.perf_counter()
-    gen.generate(prompts, sampling, callback=lambda row, tok: row == 0 and stamps.append(time.perf_counter()))
-    total = time.perf_counter() - start
-    results.append({"batch": batch, "ttft_s": stamps[0] - start, "total_s": total,
-                    "decode_tokens_per_s": batch * (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)})
-  return results
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-  ids = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda rng: nn.unbox(Decoder(cfg).init(rng, ids, ids, ids + 1)["params"]))
-  return init(jax.random.key(seed))
 
 
 def compare_torch(vocab_size: int, kw: dict) -> None:

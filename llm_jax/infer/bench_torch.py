@@ -3,7 +3,7 @@ same weights in llm_jax and in transformers, on the same machine, in one run.
 
 A random transformers model (torch, float32) is built and saved, then imported with hf_import, so
 both sides hold the same weights; greedy generation is timed on both with the same definitions
-(infer/bench.py's measure_llm_jax, and a token-stamping streamer for transformers here): time to
+(infer/measure.py's measure_llm_jax, and a token-stamping streamer for transformers here): time to
 first token (prefill + one token) and decode throughput (tokens/s after the first).
 Needs torch and transformers (tests/requirements.txt).
 """
@@ -38,7 +38,7 @@ def build_hf(family: str, dim: int, n_layers: int, vocab: int, out_dir: str):
 
 def measure_transformers(model, vocab: int, *, batch_sizes=(1, 8), prompt_len: int = 64,
                          new_tokens: int = 128, seed: int = 0, warmup: bool = True) -> list[dict]:
-  """The same figures as llm_jax.infer.bench.measure_llm_jax, for transformers' greedy generate:
+  """The same figures as llm_jax.infer.measure.measure_llm_jax, for transformers' greedy generate:
   a streamer stamps the host time of every generated token."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers.generation.streamers import BaseStreamer  # pylint: disable=g-import-not-at-top

@@ -44,7 +44,7 @@ def make_run(preset: str, root: str) -> str:
   from llm_jax.data.builtin import bios  # pylint: disable=g-import-not-at-top
   from llm_jax.data.chat_template import render_chat_text  # pylint: disable=g-import-not-at-top
   from llm_jax.data.tokenizer import train_sentencepiece  # pylint: disable=g-import-not-at-top
-  from llm_jax.infer.bench import random_params  # pylint: disable=g-import-not-at-top
+  from llm_jax.infer.measure import random_params  # pylint: disable=g-import-not-at-top
   from llm_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from llm_jax import rundir  # pylint: disable=g-import-not-at-top
 

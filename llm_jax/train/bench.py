@@ -3,6 +3,7 @@
   python -m llm_jax.train.bench --config=configs/pretrain.py --config.model=... --steps=20
   python -m llm_jax.train.bench --shape=minimind-26m --compare_torch
   python -m llm_jax.train.bench --shape=nanogpt-cpu --compare_torch --steps=30
+  python -m llm_jax.train.bench --suite=gpu          # the GPU figures (bench_suite.py); --tiny on a CPU
 
 Runs the real sharded train step on synthetic packed batches (random tokens, several documents
 per row), writes nothing. Figures are printed, never asserted. Step time is the median of
@@ -13,19 +14,16 @@ the other side has run was up to twice as slow on both sides (measured at the 26
 """
 
 import os
-import resource
-import time
-
 
 import jax
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm_jax import config_check, console, devices, sharding
+from llm_jax import config_check, console, sharding, xla_flags
 from llm_jax.model import flops
-from llm_jax.model.config import ModelConfig
-from llm_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
+# The timing itself is shared with the GPU suite (bench_suite.py).
+from llm_jax.train.measure import compiled_memory, peak_memory, prepare, timed_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<job>.py file.", lock_config=True)
 _SHAPE = flags.DEFINE_enum("shape", None, ["minimind-26m", "nanogpt-cpu"],
@@ -37,6 +35,15 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile, print XLA's b
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch "
                                    "(transformers, float32) and print the ratio.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "With --compare_torch: alternate the two sides this many times.")
+_SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "Run a suite of benchmarks instead (bench_suite.py): "
+                           "gpu = smoke, train steps, attention kernels, decoding; prints and writes JSON.")
+_OUT = flags.DEFINE_string("out", "runs/gpu_suite", "--suite: directory of results.json (finished parts "
+                           "are kept: the next run resumes) and the smoke test's run.")
+_TINY = flags.DEFINE_bool("tiny", False, "--suite: tiny shapes, every part end to end on a CPU in minutes.")
+_PARTS = flags.DEFINE_list("parts", [], "--suite: only these parts (smoke, train, attention, decode).")
+_FRESH = flags.DEFINE_bool("fresh", False, "--suite: forget earlier results and run every part again.")
+_BUDGET_SCALE = flags.DEFINE_float("budget_scale", 1.0, "--suite: multiply every part's time budget.")
+_BUDGETS = flags.DEFINE_list("budget", [], "--suite: a part's own budget in seconds, e.g. train=300.")
 
 # The shapes of the PyTorch projects our users come from: minimind's 26M model (its pretraining
 # batch per step on a CPU) and nanoGPT's Shakespeare-char CPU config (a Llama block of its size).
@@ -59,95 +66,45 @@ def shape_config(name: str):
   return config
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict:
-  """Random tokens in rows of `docs_per_row` packed documents of random lengths."""
-  rng = np.random.default_rng(seed)
-  inputs = rng.integers(0, vocab, (batch, seq_len), dtype=np.int32)
-  seg = np.zeros((batch, seq_len), np.int32)
-  pos = np.zeros((batch, seq_len), np.int32)
-  for r in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, seq_len), docs_per_row - 1, replace=False))
-    for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq_len])):
-      seg[r, a:b] = d + 1
-      pos[r, a:b] = np.arange(b - a)
-  return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1),
-          "loss_weights": np.ones((batch, seq_len), np.float32), "segment_ids": seg,
-          "positions": pos}
-
-
-def peak_memory() -> str:
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB (device 0)"
-  return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (host peak RSS)"
-
-
-def compiled_memory(compiled) -> str:
-  """Per-device bytes XLA's buffer assignment gives the step: arguments (state and batch) and
-  temporaries (activations kept for the backward pass, logits, workspace), on any backend."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return "n/a"
-  return (f"{m.argument_size_in_bytes / 2**30:.3f} GiB arguments + "
-          f"{m.temp_size_in_bytes / 2**30:.3f} GiB temporaries (per device)")
-def timed_steps(compiled, state, batch, steps: int):
-  """(state, metrics, seconds of each step): every step waits for its result, like PyTorch's."""
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  return state, m, times
-
-
 def main():
+  if _SUITE.value:
+    if _CONFIG.value is not None or _SHAPE.value is not None:
+      raise ValueError("--suite runs its own shapes: give no --config or --shape")
+    from llm_jax.train import bench_suite  # pylint: disable=g-import-not-at-top
+    return bench_suite.run(_SUITE.value, out=_OUT.value, tiny=_TINY.value, parts=_PARTS.value,
+                           fresh=_FRESH.value, budget_scale=_BUDGET_SCALE.value,
+                           budgets=_BUDGETS.value)
   if (_SHAPE.value is None) == (_CONFIG.value is None):
-    raise ValueError("give exactly one of --config and --shape")
+    raise ValueError("give exactly one of --config and --shape (or --suite=gpu)")
   config = shape_config(_SHAPE.value) if _SHAPE.value else _CONFIG.value
   config_check.validate(config)
+  xla_flags.apply_config(config)  # before JAX starts its backend
   torch_step = None
   if _COMPARE_TORCH.value:
     from llm_jax.train import bench_torch  # pylint: disable=g-import-not-at-top
     if (why := bench_torch.unavailable()):
       raise ValueError(f"--compare_torch needs torch and transformers: {why}")
-  vocab = config.model.vocab_size or config.data.tokenizer.vocab_size
-  with config.unlocked():
-    config.model.vocab_size = vocab
-  model_cfg = ModelConfig.from_config(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  tc = config.train
-  optimizer, schedule = opt_lib.make_optimizer(tc), opt_lib.make_schedule(tc)
+  p = prepare(config, _DOCS.value)
+  model_cfg, mesh, compiled, compile_s = p.model_cfg, p.mesh, p.compiled, p.compile_s
+  peak, source, tc = p.peak, p.peak_source, config.train
   B, L = config.data.batch_size, config.data.seq_len
-  peak, source = devices.peak_flops(model_cfg.dtype)  # first, while nothing else runs here
-  host = synthetic_batch(B // jax.process_count(), L, vocab, _DOCS.value, seed=jax.process_index())
-
-  _, sh = state_lib.state_shardings(model_cfg, optimizer, mesh, rules)  # outside the mesh context
-  with sharding.mesh_context(mesh, rules):
-    state = state_lib.create_state(model_cfg, optimizer, jax.random.key(0), sh, mesh, rules)
-    step = step_lib.jit_train_step(step_lib.make_train_step(
-        model_cfg, optimizer, schedule, grad_accum=tc.grad_accum, z_loss=tc.z_loss), sh, mesh, rules)
-    batch = sharding.to_global(host, mesh, rules)
-    t = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
-    if _COMPILE_ONLY.value:
-      print(f"{'compile time':>14}: {compile_s:.2f} s")
-      print(f"{'XLA buffers':>14}: {compiled_memory(compiled)}")
-      return
-    state, m = compiled(state, batch)  # warm-up
+  if _COMPILE_ONLY.value:
+    print(f"{'compile time':>14}: {compile_s:.2f} s")
+    print(f"{'XLA buffers':>14}: {compiled_memory(compiled)}")
+    return None
+  with sharding.mesh_context(mesh, p.rules):
+    state, m = compiled(p.state, p.batch)  # warm-up
     jax.block_until_ready(m)
     if _COMPARE_TORCH.value:
-      torch_step = bench_torch.TorchTrainStep(model_cfg, tc, host)
+      torch_step = bench_torch.TorchTrainStep(model_cfg, tc, p.host)
       torch_step.step()  # warm-up
     rounds = _ROUNDS.value if torch_step else 1
     per_round = -(-_STEPS.value // rounds)
     times, torch_times = [], []
     for _ in range(rounds):  # alternate, so that load changes hit both sides alike
       if torch_step:  # the first step after the other side ran is slow on both sides: untimed
-        state, m, _ = timed_steps(compiled, state, batch, 1)
-      state, m, t_round = timed_steps(compiled, state, batch, per_round)
+        state, m, _ = timed_steps(compiled, state, p.batch, 1)
+      state, m, t_round = timed_steps(compiled, state, p.batch, per_round)
       times += t_round
       if torch_step:
         torch_step.step()
@@ -188,6 +145,8 @@ def main():
     ]
   for k, v in rows:
     print(f"{k:>14}: {v}")
+  return None
+
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import checkpoint, console, rundir, sharding
+from llm_jax import checkpoint, console, rundir, sharding, xla_flags
 from llm_jax.data import pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
@@ -73,6 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns the last step's metrics, every evaluation and "preempted" (stopped by SIGTERM); also
   written to final_metrics.json.
   """
+  xla_flags.apply_config(config)  # before JAX starts its backend
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   config = ml_collections.ConfigDict(config)  # never mutate the caller's config
