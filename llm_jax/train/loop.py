@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import console, sharding
+from llm_jax import console, sharding, workdir_lock
 from llm_jax.data import pipeline
 from llm_jax.model import flops
 from llm_jax import checkpoint, rundir
@@ -73,13 +73,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
   Returns the last step's metrics, every evaluation and "preempted" (stopped by SIGTERM); also
   written to final_metrics.json.
+
+  The run holds `workdir`'s lock (workdir_lock.py) from before its first write to the end: a
+  second writer of the same directory is refused before it does anything.
   """
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   config = ml_collections.ConfigDict(config)  # never mutate the caller's config
-  tc = config.train
-  run_setup.preflight(config, workdir)
+  run_setup.check_workdir(workdir)
+  with workdir_lock.hold(workdir, hint="use another --workdir", jax_processes=True):
+    run_setup.preflight(config, workdir)
+    return _train(config, workdir, batch_hook, explicit)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str]) -> dict:
+  tc = config.train
   resuming = bool(checkpoint.steps(workdir))
   if resuming:  # the run's own config.json fixes the model it has been training
     run_setup.check_resumable(config, workdir)

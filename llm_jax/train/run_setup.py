@@ -79,10 +79,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                          f"trained with {f}={have!r} (a resumed run keeps it); {fix}.")
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks, before any work (no tokenizer training, no compile), what a user can get wrong:
-  the run directory, the data files, the source run of init_from, and whether the batch splits
-  over the devices. Each failure is one line naming the field or path and the fix."""
+def check_workdir(workdir: str) -> None:
+  """The run directory is a directory this process can write (it is created if missing)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file; give a directory for the run "
                              "(it is created if missing).")
@@ -93,6 +91,13 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   except OSError as e:
     raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose a "
                           "directory you can write to.") from None
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks, before any work (no tokenizer training, no compile), what a user can get wrong:
+  the run directory, the data files, the source run of init_from, and whether the batch splits
+  over the devices. Each failure is one line naming the field or path and the fix."""
+  check_workdir(workdir)
   for field in ("train", "eval"):
     spec = config.data[field]
     if not spec:
