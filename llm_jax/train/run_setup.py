@@ -93,11 +93,30 @@ def check_workdir(workdir: str) -> None:
                           "directory you can write to.") from None
 
 
+def check_checkpoint_dir(workdir: str) -> None:
+  """workdir/checkpoints can take a new checkpoint: a probe file is written and removed there
+  (a run that cannot save would otherwise find out at its first checkpoint)."""
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    raise NotADirectoryError(f"{ckpt} is a file, where the run keeps its checkpoints; move it "
+                             "away or choose another --workdir.")
+  try:
+    os.makedirs(ckpt, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=ckpt, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise PermissionError(f"{ckpt} is not writable ({e.strerror}): the run could not save "
+                          "checkpoints; fix its permissions or choose another --workdir.") from None
+
+
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks, before any work (no tokenizer training, no compile), what a user can get wrong:
-  the run directory, the data files, the source run of init_from, and whether the batch splits
-  over the devices. Each failure is one line naming the field or path and the fix."""
+  the run directory and its checkpoints/, the data files, the source run of init_from, and
+  whether the batch splits over the devices. Each failure is one line naming the field or path
+  and the fix."""
   check_workdir(workdir)
+  if config.checkpoint.enabled:
+    check_checkpoint_dir(workdir)
   for field in ("train", "eval"):
     spec = config.data[field]
     if not spec:
