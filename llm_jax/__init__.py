@@ -9,6 +9,7 @@ Layers, lowest first; a module imports only its own layer and those below
       devices.py                        the hardware catalogue and peak FLOP/s (MFU)
       sharding.py                       the mesh, logical-axis rules, multi-host start-up
       checkpoint.py                     Orbax: the one module that touches its API
+      workdir_lock.py                   one writer per run directory (or synth output)
   L1  model/                            the decoder, kernels, LoRA, init
       data/                             sources, formats, tokenizer, packing, the Grain pipeline
   L2  rundir.py                         the run directory: config, tokenizer, params, context

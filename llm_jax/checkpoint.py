@@ -7,10 +7,17 @@ what a run's parameters are):
   checkpoints/<step>/data   the Grain iterator state, so a resumed run sees the same batches
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 mid-save never leaves a half-written checkpoint that looks valid.
+
+A training run starts its saves through `Saves`, which never blocks the caller in Orbax for
+long: a save that fails (permission, disk full) becomes one `SaveFailed` line naming the path
+and the OS error as soon as it is known, and a wait for a save in flight can be cut short
+(SIGTERM). Readers list only finished steps (`steps`), so they read a run while it is written.
 """
 
 import os
-from typing import Any
+import re
+import time
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -33,7 +40,11 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
     options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
   else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
+    # Step directories are made in save() itself: Orbax's asynchronous creation, when it fails
+    # (an unwritable directory), leaves save() waiting 300 s for a signal that never comes.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   # One handler per item, registered for both its save and restore args (the older
   # `item_names=` form is deprecated in Orbax 0.12 and cannot read metadata read-only).
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -58,6 +69,100 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointSave(data_iter)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written; the message names the path, the OS error and the
+  checkpoints that remain."""
+
+
+def _os_error(e: BaseException) -> tuple[str, str]:
+  """(the OS error's text, the path it names) from an exception or the ones behind it. Orbax
+  wraps them; TensorStore writes them into its message: `Failed writing: "<path>": ...: File too
+  large [os_error_code='27']`."""
+  seen, cause = set(), e
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    if isinstance(cause, OSError) and cause.strerror:
+      path = str(cause.filename or "")
+      return cause.strerror, f"{path} -> {cause.filename2}" if cause.filename2 else path
+    text = str(cause)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+      path = re.search(r'(?:Failed writing|local file): "([^"]+)"', text)
+      return os.strerror(int(code.group(1))), path.group(1) if path else ""
+    cause = cause.__cause__ or cause.__context__
+  return f"{type(e).__name__}: {_first_line(e)}", ""
+
+
+def save_failed(workdir: str, step: int, e: BaseException) -> SaveFailed:
+  """The one line a failed save of `step` is reported with."""
+  error, path = _os_error(e)
+  kept = steps(workdir)
+  where = path or checkpoint_dir(workdir)
+  return SaveFailed(
+      f"could not write the checkpoint of step {step}: {where}: {error}; "
+      + (f"the checkpoints of steps {kept} in {checkpoint_dir(workdir)} are complete and kept"
+         if kept else f"no checkpoint in {checkpoint_dir(workdir)} was completed")
+      + ". Free space or fix the directory's permissions, then rerun the same command to resume.")
+
+
+class Saves:
+  """Starts the saves of a run and watches them, never leaving the caller blocked in Orbax:
+
+    saves.start(step, state, data_iter)   after the previous save finished; one line on failure
+    saves.poll()                          each step: raises the failure of a save in flight
+    saves.wait(deadline)                  the end; False if `deadline()` passed first
+
+  `deadline()` gives a time.monotonic() after which waiting stops (None: wait), e.g. a few
+  seconds after SIGTERM. A save that fails raises SaveFailed; completed checkpoints are kept
+  (Orbax removes old ones only after a newer one is complete)."""
+
+  def __init__(self, manager: ocp.CheckpointManager, workdir: str, *, watch: bool = True):
+    self.manager, self.workdir = manager, workdir
+    self.pending: Optional[int] = None  # the step of a save started and not yet seen finished
+    self.watch = watch  # poll() looks at saves in flight (one process: see poll)
+
+  def start(self, step: int, state: Any, data_iter=None,
+            deadline: Callable[[], Optional[float]] = lambda: None) -> bool:
+    """Starts saving `step` (once the previous save is done); False if the wait for that one
+    ran past `deadline`, then nothing was started."""
+    if not self.wait(deadline):
+      return False
+    self.pending = step
+    try:
+      save(self.manager, step, state, data_iter, force=True)
+    except Exception as e:  # pylint: disable=broad-except (Orbax raises many types)
+      self.pending = None  # nothing runs in the background after a failed start
+      raise save_failed(self.workdir, step, e) from e
+    return True
+
+  def poll(self) -> None:
+    """Raises SaveFailed if the save in flight has failed; never waits. (Off in a multi-process
+    job, whose processes must stop at the same step: there the next save or the end reports.)"""
+    if self.watch and self.pending is not None and not self.manager.is_saving_in_progress():
+      self._finish()
+
+  def wait(self, deadline: Callable[[], Optional[float]] = lambda: None,
+           interval: float = 0.05) -> bool:
+    """Waits for the save in flight; True when there is none left, False when `deadline()`
+    passed first (the save goes on in Orbax's threads; the caller gives it up)."""
+    while self.pending is not None and self.manager.is_saving_in_progress():
+      end = deadline()
+      if end is not None and time.monotonic() >= end:
+        return False
+      time.sleep(interval)  # a signal handler runs here, unlike in a thread join
+    if self.pending is not None:
+      self._finish()
+    return True
+
+  def _finish(self) -> None:
+    step, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()  # the save is done: returns at once, or raises its error
+    except Exception as e:  # pylint: disable=broad-except
+      raise save_failed(self.workdir, step, e) from e
+    logging.debug("Saved the checkpoint of step %d", step)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter=None) -> Any:

@@ -22,9 +22,9 @@ def main():
   # A model preset (--config=configs/sft.py:minimind-26m) sets every shape field.
   explicit = fields.explicit_fields(sys.argv, [f"model.{f}" for f in SHAPE_FIELDS])
   result = jobs.run(_CONFIG.value, _WORKDIR.value, explicit=explicit)
-  if isinstance(result, dict) and result.get("preempted"):
-    from llm_jax.train.loop import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
-    return PREEMPTED_EXIT_CODE
+  if isinstance(result, dict) and "preempted" in result:  # a training job's result
+    from llm_jax.train import loop  # pylint: disable=g-import-not-at-top
+    return loop.exit_status(result)  # 143 after SIGTERM
   return 0
 
 

@@ -1,7 +1,7 @@
 """The import direction of llm_jax, read from the source: lower layers never import higher ones.
 
-  L0  foundations   console, paths, fields, packages, xla_flags, devices, sharding, checkpoint
-                    (each other only)
+  L0  foundations   console, paths, fields, packages, xla_flags, devices, sharding, checkpoint,
+                    workdir_lock (each other only)
   L1  model/        -> L0                  data/ -> L0 (data never imports model, nor model data)
   L2  rundir        -> L0, L1              the run directory every tool reads
   L3  train/        -> L0..L2              infer/ -> L0..L2 (train and infer never import each other)
@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llm_jax"
 
 FOUNDATIONS = {"console", "paths", "fields", "packages", "xla_flags", "devices", "sharding",
-               "checkpoint"}
+               "checkpoint", "workdir_lock"}
 ENTRIES = {"__init__", "main", "jobs", "config_check", "chat", "notebook",
            "bench", "bench_matmul"}  # the last two: old command names that say the new ones
 # room -> the rooms its library code may import (its own always included)

@@ -8,7 +8,8 @@ llm_jax run directory.
 Writes workdir/config.json (the full llm_jax config, model fields from the HF config.json),
 a params-only checkpoint (llm_jax.train.rundir.save_params), the tokenizer files under
 workdir/tokenizer/ (config.data.tokenizer.path points there) and workdir/hf_config.json (the
-source config, which export reads back for max_position_embeddings).
+source config, which export reads back for max_position_embeddings). The import holds the
+workdir's lock (workdir_lock.py) while it writes: a second writer of it is refused.
 
 Host memory: tensors are read one at a time from memory-mapped safetensors files and put on
 their devices before the next is read. A per-layer tensor of a scanned model is written into
@@ -30,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import console, rundir
+from llm_jax import console, rundir, workdir_lock
 from llm_jax.convert import hf_config, hf_weights
 from llm_jax.model import init as model_init
 from llm_jax.model.config import ModelConfig
@@ -165,12 +166,13 @@ def import_hf(hf_dir: str, workdir: str, base_config: ml_collections.ConfigDict,
   # Everything that can be wrong with the source is checked before the workdir is written,
   # so a failed import leaves no half-made run directory behind.
   _check_tensors(hf_weights.SafetensorsDir(hf_dir), cfg)
-  config.data.tokenizer.path = copy_tokenizer(hf_dir, workdir)
-  params = load_hf_params(hf_dir, cfg, shardings)
-  rundir.save_params(workdir, params, config)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
-      json.dump(hf, f, indent=2)
+  with workdir_lock.hold(workdir, hint="use another --workdir", jax_processes=True):
+    config.data.tokenizer.path = copy_tokenizer(hf_dir, workdir)
+    params = load_hf_params(hf_dir, cfg, shardings)
+    rundir.save_params(workdir, params, config)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, SOURCE_CONFIG), "w") as f:
+        json.dump(hf, f, indent=2)
   n = sum(x.size for x in jax.tree.leaves(params))
   logging.info("imported %s (%s, %.1fM parameters, %s) into %s", hf_dir,
                hf_config.ARCHITECTURES[hf["model_type"]], n / 1e6, dtype, workdir)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags, logging
 
-from llm_jax import checkpoint, console, rundir
+from llm_jax import checkpoint, console, rundir, workdir_lock
 
 MERGE_FILE = rundir.MERGE_FILE
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -54,6 +54,12 @@ def merge_run(workdir: str, out: str, step: int = -1, dtype: str = "") -> str:
   if dtype and dtype not in _DTYPES:
     raise ValueError(f"--dtype={dtype!r}: must be one of {sorted(_DTYPES)} (or empty: the base's)")
   provenance["dtype"] = dtype
+  with workdir_lock.hold(out, hint="use another --out"):  # one writer of `out` at a time
+    return _merge(workdir, out, step, dtype, config, provenance)
+
+
+def _merge(workdir: str, out: str, step: int, dtype: str, config: ml_collections.ConfigDict,
+           provenance: dict) -> str:
   done = os.path.join(out, MERGE_FILE)
   if os.path.exists(os.path.join(out, rundir.CONFIG_FILE)) or os.path.exists(done):
     previous = None

@@ -3,7 +3,10 @@ checkpoint, then the summary table, CSV and plots over every checkpoint evaluate
 
 Task data is read and checked before the first checkpoint is loaded, so a malformed file fails
 at once. A checkpoint's JSON keeps the results of tasks run earlier (an eval with
-tasks=rouge adds to the JSON a loss eval wrote). Only process 0 writes files.
+tasks=rouge adds to the JSON a loss eval wrote). Only process 0 writes files, holding the
+output directory's eval lock (`.llm_jax-eval.lock`, workdir_lock.py): a second eval writing
+the same results is refused; a training run of the same directory is not (it writes other
+files, and an eval reads only finished checkpoints).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from llm_jax import checkpoint, rundir, sharding, xla_flags
+from llm_jax import checkpoint, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.console import ConfigError
 from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
 from llm_jax.model import init as model_init
@@ -68,6 +71,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, explicit=()) -> di
   names = tasks_lib.parse_tasks(e.tasks)
   steps = select_steps(workdir, e.steps, e.step)
   json_dir = os.path.abspath(e.out_dir) if e.out_dir else workdir
+  # One eval writes json_dir's results at a time (a training run of workdir may go on: it
+  # writes other files, and the eval reads only its finished checkpoints).
+  with workdir_lock.hold(json_dir, name=workdir_lock.EVAL_LOCK_NAME, jax_processes=True,
+                         hint="use another config.eval.out_dir"):
+    return _evaluate(cfg, workdir, names, steps, json_dir)
+
+
+def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_dir: str) -> dict:
+  e = cfg.eval
   out_dir = os.path.abspath(e.out_dir) if e.out_dir else os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
 

@@ -8,6 +8,7 @@ non-finite loss stops the run before any checkpoint of the bad state is written.
 import json
 import os
 import signal
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import checkpoint, console, rundir, sharding, xla_flags
+from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.data import pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
@@ -26,10 +27,13 @@ from llm_jax.train import evaluate, frozen as frozen_lib
 
 class _Preemption:
   """Turns SIGTERM (a preempted VM, `kill`, a scheduler's time limit) into a flag the loop
-  checks between steps, so the run saves and exits cleanly."""
+  checks between steps, so the run saves and exits cleanly. A checkpoint being written then gets
+  `config.checkpoint.sigterm_wait` seconds to finish (`deadline`); a second SIGTERM ends the wait
+  at once."""
 
   def __init__(self):
     self.requested = False
+    self.at: Optional[float] = None  # time.monotonic() of the first SIGTERM
     self._previous = None
 
   def __enter__(self):
@@ -40,8 +44,16 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
+    if self.requested:
+      logging.warning("SIGTERM again: stopping without waiting for the checkpoint in progress")
+      self.at = float("-inf")
+      return
     logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
-    self.requested = True
+    self.requested, self.at = True, time.monotonic()
+
+  def deadline(self, wait_s: float) -> Optional[float]:
+    """When waiting for a checkpoint must stop: `wait_s` after SIGTERM; None before one."""
+    return None if self.at is None else self.at + wait_s
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -70,16 +82,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
   explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
-  Returns the last step's metrics, every evaluation and "preempted" (stopped by SIGTERM); also
-  written to final_metrics.json.
+  Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM) and
+  "abandoned_save" (the step of a checkpoint still being written when the wait after SIGTERM ran
+  out, else None; see `exit_status`); also written to final_metrics.json.
+
+  The run holds `workdir`'s lock (workdir_lock.py) from before its first write to the end: a
+  second writer of the same directory is refused before it does anything.
   """
   xla_flags.apply_config(config)  # before JAX starts its backend
   sharding.maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   config = ml_collections.ConfigDict(config)  # never mutate the caller's config
-  tc = config.train
-  run_setup.preflight(config, workdir)
+  run_setup.check_workdir(workdir)
+  with workdir_lock.hold(workdir, hint="use another --workdir", jax_processes=True):
+    run_setup.preflight(config, workdir)
+    return _train(config, workdir, batch_hook, explicit)
 
+
+def exit_status(result: dict) -> int:
+  """The exit status of `python -m llm_jax.main` for a training result: 143 after SIGTERM, else
+  0. If a checkpoint was given up after SIGTERM, Orbax's threads are still writing it and would
+  hold the interpreter's exit until they finish or time out, so the process ends here."""
+  code = PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+  if result.get("abandoned_save") is not None:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  return code
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str]) -> dict:
+  tc = config.train
   resuming = bool(checkpoint.steps(workdir))
   if resuming:  # the run's own config.json fixes the model it has been training
     run_setup.check_resumable(config, workdir)
@@ -196,56 +231,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   step = start
   preempted = False
-  try:
-    with _Preemption() as preempt, sharding.mesh_context(mesh, rules):
-      while step < tc.steps:
-        host_batch = next(train_iter)
-        if batch_hook is not None:
-          batch_hook(step, host_batch)
-        state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
-        step += 1
-        if step == start + 1:
-          jax.block_until_ready(m)
-          logging.info("Compiled and ran the first train step in %.1f s",
-                       time.perf_counter() - t_compile)
-          throughput.start(step)
+  saves = checkpoint.Saves(manager, workdir, watch=jax.process_count() == 1)
+  sigterm_wait = float(config.checkpoint.get("sigterm_wait", 20.0))
+  abandoned = None  # the step of a checkpoint given up after SIGTERM
+  with _Preemption() as preempt:
+    deadline = lambda: preempt.deadline(sigterm_wait)
+    error = None
+    try:
+      with sharding.mesh_context(mesh, rules):
+        while step < tc.steps:
+          host_batch = next(train_iter)
+          if batch_hook is not None:
+            batch_hook(step, host_batch)
+          state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
+          step += 1
+          if step == start + 1:
+            jax.block_until_ready(m)
+            logging.info("Compiled and ran the first train step in %.1f s",
+                         time.perf_counter() - t_compile)
+            throughput.start(step)
+          if pending is not None:
+            last_scalars = consume(pending)
+          pending = (step, m)
+          saves.poll()  # a checkpoint that failed in the background stops the run now
+
+          stop = preempt.requested or manager.reached_preemption(step)
+          if config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
+                                            step == tc.steps or stop):
+            last_scalars, pending = consume(pending), None  # never checkpoint a non-finite state
+            if not saves.start(step, state, train_iter, deadline=deadline):
+              abandoned = saves.pending  # the previous one, still unfinished after SIGTERM
+              preempted = True
+              break
+            last_saved = step
+          if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            if pending is not None:  # report this step's throughput before the eval's time passes
+              last_scalars, pending = consume(pending), None
+            history.update(run_eval(step))
+            throughput.start(step)  # eval time is not training time
+          if stop:
+            logging.warning("Stopped at step %d after SIGTERM; the same command resumes from "
+                            "here.", step)
+            preempted = True
+            break
         if pending is not None:
           last_scalars = consume(pending)
-        pending = (step, m)
-
-        stop = preempt.requested or manager.reached_preemption(step)
-        if config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
-                                          step == tc.steps or stop):
-          last_scalars, pending = consume(pending), None  # never checkpoint a non-finite state
-          checkpoint.save(manager, step, state, train_iter, force=True)
-          last_saved = step
-        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-          if pending is not None:  # report this step's throughput before the eval's time passes
-            last_scalars, pending = consume(pending), None
-          history.update(run_eval(step))
-          throughput.start(step)  # eval time is not training time
-        if stop:
-          logging.warning("Stopped at step %d after SIGTERM; the same command resumes from here.",
-                          step)
-          preempted = True
-          break
-      if pending is not None:
-        last_scalars = consume(pending)
-  finally:
-    # Whatever stopped the loop (the end, SIGTERM, a non-finite loss, a bad record), checkpoints
-    # already started are finished before the process may exit.
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    writer.close()
+    except BaseException as e:
+      error = e
+      raise
+    finally:
+      # Whatever stopped the loop (the end, SIGTERM, a non-finite loss, a bad record), a
+      # checkpoint already started is finished before the process may exit; after SIGTERM only
+      # for config.checkpoint.sigterm_wait seconds.
+      try:
+        abandoned = _finish_saves(saves, manager, deadline, error, workdir, sigterm_wait,
+                                  abandoned)
+      finally:
+        writer.flush()
+        writer.close()
   last_scalars.update(history)
-  result = {"step": step, **last_scalars, "eval_history": eval_history, "preempted": preempted}
+  result = {"step": step, **last_scalars, "eval_history": eval_history, "preempted": preempted,
+            "abandoned_save": abandoned}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
   logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
                step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
   return result
+
+
+def _finish_saves(saves: checkpoint.Saves, manager, deadline, error, workdir: str,
+                  sigterm_wait: float, abandoned: Optional[int]) -> Optional[int]:
+  """Waits for the checkpoint in flight (until `deadline()`), then closes the manager. Returns the
+  step of a checkpoint given up (the wait ran out after SIGTERM), else None. A failed save is
+  raised, unless `error` is already on its way out (then it is logged)."""
+  try:
+    if abandoned is None and not saves.wait(deadline):
+      abandoned = saves.pending
+  except checkpoint.SaveFailed as e:
+    if error is None:
+      manager.close()
+      raise
+    logging.error("%s", e)
+  if abandoned is not None:  # Orbax's threads still write it; close() would wait for them
+    kept = checkpoint.steps(workdir)
+    logging.warning("the checkpoint of step %d was still being written %.0f s after SIGTERM "
+                    "(config.checkpoint.sigterm_wait); stopping without it. The same command "
+                    "resumes from %s.", abandoned, sigterm_wait,
+                    f"step {kept[-1]}" if kept else "the start")
+    return abandoned
+  try:
+    manager.close()
+  except Exception:  # pylint: disable=broad-except
+    if error is None:
+      raise
+    logging.exception("closing the checkpoint manager after an error")
+  return None
 
 
 def _summary(config) -> str:

@@ -79,10 +79,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                          f"trained with {f}={have!r} (a resumed run keeps it); {fix}.")
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks, before any work (no tokenizer training, no compile), what a user can get wrong:
-  the run directory, the data files, the source run of init_from, and whether the batch splits
-  over the devices. Each failure is one line naming the field or path and the fix."""
+def check_workdir(workdir: str) -> None:
+  """The run directory is a directory this process can write (it is created if missing)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file; give a directory for the run "
                              "(it is created if missing).")
@@ -93,6 +91,32 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   except OSError as e:
     raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose a "
                           "directory you can write to.") from None
+
+
+def check_checkpoint_dir(workdir: str) -> None:
+  """workdir/checkpoints can take a new checkpoint: a probe file is written and removed there
+  (a run that cannot save would otherwise find out at its first checkpoint)."""
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    raise NotADirectoryError(f"{ckpt} is a file, where the run keeps its checkpoints; move it "
+                             "away or choose another --workdir.")
+  try:
+    os.makedirs(ckpt, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=ckpt, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise PermissionError(f"{ckpt} is not writable ({e.strerror}): the run could not save "
+                          "checkpoints; fix its permissions or choose another --workdir.") from None
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks, before any work (no tokenizer training, no compile), what a user can get wrong:
+  the run directory and its checkpoints/, the data files, the source run of init_from, and
+  whether the batch splits over the devices. Each failure is one line naming the field or path
+  and the fix."""
+  check_workdir(workdir)
+  if config.checkpoint.enabled:
+    check_checkpoint_dir(workdir)
   for field in ("train", "eval"):
     spec = config.data[field]
     if not spec:

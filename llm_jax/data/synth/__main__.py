@@ -6,6 +6,8 @@ r"""Generate SFT question-answer chats from documents through an OpenAI-compatib
 
 Writes OpenAI-messages JSONL (`configs/sft.py` reads it as is) with the source document and
 chunk in "metadata", a ledger beside it (rerun the same command to resume), and a summary.
+One run writes an --out at a time: a second one is refused with a line naming the first (its
+pid, host and command) and exit status 75, before it reads or cuts anything.
 The logic lives in llm_jax/data/synth/run.py.
 """
 
@@ -15,7 +17,7 @@ import sys
 
 from absl import flags
 
-from llm_jax import console
+from llm_jax import console, workdir_lock
 from llm_jax.data.synth import client as client_lib, documents, ledger, run as run_lib, validate
 
 # Documents and chunks
@@ -115,7 +117,7 @@ _FSYNC = flags.DEFINE_bool("fsync", True,
 flags.mark_flags_as_required(["docs", "base_url", "model", "out"])
 
 _USER_ERRORS = (ValueError, FileNotFoundError, documents.DocumentError, ledger.LedgerError,
-                client_lib.EndpointError)
+                client_lib.EndpointError, workdir_lock.Busy)  # Busy: exit status 75
 
 
 def _config() -> run_lib.SynthConfig:

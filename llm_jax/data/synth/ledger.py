@@ -3,9 +3,12 @@
   qa.jsonl           (or qa.train.jsonl + qa.val.jsonl with a split)
   qa.ledger.jsonl    line 1: {"settings": ...}; then one line per finished chunk:
                      {"chunk", "sha", "status", "records", "ends": {split: byte size after it}}
+  qa.lock            while a run writes them: its host, pid, start time and command
 
 A chunk is committed by appending all its records to the output in one write per file, then
-its ledger line. The ledger is the commit record: output bytes beyond the `ends` of its last
+its ledger line. One run writes a set of files at a time: it holds qa.lock (`lock_path`) and a
+second run on the same --out is refused before it reads or cuts anything. The ledger is the
+commit record: output bytes beyond the `ends` of its last
 line belong to a chunk that was never committed (the process died between the two writes, or
 inside one) and are cut off when the run resumes, so a crash never leaves a torn line or a
 duplicate. A torn last ledger line is dropped the same way. Outputs are fsync-ed before their
@@ -28,11 +31,22 @@ class LedgerError(ValueError):
   """The output and its ledger disagree, or were made with other settings."""
 
 
-def paths_for(out: str, splits: tuple[str, ...]) -> tuple[dict[str, str], str, str]:
-  """({split: output path}, ledger path, summary path) for --out; one split -> out itself."""
+def _stem_ext(out: str) -> tuple[str, str]:
   stem, ext = os.path.splitext(out)
   if ext not in (".jsonl", ".json"):
     stem, ext = out, ".jsonl"
+  return stem, ext
+
+
+def lock_path(out: str) -> str:
+  """The lock file of --out's set of files (qa.jsonl -> qa.lock): every --out sharing a ledger
+  shares it, so one writer appends at a time (workdir_lock.py)."""
+  return _stem_ext(out)[0] + ".lock"
+
+
+def paths_for(out: str, splits: tuple[str, ...]) -> tuple[dict[str, str], str, str]:
+  """({split: output path}, ledger path, summary path) for --out; one split -> out itself."""
+  stem, ext = _stem_ext(out)
   outputs = ({splits[0]: out} if len(splits) == 1 else
              {s: f"{stem}.{s}{ext}" for s in splits})
   return outputs, f"{stem}.ledger.jsonl", f"{stem}.summary.json"

@@ -21,6 +21,7 @@ import time
 
 from absl import logging
 
+from llm_jax import workdir_lock
 from llm_jax.data.synth import client as client_lib
 from llm_jax.data.synth import documents
 from llm_jax.data.synth import ledger as ledger_lib
@@ -343,9 +344,15 @@ def _endpoints(cfg: SynthConfig, sleep) -> tuple[client_lib.Endpoint, client_lib
 def run(cfg: SynthConfig, *, sleep=time.sleep) -> Summary:
   """Generates and writes the records; returns the summary, also when interrupted (Ctrl-C,
   SIGTERM: `interrupted`) or stopped by the endpoint (bad key, server gone: `stopped`). User
-  errors raise before the first request."""
-  start = time.time()
+  errors raise before the first request; a run already writing the same --out raises
+  workdir_lock.Busy before anything is read or written."""
   cfg.validate()
+  with workdir_lock.hold_file(ledger_lib.lock_path(cfg.out), cfg.out, hint="use another --out"):
+    return _run(cfg, sleep)
+
+
+def _run(cfg: SynthConfig, sleep) -> Summary:
+  start = time.time()
   templates = prompts_lib.Templates.load(dict(cfg.prompt_files))
   size = documents.token_counter(cfg.tokenizer) if cfg.chunk_unit == "tokens" else len
   summary = Summary(out={})

@@ -1,0 +1,159 @@
+"""Storage faults stop a training run within seconds with one line naming the path and the OS
+error, keeping every checkpoint that completed, and SIGTERM is honoured within seconds even
+while a save hangs. (Orbax used to leave save() waiting 300 s for a step directory it had
+failed to create, deaf to SIGTERM.)
+
+Each run is a separate process (tests/checkpoint_fault_worker.py) with a generous timeout, so a
+hang fails the test instead of stalling the suite. Permission faults are made with chmod, or as
+root (whom chmod does not stop) with `chattr +i`; where neither works those tests are skipped.
+The disk-full fault is RLIMIT_FSIZE, which stops root too."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from llm_jax import checkpoint, workdir_lock
+from tests.checkpoint_fault_worker import allow_writes, deny_writes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = [sys.executable, os.path.join(ROOT, "tests", "checkpoint_fault_worker.py")]
+
+
+def _can_deny_writes() -> bool:
+  with tempfile.TemporaryDirectory() as d:
+    if not deny_writes(d):
+      return False
+    try:
+      try:
+        open(os.path.join(d, "probe"), "w").close()
+        return False  # written anyway
+      except OSError:
+        return True
+    finally:
+      allow_writes(d)
+
+
+needs_deny = pytest.mark.skipif(not _can_deny_writes(),
+                                reason="cannot make a directory unwritable here (chmod as root, "
+                                       "no chattr)")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  from llm_jax.data import pipeline, tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_loop import small_config  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path_factory.mktemp("tok"))
+  cfg = small_config("")
+  tok_lib.get_tokenizer(cfg.data.tokenizer, d, lambda: pipeline.corpus_texts(cfg.data))
+  return os.path.join(d, "tokenizer.model")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  wd = str(tmp_path / "run")
+  yield wd
+  if os.path.isdir(checkpoint.checkpoint_dir(wd)):
+    allow_writes(checkpoint.checkpoint_dir(wd))  # so the test's directory can be removed
+
+
+def _run(mode, workdir, tokenizer_path, timeout=180) -> subprocess.CompletedProcess:
+  return subprocess.run(WORKER + [mode, workdir, tokenizer_path], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _error_line(proc) -> str:
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr[-4000:]
+  return errors[0]
+
+
+def _reached(proc) -> int:
+  return int([l for l in proc.stdout.splitlines() if l.startswith("STEP ")][-1].split()[1])
+
+
+def _assert_whole(workdir, steps):
+  assert checkpoint.steps(workdir) == steps
+  for s in steps:
+    step, params = checkpoint.restore_params(workdir, s)
+    assert step == s and params
+
+
+@needs_deny
+def test_an_unwritable_checkpoint_dir_is_refused_before_any_work(workdir, tokenizer_path):
+  proc = _run("unwritable_at_start", workdir, tokenizer_path)
+  assert proc.returncode == 1, proc.stderr[-4000:]
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  assert _error_line(proc).startswith(f"error: {ckpt} is not writable (")
+  assert "Compiled" not in proc.stderr and _reached(proc) == 0  # no step was taken
+
+
+def test_a_file_where_the_checkpoints_belong_is_refused_before_any_work(tmp_path):
+  from llm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.test_loop import small_config  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "checkpoints").write_text("not a directory")
+  with pytest.raises(NotADirectoryError, match=r"/run/checkpoints is a file, where the run "
+                     r"keeps its checkpoints; move it away or choose another --workdir"):
+    loop.train_and_evaluate(small_config("", steps=2), str(wd))
+  assert sorted(os.listdir(wd)) == ["checkpoints"]  # nothing else written, no lock left
+
+
+@needs_deny
+def test_checkpoints_dir_unwritable_mid_run_stops_at_once(workdir, tokenizer_path):
+  proc = _run("unwritable_mid_run", workdir, tokenizer_path)  # before: 300 s, then a traceback
+  assert proc.returncode == 1, proc.stderr[-4000:]
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  line = _error_line(proc)
+  assert line.startswith(f"error: could not write the checkpoint of step 10: {ckpt}/10")
+  assert (": Operation not permitted;" in line or ": Permission denied;" in line), line
+  assert f"the checkpoints of steps [5] in {ckpt} are complete and kept" in line
+  assert _reached(proc) == 9  # the hook saw batch 9, the 10th step's, then the save failed
+  allow_writes(ckpt)
+  _assert_whole(workdir, [5])
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
+
+
+def test_a_full_disk_during_a_background_save_stops_before_the_next_save(workdir, tokenizer_path):
+  proc = _run("disk_full_mid_run", workdir, tokenizer_path)
+  assert proc.returncode == 1, proc.stderr[-4000:]
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  line = _error_line(proc)
+  assert line.startswith(f"error: could not write the checkpoint of step 200: {ckpt}/200"), line
+  assert ": File too large;" in line  # EFBIG, as ENOSPC would read "No space left on device"
+  assert f"the checkpoints of steps [100] in {ckpt} are complete and kept" in line
+  # Noticed while training went on, not only when the next save (step 300) waited for it.
+  assert 200 < _reached(proc) < 300
+  _assert_whole(workdir, [100])
+
+
+def test_sigterm_while_a_save_hangs_exits_within_seconds(workdir, tokenizer_path, tmp_path):
+  log = open(tmp_path / "worker.log", "w+")
+  proc = subprocess.Popen(WORKER + ["hung_save", workdir, tokenizer_path], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=log, text=True)
+  try:
+    line = proc.stdout.readline()  # the save of step 10 started and hangs
+    assert line.startswith("HUNG 10"), (line, open(log.name).read()[-4000:])
+    # The loop goes on to the save of step 15, which waits for step 10's, in Orbax until now.
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  err = open(log.name).read()
+  assert proc.returncode == 143, err[-4000:]
+  assert ("the checkpoint of step 10 was still being written 2 s after SIGTERM "
+          "(config.checkpoint.sigterm_wait); stopping without it. The same command resumes from "
+          "step 5.") in err
+  assert took < 60  # sigterm_wait is 2 s here; the old wait was up to 20 minutes
+  _assert_whole(workdir, [5])
+  assert 10 <= int(out.split("STEP ")[-1]) < 20
