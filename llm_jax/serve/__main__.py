@@ -75,7 +75,7 @@ def main():
   from llm_jax.serve import guard, server  # pylint: disable=g-import-not-at-top
   from llm_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
   from llm_jax.serve.metrics import Connections  # pylint: disable=g-import-not-at-top
-  from llm_jax.serve.startup import Startup  # pylint: disable=g-import-not-at-top
+  from llm_jax.serve.startup import Cancelled, Startup  # pylint: disable=g-import-not-at-top
 
   specs = [server.parse_spec(s) for s in _WORKDIR.value]
   names = [n for _, n in specs]
@@ -123,21 +123,24 @@ def main():
     try:
       startup.run()
     except BaseException:  # pylint: disable=broad-except
-      uv.should_exit = True  # main() raises it once uvicorn has stopped
+      uv.should_exit = True  # main() raises it once uvicorn has stopped (unless it was a stop)
       return
     print(f"Serving {', '.join(names)}\n  page: {url}/\n  API:  {url}/v1  (OpenAI-compatible"
           f"{'; Bearer key required' if key else ''})\n  arena votes: {os.path.abspath(_DB.value)}", flush=True)
 
   say(f"Listening on {url} (starting: /health answers 503 with the progress until the models are ready)")
-  threading.Thread(target=start, name="startup", daemon=True).start()
+  starting = threading.Thread(target=start, name="startup", daemon=True)
+  starting.start()
   try:
     uv.run(sockets=[sock])
   except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it: a stop, not an error
     print("Stopped.", flush=True)
   finally:
+    startup.cancel()  # a stop during the warm-up: no further program is compiled
+    starting.join(timeout=60)
     for m in startup.models:
       m.engine.stop()
-  if startup.error is not None:
+  if startup.error is not None and not isinstance(startup.error, Cancelled):
     raise startup.error
 
 

@@ -20,6 +20,10 @@ import time
 from typing import Callable
 
 
+class Cancelled(Exception):
+  """The start-up was cancelled (the server stopped while it loaded or compiled)."""
+
+
 class Startup:
   """The ASGI app uvicorn serves from the first second, and the readiness the app consults."""
 
@@ -33,6 +37,7 @@ class Startup:
     self.detail = f"loading {len(self.names)} run(s)"
     self.compiled = self.total = 0
     self.error: BaseException | None = None
+    self._cancelled = False
     self._t0 = time.time()
     self._t_warm: float | None = None
 
@@ -69,6 +74,8 @@ class Startup:
       self.phase, self._t_warm = "warming_up", time.time()
       if self.warmup:
         self._compile()
+      if self._cancelled:
+        raise Cancelled()
       for m in self.models:
         m.engine.start()
       self.detail = "ready"
@@ -87,6 +94,8 @@ class Startup:
       start = time.time()
 
       def progress(done, total, program, m=m, start=start):
+        if self._cancelled:
+          raise Cancelled()
         self.compiled += 1
         self.detail = f"compiling programs: {self.compiled} of {self.total} done"
         what = (f"prefill {program[1]} tokens{' with log-probs' if program[2] else ''}" if program[0] == "prefill"
@@ -95,6 +104,10 @@ class Startup:
 
       seconds = m.engine.warmup(progress=progress)
       self.say(f"  {m.name}: {len(m.engine.programs())} programs compiled in {seconds:.1f} s")
+
+  def cancel(self) -> None:
+    """Stops the start-up after the program being compiled (the server is shutting down)."""
+    self._cancelled = True
 
   def close(self) -> None:
     if self.app is not None:
