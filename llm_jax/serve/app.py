@@ -158,14 +158,14 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
   async def read_body(request: Request) -> bytes:
     """The body, within the size limit and the time limit (a client sending slowly holds a
     connection, never a thread); a client that hangs up while sending is nobody to answer."""
-    close = {"Connection": "close"}  # what is left of the body is not read: the connection cannot go on
+    closing = {"Connection": "close"}  # what is left of the body is not read: the connection cannot go on
     length = request.headers.get("content-length")
     if length is not None:
       if not length.isdigit():
-        raise ApiError(400, "the Content-Length header is not a number", None, headers=close)
+        raise ApiError(400, "the Content-Length header is not a number", None, headers=closing)
       if int(length) > max_body_bytes:
         raise ApiError(413, f"the request body ({int(length)} bytes) is larger than the server's limit of "
-                            f"{max_body_bytes} bytes", None, code="request_too_large", headers=close)
+                            f"{max_body_bytes} bytes", None, code="request_too_large", headers=closing)
     body = bytearray()
     try:
       async with asyncio.timeout(limits.request_timeout_s):
@@ -173,10 +173,10 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
           body += chunk
           if len(body) > max_body_bytes:
             raise ApiError(413, f"the request body is larger than the server's limit of {max_body_bytes} bytes",
-                           None, code="request_too_large", headers=close)
+                           None, code="request_too_large", headers=closing)
     except TimeoutError:
       raise ApiError(408, f"the request body did not arrive within {limits.request_timeout_s:g} s "
-                          f"({len(body)} bytes came)", None, code="request_timeout", headers=close) from None
+                          f"({len(body)} bytes came)", None, code="request_timeout", headers=closing) from None
     except ClientDisconnect:
       raise _ClientGone() from None
     return bytes(body)
@@ -309,13 +309,13 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
     max_bytes = limits.prompt_bytes(m.context)
     if "messages" in body:
       messages = protocol.messages_of(body)
-      protocol._check_bytes(sum(len(x["content"].encode("utf-8")) for x in messages), max_bytes,  # pylint: disable=protected-access
+      protocol.check_prompt_bytes(sum(len(x["content"].encode("utf-8")) for x in messages), max_bytes,
                             "messages", "'messages' hold")
       ids = session_lib.prompt_ids(m.tok, messages)
     else:
       if not isinstance(body.get("prompt"), str):
         raise ApiError(400, "'prompt' must be a string (or send 'messages')", "prompt")
-      protocol._check_bytes(len(body["prompt"].encode("utf-8")), max_bytes, "prompt", "'prompt' holds")  # pylint: disable=protected-access
+      protocol.check_prompt_bytes(len(body["prompt"].encode("utf-8")), max_bytes, "prompt", "'prompt' holds")
       ids = tokens_lib.encode_raw(m.tok, body["prompt"])
     out = {"count": len(ids), "max_model_len": m.context, "tokens": ids}
     if protocol.boolean(body, "return_token_strs", False):

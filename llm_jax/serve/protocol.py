@@ -273,7 +273,8 @@ def _check_choices(n_prompts: int, n: int, max_choices: int) -> None:
                    code="too_many_choices")
 
 
-def _check_bytes(nbytes: int, max_prompt_bytes: int, param: str, what: str) -> None:
+def check_prompt_bytes(nbytes: int, max_prompt_bytes: int, param: str, what: str) -> None:
+  """400 naming `param` when a prompt's text (`nbytes` bytes) is over the bound (0: none)."""
   if max_prompt_bytes and nbytes > max_prompt_bytes:
     raise ApiError(400, f"{what} {nbytes} bytes of text; this server takes at most {max_prompt_bytes} bytes per "
                         "prompt (checked before tokenizing: far more than the model's context holds)", param,
@@ -286,7 +287,7 @@ def parse_chat(body: dict, model: str, tok, context: int, *, max_prompt_bytes: i
   n, stops, stream, include_usage, ignore_eos = _common(body)
   _check_choices(1, n, max_choices)
   messages = messages_of(body)
-  _check_bytes(sum(len(m["content"].encode("utf-8")) for m in messages), max_prompt_bytes, "messages",
+  check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages), max_prompt_bytes, "messages",
                "'messages' hold")
   want_logprobs = boolean(body, "logprobs", False)
   top = number(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
@@ -322,7 +323,7 @@ def prompts_of(body: dict, tok, vocab_size: int, *, n: int = 1, max_prompt_bytes
   _check_choices(len(items), n, max_choices)
   for k, item in enumerate(items):
     if isinstance(item, str):
-      _check_bytes(len(item.encode("utf-8")), max_prompt_bytes, "prompt", f"'prompt' item {k} holds")
+      check_prompt_bytes(len(item.encode("utf-8")), max_prompt_bytes, "prompt", f"'prompt' item {k} holds")
   out = []
   for k, item in enumerate(items):
     if isinstance(item, str):
