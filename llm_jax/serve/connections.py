@@ -19,6 +19,7 @@ time) for as long as the client likes, and accepts as many as the file descripto
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import h11
@@ -29,6 +30,9 @@ from llm_jax.serve.metrics import Connections
 
 _BODY_GRACE_S = 5.0  # past the app's own 408 deadline, for a body no route reads
 _REFUSED_LINGER_S = 1.0  # a refused connection stays half-open this long, so its client reads the 503
+# Order in which connections began to wait for a request (the loop's clock, uvloop's at least, ticks
+# once per iteration: connections accepted together would tie).
+_IDLE_ORDER = itertools.count()
 
 
 def _refusal(limit: int) -> bytes:
@@ -50,7 +54,7 @@ def protocol_class(limits: Limits, counts: Connections) -> type:
       counts.open += 1
       self._deadline = None
       self._refused = False
-      self._idle_since = self.loop.time()
+      self._idle_since = next(_IDLE_ORDER)
       live = sum(1 for c in self.connections if not c.transport.is_closing() and not getattr(c, "_refused", False))
       if live > limits.max_connections and not self._close_longest_idle():
         self._refuse()
@@ -78,9 +82,13 @@ def protocol_class(limits: Limits, counts: Connections) -> type:
         else:
           self._disarm()
 
+    def handle_websocket_upgrade(self, event) -> None:
+      self._disarm()  # the connection is the WebSocket protocol's from here on
+      super().handle_websocket_upgrade(event)
+
     def on_response_complete(self) -> None:
       self._disarm()
-      self._idle_since = self.loop.time()
+      self._idle_since = next(_IDLE_ORDER)
       super().on_response_complete()
 
     # ---- ours ----
