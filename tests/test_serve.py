@@ -480,11 +480,11 @@ def test_tokenizer_endpoints(served, run):
 
 def test_health_and_metrics(served):
   assert httpx.get(served["url"] + "/health", timeout=30).json()["status"] == "ok"
-  text = httpx.get(served["url"] + "/metrics", timeout=30).text
+  text = httpx.get(served["url"] + "/metrics", headers=AUTH, timeout=30).text  # behind the key, as the API
   for name in ("requests_total", "generation_tokens_per_second", "requests_waiting", "slots_used",
                "time_to_first_token_seconds", "http_responses_total"):
     assert f"llm_jax_{name}{{" in text, name
-  snap = httpx.get(served["url"] + "/metrics?format=json", timeout=30).json()["models"]["sft"]
+  snap = httpx.get(served["url"] + "/metrics?format=json", headers=AUTH, timeout=30).json()["models"]["sft"]
   assert snap["slots"] == 16 and snap["generated_tokens"] > 0 and snap["requests"] > 0
 
 

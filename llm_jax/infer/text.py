@@ -62,7 +62,8 @@ class StopMatcher:
   `find(text)` returns where the first stop string begins (`at`), searching only where one could
   have been completed since the last call. `certain(text)` is how much of the text may be shown
   now: up to the stop string, or else all but the longest tail that could still become one.
-  Empty stop strings are ignored.
+  Empty stop strings are ignored. Each call costs O(new text x stop strings): the longest tail that
+  begins a stop string is tracked character by character (Knuth-Morris-Pratt), never searched again.
   """
 
   def __init__(self, stops: Iterable[str] = ()):
@@ -70,6 +71,8 @@ class StopMatcher:
     self.longest = max((len(x) for x in self.stops), default=0)
     self.at: int | None = None  # where the first stop string begins, once found
     self._searched = 0  # length of the text the last search saw
+    self._borders = [_borders(x) for x in self.stops]
+    self._tails = [0] * len(self.stops)  # per stop: the longest prefix of it that the text ends with
 
   def find(self, text: str) -> int | None:
     if self.at is None and self.stops and len(text) > self._searched:
@@ -78,6 +81,7 @@ class StopMatcher:
       hits = [i for i in (text.find(x, lo) for x in self.stops) if i >= 0]
       if hits:
         self.at = min(hits)
+      self._advance(text[self._searched:])
       self._searched = len(text)
     return self.at
 
@@ -88,14 +92,31 @@ class StopMatcher:
     at = self.find(text)
     if at is not None:
       return at
-    return len(text) if final else len(text) - self._held_back(text)
+    return len(text) if final else len(text) - self._held_back()
 
-  def _held_back(self, text: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for x in self.stops:
-      for n in range(min(len(x) - 1, len(text)), best, -1):
-        if text.endswith(x[:n]):
-          best = n
-          break
-    return best
+  def _advance(self, new: str) -> None:
+    for k, x in enumerate(self.stops):
+      borders, q, n = self._borders[k], self._tails[k], len(x)
+      for c in new:
+        while q and (q == n or x[q] != c):
+          q = borders[q - 1]
+        if x[q] == c:
+          q += 1
+      self._tails[k] = q
+
+  def _held_back(self) -> int:
+    """Length of the longest tail of the text that is a proper prefix of a stop string."""
+    return max((min(q, len(x) - 1) for q, x in zip(self._tails, self.stops)), default=0)
+
+
+def _borders(x: str) -> list[int]:
+  """KMP's failure function: borders[i] is the length of the longest proper prefix of x[:i + 1]
+  that is also its suffix."""
+  borders, k = [0] * len(x), 0
+  for i in range(1, len(x)):
+    while k and x[i] != x[k]:
+      k = borders[k - 1]
+    if x[i] == x[k]:
+      k += 1
+    borders[i] = k
+  return borders

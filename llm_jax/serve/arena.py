@@ -1,7 +1,8 @@
 """The blind two-model arena: battles, votes in SQLite, and a Bradley-Terry leaderboard.
 
 A battle pairs two served models at random in random order (sides "a" and "b"); the page only
-ever sees the sides until a vote is cast, then the names. Votes follow FastChat's arena: a is
+ever sees the sides until a vote is cast, then the names. A vote counts only for a battle whose
+two answers were both given in full (`shown`): nobody votes on answers they never saw. Votes follow FastChat's arena: a is
 better, b is better, tie, both bad. The leaderboard fits a Bradley-Terry model to all votes (ties and
 "both bad" count half a win each way) and reports it on the Elo scale, 1000 + 400 log10(strength).
 One virtual tie between every pair of models keeps the fit finite with few votes (a model that won
@@ -22,6 +23,10 @@ import time
 import numpy as np
 
 WINNERS = ("a", "b", "tie", "both_bad")
+
+
+class NotShown(Exception):
+  """A vote for a battle whose two answers have not both been given."""
 _MAX_BATTLES = 10_000  # open battles kept in memory (oldest forgotten first)
 
 
@@ -43,7 +48,8 @@ class Arena:
         prompt TEXT)""")
     self._db.commit()
     self._lock = threading.Lock()
-    self._battles: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+    # battle id -> (model_a, model_b, the sides whose answer was given in full)
+    self._battles: collections.OrderedDict[str, tuple[str, str, set]] = collections.OrderedDict()
     self._rng = random.Random(seed)
 
   def close(self) -> None:
@@ -56,7 +62,7 @@ class Arena:
     a, b = self._rng.sample(self.models, 2)
     battle_id = "battle-" + secrets.token_hex(8)
     with self._lock:
-      self._battles[battle_id] = (a, b)
+      self._battles[battle_id] = (a, b, set())
       while len(self._battles) > _MAX_BATTLES:
         self._battles.popitem(last=False)
     return battle_id
@@ -65,12 +71,23 @@ class Arena:
     pair = self._battles.get(battle_id)
     return None if pair is None else pair[0 if side == "a" else 1]
 
-  def vote(self, battle_id: str, winner: str, prompt: str = "") -> tuple[str, str]:
-    """Stores the vote; returns (model_a, model_b). KeyError: unknown battle; ValueError: voted."""
+  def shown(self, battle_id: str, side: str) -> None:
+    """Side `side` of the battle has given its whole answer."""
     with self._lock:
-      pair = self._battles.get(battle_id)
-      if pair is None:
+      battle = self._battles.get(battle_id)
+      if battle is not None:
+        battle[2].add(side)
+
+  def vote(self, battle_id: str, winner: str, prompt: str = "") -> tuple[str, str]:
+    """Stores the vote; returns (model_a, model_b). KeyError: unknown battle; NotShown: its answers
+    were not both given; ValueError: voted."""
+    with self._lock:
+      battle = self._battles.get(battle_id)
+      if battle is None:
         raise KeyError(battle_id)
+      pair = battle[:2]
+      if battle[2] != {"a", "b"}:
+        raise NotShown(battle_id)
       try:
         self._db.execute("INSERT INTO votes (created, battle_id, model_a, model_b, winner, prompt) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), battle_id, pair[0], pair[1], winner, prompt))

@@ -2,6 +2,7 @@
 
   python -m llm_jax.serve.bench
   python -m llm_jax.serve.bench --models=tiny --clients=1,8 --requests_per_client=2
+  python -m llm_jax.serve.bench --models=tiny --clients=100 --mixed=1000   # then a mixed load with drops
 
 For each model shape it writes a run directory (random weights, a SentencePiece tokenizer trained
 on the embedded encyclopedia), starts `python -m llm_jax.serve` on it as a separate process (on a
@@ -11,12 +12,23 @@ the encyclopedia, `max_tokens` tokens each: `ignore_eos`, as random weights woul
 and records the time to its first content chunk. Printed, never asserted: requests/s, output
 tokens/s, p50/p99 time to first token, and errors. The load generator shares the machine with
 the server, as it would on a laptop.
+
+`--mixed=N` then sends N requests of every kind from `--mixed_clients` clients, each with its own
+connection pool (httpx's 5 s keep-alive expiry, as the openai client's): streamed and whole chats,
+completions with n=2, echoed log-probs (lm-eval's requests), /tokenize, /health, invalid requests
+(a 400 is their right answer), streams the client drops after the first token (`--drop_fraction`),
+and requests sent after an idle pause just under 5 s (`--pause_fraction`: the client still trusts
+its connection, and a server that closes idle connections at 5 s may close it under the request). Errors are
+transport errors and unexpected statuses, by kind; the server's resident memory is read from
+/proc after warm-up, after the levels and after the mixed load.
 """
 
 import asyncio
+import collections
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -35,6 +47,11 @@ _MIN_REQUESTS = flags.DEFINE_integer("min_requests", 16, "At least this many req
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens generated per request.")
 _SLOTS = flags.DEFINE_integer("slots", 32, "The server's --slots.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "The runs' context (config.data.seq_len).")
+_MIXED = flags.DEFINE_integer("mixed", 0, "Mixed requests sent after the levels (0: none).")
+_MIXED_CLIENTS = flags.DEFINE_integer("mixed_clients", 32, "Concurrent clients of the mixed load.")
+_DROP = flags.DEFINE_float("drop_fraction", 0.1, "Mixed: streams dropped by the client after the first token.")
+_PAUSE = flags.DEFINE_float("pause_fraction", 0.05, "Mixed: requests sent after an idle pause of 4.97-5 s.")
+_SEED = flags.DEFINE_integer("seed", 0, "Mixed: the request mix's random seed.")
 _VOCAB = {"tiny": 4096, "minimind-26m": 6400}
 
 
@@ -70,14 +87,28 @@ def questions() -> list[str]:
           for r in data["qa_heldout"][:512]]
 
 
-def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: str) -> tuple[subprocess.Popen, str, float | None]:
+  """(the server process, its URL, seconds until it listened: None if it only says when ready)."""
+  t0 = time.perf_counter()
+  listening = None
   proc = subprocess.Popen([sys.executable, "-m", "llm_jax.serve", f"--workdir={workdir}:bench", "--port=0",
                            f"--slots={_SLOTS.value}", f"--db={os.path.join(workdir, 'arena.sqlite')}"],
                           stdout=subprocess.PIPE, text=True)
   for line in proc.stdout:
+    if line.startswith("Listening on ") and listening is None:
+      listening = time.perf_counter() - t0
     if "page: " in line:
-      return proc, line.split("page: ")[1].strip().rstrip("/")
+      return proc, line.split("page: ")[1].strip().rstrip("/"), listening
   raise RuntimeError(f"the server exited with {proc.wait()}")
+
+
+def rss_mib(pid: int) -> float:
+  """Resident memory of a process (Linux /proc), in MiB; nan elsewhere."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+  except (OSError, StopIteration):
+    return float("nan")
 
 
 async def one_request(http, url: str, question: str, max_tokens: int) -> dict:
@@ -128,6 +159,92 @@ async def load_level(url: str, clients: int, per_client: int, qs: list[str], max
           "first_error": next((r["error"] for r in results if "error" in r), "")}
 
 
+def _pct(values, q) -> float:
+  return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+async def mixed_request(http, url: str, kind: str, question: str) -> dict:
+  """One request of the mixed load: {"kind", "status" or "error", "ttft", "tokens"}."""
+  chat = {"model": "bench", "messages": [{"role": "user", "content": question}], "temperature": 0.8,
+          "ignore_eos": True}
+  out = {"kind": kind, "ttft": None, "tokens": 0}
+  start = time.perf_counter()
+  try:
+    if kind in ("stream", "drop"):
+      body = {**chat, "max_tokens": _MAX_TOKENS.value, "stream": True, "stream_options": {"include_usage": True}}
+      async with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        out["status"] = resp.status_code
+        if resp.status_code != 200:
+          await resp.aread()
+          return out
+        async for line in resp.aiter_lines():
+          if not line.startswith("data: {"):
+            continue
+          chunk = json.loads(line[6:])
+          if chunk.get("usage"):
+            out["tokens"] = chunk["usage"]["completion_tokens"]
+          if out["ttft"] is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+            out["ttft"] = time.perf_counter() - start
+            if kind == "drop":
+              return out  # leaving the block closes the connection mid-stream
+      return out
+    if kind == "chat":
+      resp = await http.post(url + "/v1/chat/completions", json={**chat, "max_tokens": _MAX_TOKENS.value // 2})
+    elif kind == "n2":
+      resp = await http.post(url + "/v1/completions", json={"model": "bench", "prompt": question, "n": 2,
+                                                             "max_tokens": 16, "ignore_eos": True})
+    elif kind == "echo":  # lm-eval's loglikelihood request
+      resp = await http.post(url + "/v1/completions", json={"model": "bench", "prompt": question + " Paris.",
+                                                            "echo": True, "logprobs": 5, "max_tokens": 0})
+    elif kind == "tokenize":
+      resp = await http.post(url + "/tokenize", json={"model": "bench", "prompt": question, "return_token_strs": True})
+    elif kind == "health":
+      resp = await http.get(url + "/health")
+    else:  # "invalid": a 400 is the right answer
+      resp = await http.post(url + "/v1/chat/completions", json={**chat, "temperature": -1})
+    out["status"] = resp.status_code
+    if resp.status_code == 200 and kind in ("chat", "n2"):
+      out["tokens"] = resp.json()["usage"]["completion_tokens"]
+  except Exception as e:  # pylint: disable=broad-except
+    out["error"] = type(e).__name__
+  return out
+
+
+MIX = {"stream": 0.3, "chat": 0.2, "n2": 0.1, "echo": 0.1, "tokenize": 0.1, "health": 0.05, "invalid": 0.05}
+
+
+async def mixed_load(url: str, total: int, clients: int, qs: list[str]) -> dict:
+  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
+  rng = random.Random(_SEED.value)
+  kinds = list(MIX) + ["drop"]
+  weights = [w * (1 - _DROP.value) for w in MIX.values()] + [_DROP.value]
+  todo = [(rng.choices(kinds, weights)[0], qs[i % len(qs)], rng.random() < _PAUSE.value, rng.uniform(4.97, 5.0))
+          for i in range(total)]
+  todo.reverse()
+  results = []
+
+  async def client():
+    # Its own pool with httpx's defaults: keep-alive expiry 5 s, as the openai client's.
+    async with httpx.AsyncClient(timeout=600) as http:
+      while todo:
+        kind, question, pause, seconds = todo.pop()
+        if pause:
+          await asyncio.sleep(seconds)
+        results.append(await mixed_request(http, url, kind, question))
+
+  start = time.perf_counter()
+  await asyncio.gather(*(client() for _ in range(clients)))
+  elapsed = time.perf_counter() - start
+  expected = lambda r: r.get("status") == (400 if r["kind"] == "invalid" else 200)
+  errors = collections.Counter(r.get("error") or f"HTTP {r.get('status')} ({r['kind']})"
+                               for r in results if "error" in r or not expected(r))
+  ttft = [r["ttft"] for r in results if r["kind"] == "stream" and r["ttft"] is not None]
+  return {"requests": len(results), "elapsed": elapsed, "errors": sum(errors.values()), "by_error": dict(errors),
+          "kinds": dict(collections.Counter(r["kind"] for r in results)),
+          "tok_per_s": sum(r["tokens"] for r in results) / elapsed, "ttft_p50": _pct(ttft, 50),
+          "ttft_p99": _pct(ttft, 99)}
+
+
 def main():
   qs = questions()
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -139,8 +256,10 @@ def main():
     for preset in _MODELS.value:
       workdir = make_run(preset, root)
       t0 = time.perf_counter()
-      proc, url = start_server(workdir)
-      print(f"\n{preset}: server ready in {time.perf_counter() - t0:.0f} s (load + compile)")
+      proc, url, listening = start_server(workdir)
+      print(f"\n{preset}: server ready in {time.perf_counter() - t0:.0f} s (load + compile)"
+            + (f", listening after {listening:.1f} s" if listening is not None else "")
+            + f"; server RSS {rss_mib(proc.pid):.0f} MiB")
       print(f"  {'clients':>7} {'requests':>8} {'req/s':>7} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
             f"{'errors':>6}")
       try:
@@ -149,6 +268,15 @@ def main():
           print(f"  {r['clients']:7d} {r['requests']:8d} {r['req_per_s']:7.2f} {r['tok_per_s']:9.1f} "
                 f"{r['ttft_p50'] * 1e3:7.0f}ms {r['ttft_p99'] * 1e3:7.0f}ms {r['errors']:6d}"
                 + (f"  ({r['first_error']})" if r["errors"] else ""), flush=True)
+        print(f"  server RSS after the levels: {rss_mib(proc.pid):.0f} MiB", flush=True)
+        if _MIXED.value:
+          m = asyncio.run(mixed_load(url, _MIXED.value, _MIXED_CLIENTS.value, qs))
+          print(f"  mixed: {m['requests']} requests from {_MIXED_CLIENTS.value} clients in {m['elapsed']:.0f} s "
+                f"({', '.join(f'{k} {v}' for k, v in sorted(m['kinds'].items()))})\n"
+                f"    out tok/s {m['tok_per_s']:.1f}, TTFT p50 {m['ttft_p50'] * 1e3:.0f}ms p99 "
+                f"{m['ttft_p99'] * 1e3:.0f}ms (streams kept to the end), errors {m['errors']}"
+                + (f" {m['by_error']}" if m["errors"] else "")
+                + f"\n  server RSS after the mixed load: {rss_mib(proc.pid):.0f} MiB", flush=True)
       finally:
         proc.terminate()
         proc.wait(timeout=60)

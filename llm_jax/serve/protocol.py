@@ -19,17 +19,22 @@ from llm_jax.serve import tokens as tokens_lib
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
+MAX_CHOICES = 64  # prompts x n in one request (the server's default; --max_choices)
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256  # characters in one stop string
 MAX_TOP_LOGPROBS = 20
+MAX_JSON_DEPTH = 64  # nesting of objects and arrays in a request body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
 
 
 class ApiError(Exception):
+  """An error answered in OpenAI's shape; `headers` go with it (Retry-After, Connection: close)."""
 
   def __init__(self, status: int, message: str, param: str | None = None,
-               type_: str = "invalid_request_error", code: str | None = None):
+               type_: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+    self.headers = headers
 
   def body(self) -> dict:
     return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -39,6 +44,41 @@ def show(v) -> str:
   """A JSON value as error messages quote it (cut to 60 characters)."""
   s = json.dumps(v, ensure_ascii=False)
   return s if len(s) <= 60 else s[:57] + "..."
+
+
+def too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+  """Whether a parsed JSON value nests objects and arrays more than `limit` levels (no recursion)."""
+  stack = [(value, 1)]
+  while stack:
+    v, depth = stack.pop()
+    if not isinstance(v, (dict, list)):
+      continue
+    if depth > limit:
+      return True
+    children = v.values() if isinstance(v, dict) else v
+    stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+  return False
+
+
+def parse_body(body: bytes) -> dict:
+  """A request body as a JSON object, or the 400 that says why not (not JSON, not an object, nested
+  deeper than MAX_JSON_DEPTH, a lone surrogate in a string)."""
+  deep = ApiError(400, f"the request body nests objects and arrays more than {MAX_JSON_DEPTH} levels deep",
+                  None, code="too_deep")
+  try:
+    data = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ApiError(400, f"the request body is not valid JSON ({e})", None) from None
+  except RecursionError:  # nested beyond the parser's own limit
+    raise deep from None
+  if too_deep(data):
+    raise deep
+  if not isinstance(data, dict):
+    raise ApiError(400, "the request body must be a JSON object", None)
+  bad = invalid_text(data)
+  if bad is not None:
+    raise ApiError(400, f"'{bad}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", bad)
+  return data
 
 
 def invalid_text(value, path: str = "") -> str | None:
@@ -111,6 +151,10 @@ def stop_strings(body: dict) -> tuple[str, ...]:
     raise ApiError(400, f"'stop' has {len(items)} strings; at most {MAX_STOPS} are allowed", "stop")
   if any(not x for x in items):
     raise ApiError(400, "'stop' strings must not be empty", "stop")
+  longest = max(items, key=len, default="")
+  if len(longest) > MAX_STOP_CHARS:
+    raise ApiError(400, f"'stop' holds a string of {len(longest)} characters; at most {MAX_STOP_CHARS} are allowed",
+                   "stop")
   return tuple(items)
 
 
@@ -222,9 +266,29 @@ def messages_of(body: dict) -> list[dict]:
   return out
 
 
-def parse_chat(body: dict, model: str, tok, context: int) -> GenRequest:
+def _check_choices(n_prompts: int, n: int, max_choices: int) -> None:
+  if n_prompts * n > max_choices:
+    raise ApiError(400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} choices; this server takes at most "
+                        f"{max_choices} per request (split it into several requests)", "n" if n > 1 else "prompt",
+                   code="too_many_choices")
+
+
+def check_prompt_bytes(nbytes: int, max_prompt_bytes: int, param: str, what: str) -> None:
+  """400 naming `param` when a prompt's text (`nbytes` bytes) is over the bound (0: none)."""
+  if max_prompt_bytes and nbytes > max_prompt_bytes:
+    raise ApiError(400, f"{what} {nbytes} bytes of text; this server takes at most {max_prompt_bytes} bytes per "
+                        "prompt (checked before tokenizing: far more than the model's context holds)", param,
+                   code="prompt_too_long")
+
+
+def parse_chat(body: dict, model: str, tok, context: int, *, max_prompt_bytes: int = 0,
+               max_choices: int = MAX_CHOICES) -> GenRequest:
+  """The request; `max_prompt_bytes` (0: no bound) bounds the messages' text before it is tokenized."""
   n, stops, stream, include_usage, ignore_eos = _common(body)
+  _check_choices(1, n, max_choices)
   messages = messages_of(body)
+  check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages), max_prompt_bytes, "messages",
+               "'messages' hold")
   want_logprobs = boolean(body, "logprobs", False)
   top = number(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
   if top is not None and not want_logprobs:
@@ -239,8 +303,10 @@ def parse_chat(body: dict, model: str, tok, context: int) -> GenRequest:
                     (top or 0) if want_logprobs else None, False, ignore_eos)
 
 
-def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
-  """`prompt` as token ids: a string, a list of strings, a list of ids or a list of id lists."""
+def prompts_of(body: dict, tok, vocab_size: int, *, n: int = 1, max_prompt_bytes: int = 0,
+               max_choices: int = MAX_CHOICES) -> list[list[int]]:
+  """`prompt` as token ids: a string, a list of strings, a list of ids or a list of id lists. The
+  bounds (prompts x n, each string's bytes) are checked before anything is tokenized."""
   p = body.get("prompt")
   bad = ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
                       f"lists of token ids, got {show(p)}", "prompt")
@@ -254,6 +320,10 @@ def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
     raise bad
   if len(items) > MAX_PROMPTS:
     raise ApiError(400, f"'prompt' holds {len(items)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+  _check_choices(len(items), n, max_choices)
+  for k, item in enumerate(items):
+    if isinstance(item, str):
+      check_prompt_bytes(len(item.encode("utf-8")), max_prompt_bytes, "prompt", f"'prompt' item {k} holds")
   out = []
   for k, item in enumerate(items):
     if isinstance(item, str):
@@ -272,9 +342,10 @@ def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
   return out
 
 
-def parse_completion(body: dict, model: str, tok, context: int, vocab_size: int) -> GenRequest:
+def parse_completion(body: dict, model: str, tok, context: int, vocab_size: int, *, max_prompt_bytes: int = 0,
+                     max_choices: int = MAX_CHOICES) -> GenRequest:
   n, stops, stream, include_usage, ignore_eos = _common(body)
-  prompts = prompts_of(body, tok, vocab_size)
+  prompts = prompts_of(body, tok, vocab_size, n=n, max_prompt_bytes=max_prompt_bytes, max_choices=max_choices)
   echo = boolean(body, "echo", False)
   logprobs = body.get("logprobs")
   if isinstance(logprobs, bool):  # some clients send the chat form

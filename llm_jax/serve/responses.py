@@ -17,6 +17,9 @@ from llm_jax.serve.protocol import ApiError, GenRequest
 from llm_jax.serve.scheduler import Engine
 
 
+DONE = "data: [DONE]\n\n"  # the last event of a stream that ended well
+
+
 def sse(obj) -> str:
   """One server-sent event carrying `obj` as JSON."""
   return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
@@ -248,7 +251,7 @@ async def stream(engine: Engine, seqs, queue: asyncio.Queue, choices: list[Choic
         yield sse(chunk)
     if fmt.req.include_usage:
       yield sse(fmt.usage_chunk(choices, prompt_tokens))
-    yield "data: [DONE]\n\n"
+    yield DONE
   finally:
     if remaining:  # the client went away (or an error ended the stream): free the slots
       engine.cancel(seqs)

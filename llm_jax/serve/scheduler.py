@@ -2,7 +2,8 @@
 
 Requests arrive as `Sequence`s (one per choice). Each loop iteration
   1. drops cancelled sequences (a client went away) and frees their slots,
-  2. admits waiting sequences into free slots (first come, first served),
+  2. admits waiting sequences into free slots, taking turns between their owners (clients): one
+     client's hundred queued choices never make another client's single request wait for them all,
   3. writes prompts into their rows, at most `prefill_budget` tokens per iteration, in chunks, so a
      long prompt never stalls the rows that are decoding,
   4. dispatches one decode step for every decoding row,
@@ -43,6 +44,7 @@ class Sequence:
   stop_strings: tuple = ()
   logprobs: int | None = None  # None: none; k >= 0: each token's log-prob and the top k
   echo: bool = False  # also score every prompt token (the loglikelihood contract)
+  owner: str = ""  # who asked (the client's address): waiting sequences are admitted by turns of owner
   # Filled in by the engine.
   slot: int = -1
   prefilled: int = 0
@@ -69,11 +71,13 @@ class Engine:
 
   def __init__(self, params, cfg, tok, *, name: str, n_slots: int = 16, context: int = 256,
                prefill_chunk: int = 256, prefill_budget: int = 512, min_bucket: int = 32,
-               max_waiting: int = 1024):
+               max_waiting: int = 1024, owner_share: float = 0.25):
     self.params, self.cfg, self.tok, self.name = params, cfg, tok, name
     self.n_slots, self.context, self.min_bucket = n_slots, context, min_bucket
     self.cache_len = context
     self.prefill_budget, self.max_waiting = prefill_budget, max_waiting
+    # The part of the waiting line one owner may hold: one client cannot fill it for everyone.
+    self.max_waiting_per_owner = max(1, int(max_waiting * owner_share))
     self.chunks = [c for c in _pow2_range(min_bucket, prefill_chunk) if c <= max(min_bucket, context)]
     # Rows decoded together: a power of two covering the active rows (a lone request on a CPU
     # costs a 1-row step, not an n_slots-row one). Attention windows: min_bucket * 4^k, then the
@@ -84,8 +88,11 @@ class Engine:
     self.slot_seq: list[Sequence | None] = [None] * n_slots
     self.positions = np.zeros(n_slots, np.int64)  # mirrors the device's positions (window choice)
     self.settings = {k: np.repeat(v, n_slots) for k, v in _SETTINGS_INACTIVE.items()}
-    self.waiting: collections.deque[Sequence] = collections.deque()
-    self._inbox: collections.deque[Sequence] = collections.deque()
+    # Sequences not yet in a slot: owner -> its line, in the order owners take turns (engine thread).
+    self.waiting: collections.OrderedDict[str, collections.deque[Sequence]] = collections.OrderedDict()
+    self._inbox: collections.deque[Sequence] = collections.deque()  # submitted, not yet seen by the loop
+    self._queued: dict[str, int] = {}  # owner -> sequences in the inbox or waiting (under _cond)
+    self._n_queued = 0
     self._cond = threading.Condition()
     self._stop = False
     self._programs: set = set()
@@ -109,11 +116,13 @@ class Engine:
     with self._cond:
       self._stop = True
       self._cond.notify()
-    self._thread.join(timeout=30)
+    if self._thread.ident is not None:  # started
+      self._thread.join(timeout=30)
 
-  def submit(self, seqs: list[Sequence]) -> bool:
-    """Queues sequences; False (nothing queued) when the waiting line is full. A sequence the engine
-    could not run raises ValueError here, in the caller's thread, never in the loop."""
+  def submit(self, seqs: list[Sequence]) -> str | None:
+    """Queues sequences (one request's, all of one owner); None when queued, else why nothing was
+    queued: the waiting line is full, or the owner already holds its share of it. A sequence the
+    engine could not run raises ValueError here, in the caller's thread, never in the loop."""
     vocab = self.cfg.vocab_size
     for s in seqs:
       if not s.prompt or min(s.prompt) < 0 or max(s.prompt) >= vocab:
@@ -122,15 +131,39 @@ class Engine:
         raise ValueError(f"prompt + max_tokens = {len(s.prompt) + s.max_tokens} exceeds the cache of "
                          f"{self.cache_len} tokens")
       s.settings_row = s.sampling.arrays(1)  # any overflow surfaces now
+    owners = {s.owner for s in seqs}
+    if len(owners) > 1:
+      raise ValueError("one submit() takes the sequences of one owner")
+    owner = owners.pop() if owners else ""
     with self._cond:
-      if len(self.waiting) + len(self._inbox) + len(seqs) > self.max_waiting:
-        return False
+      if self._n_queued + len(seqs) > self.max_waiting:
+        return (f"the server's queue is full ({self._n_queued} of {self.max_waiting} choices waiting for a "
+                "slot); retry later")
+      held = self._queued.get(owner, 0)
+      if held + len(seqs) > self.max_waiting_per_owner:
+        return (f"this client already has {held} choices waiting for a slot, and may queue at most "
+                f"{self.max_waiting_per_owner} (its share of the server's queue); retry when some are done")
       now = time.time()
       for s in seqs:
         s.t_submit = now
         self._inbox.append(s)
+      self._queued[owner] = held + len(seqs)
+      self._n_queued += len(seqs)
       self._cond.notify()
-    return True
+    return None
+
+  def _dequeued(self, seqs) -> None:
+    """Sequences that left the waiting line (admitted or cancelled)."""
+    if not seqs:
+      return
+    with self._cond:
+      for s in seqs:
+        left = self._queued[s.owner] - 1
+        if left:
+          self._queued[s.owner] = left
+        else:
+          del self._queued[s.owner]
+      self._n_queued -= len(seqs)
 
   def cancel(self, seqs: list[Sequence]) -> None:
     with self._cond:
@@ -148,20 +181,31 @@ class Engine:
             "generated_tokens": self.stats["generated_tokens"], "decode_steps": self.stats["decode_steps"],
             "errors": self.stats["errors"], "cancelled": self.stats["cancelled"],
             "peak_batch": self.stats["peak_batch"], "tokens_per_s": sum(recent) / 10.0,
-            "waiting": len(self.waiting) + len(self._inbox),
+            "waiting": self._n_queued,
             "slots_used": sum(s is not None for s in self.slot_seq), "slots": self.n_slots,
             "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "programs": len(self._programs)}
 
-  def warmup(self, logprobs: bool = False) -> float:
-    """Compiles every decode shape and every prefill chunk now (before serving), so no request
-    waits on XLA; with `logprobs`, also the prefill that scores prompts (`echo`)."""
+  def programs(self, logprobs: bool = True) -> list[tuple]:
+    """Every program a request can reach: ("prefill", chunk, top_n) and ("decode", rows, window);
+    top_n = TOP_N is the prefill that scores a prompt (`echo` with log-probs)."""
+    out = [("prefill", c, top_n) for top_n in ((0, TOP_N) if logprobs else (0,)) for c in self.chunks]
+    return out + [("decode", b, w) for b in self.batches for w in self.windows]
+
+  def warmup(self, logprobs: bool = True, progress: Callable[[int, int, tuple], None] | None = None) -> float:
+    """Compiles every program now (before serving), so no request waits on XLA: every decode shape
+    and prefill chunk, with `logprobs` also the prefill that scores prompts (`echo`). Call it before
+    start(). `progress(done, total, program)` follows each one."""
     start = time.time()
-    for top_n in ((0, TOP_N) if logprobs else (0,)):
-      for c in self.chunks:
+    todo = self.programs(logprobs)
+    for k, program in enumerate(todo):
+      if program[0] == "prefill":
+        _, c, top_n = program
         self._prefill(0, np.zeros(c, np.int32), 0, 1, np.zeros(c, np.int32), top_n)
-    for b in self.batches:
-      for w in self.windows:
+      else:
+        _, b, w = program
         self._decode(np.arange(b, dtype=np.int32), np.zeros(b, bool), w)
+      if progress is not None:
+        progress(k + 1, len(todo), program)
     import jax  # pylint: disable=g-import-not-at-top
     jax.block_until_ready(self.state)
     return time.time() - start
@@ -202,7 +246,11 @@ class Engine:
           self._cond.wait()
         if self._stop:
           break
-        self.waiting.extend(self._inbox)
+        for s in self._inbox:
+          line = self.waiting.get(s.owner)
+          if line is None:
+            line = self.waiting[s.owner] = collections.deque()
+          line.append(s)
         self._inbox.clear()
       try:
         self._drop_cancelled()
@@ -224,31 +272,46 @@ class Engine:
           if s is not None:
             self._finish(s, "error", error=f"internal error while decoding: {type(e).__name__}: {e}")
         self.state = self._fresh_state()
-    for s in list(self.slot_seq) + list(self.waiting) + list(self._inbox):
+    for s in list(self.slot_seq) + [s for line in self.waiting.values() for s in line] + list(self._inbox):
       if s is not None and s.finish_reason is None:
         s.finish_reason = "error"
         s.emit({"type": "error", "message": "the server is shutting down"})
 
   def _drop_cancelled(self) -> None:
-    if any(s.cancelled for s in self.waiting):
-      kept = collections.deque()
-      for s in self.waiting:
-        if s.cancelled:
-          s.finish_reason = "cancelled"
-          self.stats["cancelled"] += 1
+    dropped = []
+    for owner, line in list(self.waiting.items()):
+      if any(s.cancelled for s in line):
+        kept = collections.deque()
+        for s in line:
+          if s.cancelled:
+            s.finish_reason = "cancelled"
+            self.stats["cancelled"] += 1
+            dropped.append(s)
+          else:
+            kept.append(s)
+        if kept:
+          self.waiting[owner] = kept
         else:
-          kept.append(s)
-      self.waiting = kept
+          del self.waiting[owner]
+    self._dequeued(dropped)
     for s in self.slot_seq:
       if s is not None and s.cancelled:
         self._free(s)
 
   def _admit(self) -> None:
+    admitted = []
     for slot in range(self.n_slots):
       if not self.waiting:
-        return
+        break
       if self.slot_seq[slot] is None:
-        s = self.waiting.popleft()
+        # The owner whose turn it is gives its oldest sequence, then waits behind the others.
+        owner, line = next(iter(self.waiting.items()))
+        s = line.popleft()
+        if line:
+          self.waiting.move_to_end(owner)
+        else:
+          del self.waiting[owner]
+        admitted.append(s)
         s.slot, s.prefilled = slot, 0
         self.slot_seq[slot] = s
         self.stats["requests"] += 1
@@ -256,6 +319,7 @@ class Engine:
         # Decoding resumes after the prompt; its last tokens give the first delta's context.
         s.detok = Detokenizer(self.tok.decode, s.prompt[-4:])
         s.stops = StopMatcher(s.stop_strings)
+    self._dequeued(admitted)
 
   def _prefill_some(self) -> None:
     budget = self.prefill_budget

@@ -34,6 +34,12 @@ async function errorText(resp) {
 async function api(path, body) {
   const resp = await fetch(path, body === undefined ? { headers: headers() }
     : { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (resp.status === 503 && resp.headers.get("Retry-After")) {  // still compiling: try again then
+    const text = await errorText(resp);
+    notice("The server is starting (" + text + "); this page retries by itself.");
+    setTimeout(init, 1000 * Math.min(10, Number(resp.headers.get("Retry-After")) || 5));
+    throw new Error(text);
+  }
   if (resp.status === 401) {
     notice("This server needs an API key: enter it at the top right.");
     keyInput.focus();
@@ -279,9 +285,12 @@ async function init() {
   }
 }
 
+
 async function stats() {
   try {
-    const m = await (await fetch("/metrics?format=json")).json();
+    const resp = await fetch("/metrics?format=json", { headers: headers() });  // behind the key, if any
+    if (!resp.ok) return;
+    const m = await resp.json();
     const parts = Object.entries(m.models).map(([name, s]) =>
       `${name}: ${s.slots_used}/${s.slots} slots, ${s.tokens_per_s.toFixed(1)} tok/s`);
     $("#stats").textContent = parts.join(" · ");
