@@ -26,7 +26,6 @@ import os
 import time
 import uuid
 
-from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
