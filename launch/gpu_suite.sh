@@ -63,7 +63,7 @@ fi
 echo "== suite (limit ${limit} s)"
 mkdir -p "$out"
 status=0
-timeout -k 15 "$limit" "$py" -m llm_jax.train.bench --suite=gpu --out="$out" "$@" || status=$?
+timeout -k 15 "$limit" "$py" -m llm_jax.train.bench --suite=gpu --suite_dir="$out" "$@" || status=$?
 if [ "$status" = 124 ] || [ "$status" = 137 ]; then
   echo "$0: the suite ran past ${limit} s; $out/results.json keeps what finished: run again to resume"
 fi

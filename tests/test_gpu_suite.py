@@ -18,7 +18,7 @@ def _suite(out, *args, timeout=600):
              JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "llm_jax.train.bench", "--suite=gpu", "--tiny",
-                         f"--out={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         f"--suite_dir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)
 
 

@@ -255,7 +255,7 @@ RULES = [
               "on the CPU"),
     Rule("launch/gpu_suite.sh --download", skip="downloads wheels (needs the network)"),
     Rule("launch/gpu_suite.sh", skip="needs a GPU machine; the suite itself runs with --tiny below"),
-    Rule("python -m llm_jax.train.bench --suite=gpu --tiny --out=runs/gpu_suite_tiny",
+    Rule("python -m llm_jax.train.bench --suite=gpu --tiny --suite_dir=runs/gpu_suite_tiny",
          outputs=("runs/gpu_suite_tiny/results.json",), expect=("| measurement | result |",)),
     Rule("python -m llm_jax.infer.bench --compare_torch",
          args=("--dim=64", "--n_layers=1", "--repeats=1", "--batch_sizes=1", "--prompt_len=8", "--new_tokens=4")),

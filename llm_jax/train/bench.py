@@ -37,8 +37,9 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time the same s
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "With --compare_torch: alternate the two sides this many times.")
 _SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "Run a suite of benchmarks instead (bench_suite.py): "
                            "gpu = smoke, train steps, attention kernels, decoding; prints and writes JSON.")
-_OUT = flags.DEFINE_string("out", "runs/gpu_suite", "--suite: directory of results.json (finished parts "
-                           "are kept: the next run resumes) and the smoke test's run.")
+# Not --out: tests import this module beside data/train_tokenizer.py, whose --out it would clash with.
+_OUT = flags.DEFINE_string("suite_dir", "runs/gpu_suite", "--suite: directory of results.json "
+                           "(finished parts are kept: the next run resumes) and the smoke test's run.")
 _TINY = flags.DEFINE_bool("tiny", False, "--suite: tiny shapes, every part end to end on a CPU in minutes.")
 _PARTS = flags.DEFINE_list("parts", [], "--suite: only these parts (smoke, train, attention, decode).")
 _FRESH = flags.DEFINE_bool("fresh", False, "--suite: forget earlier results and run every part again.")

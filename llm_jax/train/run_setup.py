@@ -100,10 +100,13 @@ def check_checkpoint_dir(workdir: str) -> None:
   if os.path.exists(ckpt) and not os.path.isdir(ckpt):
     raise NotADirectoryError(f"{ckpt} is a file, where the run keeps its checkpoints; move it "
                              "away or choose another --workdir.")
+  made = not os.path.exists(ckpt)
   try:
     os.makedirs(ckpt, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=ckpt, prefix=".write-test-"):
       pass
+    if made:  # leave the run directory as it was: a later check may still refuse the job
+      os.rmdir(ckpt)
   except OSError as e:
     raise PermissionError(f"{ckpt} is not writable ({e.strerror}): the run could not save "
                           "checkpoints; fix its permissions or choose another --workdir.") from None
@@ -115,8 +118,6 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   whether the batch splits over the devices. Each failure is one line naming the field or path
   and the fix."""
   check_workdir(workdir)
-  if config.checkpoint.enabled:
-    check_checkpoint_dir(workdir)
   for field in ("train", "eval"):
     spec = config.data[field]
     if not spec:
@@ -129,6 +130,8 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not checkpoint.steps(config.init_from):
       raise FileNotFoundError(f"config.init_from={config.init_from}: the run has no checkpoints "
                               f"under {checkpoint.checkpoint_dir(config.init_from)}")
+  if config.checkpoint.enabled:
+    check_checkpoint_dir(workdir)
   shards = batch_shards(config)
   if config.data.batch_size % shards:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over the "
