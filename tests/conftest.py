@@ -1,6 +1,9 @@
 """Shared fixtures: small saved runs that tests of the tools built on run directories use."""
 
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
@@ -42,6 +45,37 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: minutes long; runs only with --run-slow or LLM_JAX_SLOW=1")
+  _share_compilations()
+
+
+_CACHE_DIR = None
+
+
+def _share_compilations():
+  """One JAX persistent compilation cache for this test session, in a fresh temporary directory.
+
+  Dozens of tests start trainers, chats and servers in subprocesses that compile the same tiny
+  programs; with the cache each program compiles once per session (the executable is the same
+  either way, so results do not change; the cache key covers XLA_FLAGS, so the 8-virtual-device
+  tests get their own entries). Set in the environment so subprocesses inherit it. A cache the
+  user set is kept."""
+  global _CACHE_DIR
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  _CACHE_DIR = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  # Train steps take seconds to compile; the many small helper programs are not worth a file.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+  if "jax" in sys.modules:  # imported by a plugin before this ran: its config read the env already
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_DIR:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
