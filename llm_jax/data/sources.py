@@ -10,8 +10,10 @@ dropped on pickling and reopened on first use.
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,7 @@ class _FileSource:
     self.path, self._starts, self._ends, self._lines = path, starts, ends, lines
     self.shown_path = path  # the name errors use (the .gz a decompressed copy came from)
     self._fd = None
+    self._open_lock = threading.Lock()  # Grain's loader threads share the source
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -67,11 +70,18 @@ class _FileSource:
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_fd"] = None
+    del state["_open_lock"]
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open_lock = threading.Lock()
 
   def _bytes(self, i: int) -> bytes:
     if self._fd is None:
-      self._fd = os.open(self.path, os.O_RDONLY)
+      with self._open_lock:  # one descriptor, however many threads ask first (pread shares it)
+        if self._fd is None:
+          self._fd = os.open(self.path, os.O_RDONLY)
     start, end = int(self._starts[i]), int(self._ends[i])
     return os.pread(self._fd, end - start, start)
 
@@ -230,32 +240,85 @@ class JsonArraySource(_FileSource):
 
 
 class ParquetSource:
-  """Rows of a Parquet file, read one row group at a time (the last one is cached)."""
+  """Rows of a Parquet file, read one row group at a time.
+
+  Grain reads a source from many threads at once (16 by default), so nothing here is shared
+  unguarded: each thread opens its own pyarrow file (a ParquetFile is not thread-safe: shared, it
+  crashed or hung in read_row_group), and decoded row groups sit in one cache shared by all
+  threads, bounded by bytes (least recently used out first), each group decoded by one thread
+  while the others wait for it, never twice at once.
+  """
+
+  CACHE_BYTES = 256 << 20  # decoded row groups kept (at least one, however large)
 
   def __init__(self, path: str):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     if not os.path.exists(path):
       raise FileNotFoundError(f"data file {path!r} does not exist (check config.data.train/eval).")
     self.path = path
-    meta = pq.ParquetFile(path).metadata
+    try:
+      meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+      raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}).") from None
     self._offsets = np.cumsum([0] + [meta.row_group(g).num_rows
                                      for g in range(meta.num_row_groups)])
-    self._file, self._cached = None, (None, None)
+    self._init_shared()
+
+  def _init_shared(self):
+    self._local = threading.local()  # .file: this thread's pyarrow.parquet.ParquetFile
+    self._lock = threading.Lock()  # guards _groups, _loading and _cached_bytes
+    self._groups: collections.OrderedDict = collections.OrderedDict()  # group -> pyarrow.Table
+    self._loading: dict[int, threading.Event] = {}  # groups being decoded by some thread now
+    self._cached_bytes = 0
 
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
   def __getstate__(self):
-    return {"path": self.path, "_offsets": self._offsets, "_file": None, "_cached": (None, None)}
+    return {"path": self.path, "_offsets": self._offsets}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_shared()
+
+  def _file(self):
+    f = getattr(self._local, "file", None)
+    if f is None:
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      f = self._local.file = pq.ParquetFile(self.path)
+    return f
+
+  def _group(self, group: int):
+    while True:
+      with self._lock:
+        table = self._groups.get(group)
+        if table is not None:
+          self._groups.move_to_end(group)
+          return table
+        event = self._loading.get(group)
+        if event is None:  # this thread decodes it
+          event = self._loading[group] = threading.Event()
+          break
+      event.wait()  # another thread is decoding it; then look again
+    table = None
+    try:
+      table = self._file().read_row_group(group)
+    finally:
+      with self._lock:  # cached and no longer loading in one step: nobody decodes it again
+        del self._loading[group]
+        if table is not None:
+          self._groups[group] = table
+          self._cached_bytes += table.nbytes
+          while self._cached_bytes > self.CACHE_BYTES and len(self._groups) > 1:
+            _, old = self._groups.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+      event.set()
+    return table
 
   def __getitem__(self, i: int) -> dict:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     group = int(np.searchsorted(self._offsets, i, side="right") - 1)
-    if self._cached[0] != group:
-      if self._file is None:
-        self._file = pq.ParquetFile(self.path)
-      self._cached = (group, self._file.read_row_group(group))
-    return self._cached[1].slice(i - int(self._offsets[group]), 1).to_pylist()[0]
+    table = self._group(group)
+    return table.slice(i - int(self._offsets[group]), 1).to_pylist()[0]
 
   def where(self, i: int) -> str:
     return f"{self.path} (row {i})"
