@@ -61,3 +61,205 @@ def test_parquet_read_by_16_threads_gives_exact_records(tmp_path, monkeypatch, c
     assert [got[seed][i] for i in range(len(rows))] == rows
   if cache_bytes is None:  # all three fit the cache: each decoded once, however many threads
     assert sorted(decoded) == [0, 1, 2]
+
+
+# ---- 4. public record shapes as they ship ----------------------------------------------------
+
+def _data_cfg(train, **kw):
+  from configs import data as data_config
+  cfg = data_config.get_config()
+  cfg.train = train
+  cfg.update(kw)
+  return cfg
+
+
+def _docs(path, **kw):
+  from llm_jax.data import pipeline
+  reader = pipeline.DocReader(str(path), _data_cfg(str(path), **kw))
+  return reader, [reader[i] for i in range(len(reader))]
+
+
+POEMS = [  # chinese-poetry's poet.tang.*.json: a JSON array, the poem's lines under "paragraphs"
+    {"author": "李白", "paragraphs": ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"],
+     "title": "靜夜思", "id": "a1"},
+    {"author": "王之渙", "paragraphs": ["白日依山盡，黃河入海流。", "欲窮千里目，更上一層樓。"],
+     "title": "登鸛雀樓", "id": "a2"},
+]
+
+
+def test_a_text_field_that_is_a_list_of_strings_is_joined_by_lines(tmp_path):
+  path = tmp_path / "poet.tang.0.json"
+  path.write_text(json.dumps(POEMS, ensure_ascii=False, indent=2), encoding="utf-8")
+  reader, docs = _docs(path, text_field="paragraphs", mode="pretrain")
+  assert reader.format == "text"
+  assert [d["text"] for d in docs] == ["\n".join(p["paragraphs"]) for p in POEMS]
+  path.write_text(json.dumps([{"paragraphs": ["一", 2]}]), encoding="utf-8")
+  with pytest.raises(sources.RecordError, match=r"poet.tang.0.json:1 .*'paragraphs'\[1\] is a int"):
+    _docs(path, text_field="paragraphs", format="text")
+
+
+KDCONV = [  # KdConv's train.json: turns {"message", "attrs"?} without roles
+    {"messages": [{"message": "你知道《战狼》吗？", "attrs": [{"attrname": "Information"}]},
+                  {"message": "知道，是吴京导演的。"},
+                  {"message": "它讲的是什么？"},
+                  {"message": "讲一名特种兵的故事。"}], "name": "战狼"},
+]
+
+
+def test_dialogues_without_roles_alternate_when_asked(tmp_path):
+  path = tmp_path / "kdconv.json"
+  path.write_text(json.dumps(KDCONV, ensure_ascii=False), encoding="utf-8")
+  with pytest.raises(sources.RecordError,
+                     match=r"kdconv.json:1 .*messages\[0\] has no role .*data.roles=alternate"):
+    _docs(path)
+  reader, docs = _docs(path, roles="alternate")
+  assert reader.format == "chat"
+  assert docs[0]["messages"] == [
+      {"role": r, "content": t["message"]}
+      for r, t in zip(["user", "assistant", "user", "assistant"], KDCONV[0]["messages"])]
+  # plain-string turns (LCCC-style), and a turn whose role contradicts the alternation
+  path = tmp_path / "lccc.jsonl"
+  path.write_text(json.dumps({"conversations": ["你好", "你好呀", "在干嘛"]}, ensure_ascii=False)
+                  + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "hi"}]})
+                  + "\n", encoding="utf-8")
+  reader, _ = _docs(path, roles="alternate", skip_bad_records=True)
+  assert [m["role"] for m in reader[0]["messages"]] == ["user", "assistant", "user"]
+  assert "says role 'assistant'" in reader[1]["error"] and f"{path}:2" in reader[1]["error"]
+
+
+CSL = [  # CSL (Chinese scientific literature): title, abstract, keywords, discipline, category
+    ["基于深度学习的图像识别方法", "本文提出一种新的卷积网络结构，在多个数据集上取得了较好的结果。",
+     "深度学习_图像识别", "计算机科学与技术", "工学"],
+    ["水稻产量的影响因素研究", "通过田间试验分析了施肥量与水稻产量的关系。", "水稻_产量", "作物学", "农学"],
+]
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_tsv_files_read_with_their_header_or_named_columns(tmp_path, header):
+  names = ["title", "abstract", "keywords", "discipline", "category"]
+  lines = (["\t".join(names)] if header else []) + ["\t".join(r) for r in CSL]
+  path = tmp_path / "csl_camera_readly.tsv"
+  path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")  # BOM, CRLF
+  kw = {} if header else {"tsv_columns": ",".join(names)}
+  reader, docs = _docs(path, rename_fields="abstract:instruction,title:output", **kw)
+  assert reader.format == "alpaca"
+  assert [d["messages"] for d in docs] == [
+      [{"role": "user", "content": r[1]}, {"role": "assistant", "content": r[0]}] for r in CSL]
+  raw = sources.open_file(str(path), **kw)
+  assert raw[1] == dict(zip(names, CSL[1]))
+  with open(path, "ab") as f:
+    f.write("只有一列\n".encode("utf-8"))
+  line = len(lines) + 1
+  with pytest.raises(sources.RecordError, match=rf"csl_camera_readly.tsv:{line}: 1 tab-separated "
+                     r"fields, but .* names 5 columns"):
+    sources.open_file(str(path), **kw)[2]
+
+
+HH = [  # Anthropic/hh-rlhf train.jsonl.gz: whole transcripts in chosen and rejected
+    {"chosen": "\n\nHuman: What is the capital of France?\n\nAssistant: Paris.",
+     "rejected": "\n\nHuman: What is the capital of France?\n\nAssistant: I don't know."},
+    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit."
+               "\n\nAssistant: An apple.\n\nIt is red.",
+     "rejected": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit."
+                 "\n\nAssistant: A carrot."},
+]
+
+
+def test_hh_rlhf_transcripts_become_prompt_and_responses(tmp_path, monkeypatch):
+  import gzip
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  path = tmp_path / "train.jsonl.gz"
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in HH)
+  reader, docs = _docs(path, mode="dpo")
+  assert docs[0]["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
+  assert docs[0]["chosen"] == [{"role": "assistant", "content": "Paris."}]
+  assert docs[0]["rejected"] == [{"role": "assistant", "content": "I don't know."}]
+  assert docs[1]["prompt"] == [{"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello! How can I help?"},
+                               {"role": "user", "content": "Name a fruit."}]
+  assert docs[1]["chosen"] == [{"role": "assistant", "content": "An apple.\n\nIt is red."}]
+  # the split form (prompt ending in an empty "Assistant:" turn, then the two answers)
+  from llm_jax.data import formats
+  pair = formats.normalize_pair({"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello.",
+                                 "rejected": " Go away."}, "f.jsonl:1")
+  assert pair["prompt"] == [{"role": "user", "content": "Hi"}]
+  assert pair["chosen"] == [{"role": "assistant", "content": " Hello."}]
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "Go away."},
+     r"the pair has no prompt .*mention 'Human:'.*hh-rlhf transcripts look like"),
+    ({"chosen": "Note\n\nHuman: Hi\n\nAssistant: Hello.",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Bye."},
+     r"chosen looks like an hh-rlhf transcript but has text before its first turn"),
+    ({"chosen": "\n\nHuman: Hi\n\nHuman: again\n\nAssistant: Hello.",
+      "rejected": "\n\nHuman: Hi\n\nHuman: again\n\nAssistant: Bye."},
+     r"turns 1 and 2 are both user turns"),
+])
+def test_unparseable_transcripts_say_the_format_is_the_cause(record, match):
+  from llm_jax.data import formats
+  with pytest.raises(sources.RecordError, match=rf"f.jsonl:3: .*{match}"):
+    formats.normalize_pair(record, "f.jsonl:3")
+
+
+# ---- 5. encoding through the whole file, byte order marks ------------------------------------
+
+def _utf8_then_gbk(path, n_utf8_bytes, gbk_line):
+  line = json.dumps({"text": "中文训练文本，" * 20}, ensure_ascii=False) + "\n"
+  n = -(-n_utf8_bytes // len(line.encode("utf-8")))
+  with open(path, "wb") as f:
+    f.write(line.encode("utf-8") * n)
+    f.write(gbk_line.encode("gbk") + b"\n")
+    f.write(line.encode("utf-8") * 3)
+  return n + 1  # the GBK line's number
+
+
+@pytest.mark.parametrize("name", ["late.jsonl", "late.txt", "late.json"])
+def test_gbk_after_megabytes_of_utf8_is_named_with_file_and_line(tmp_path, name):
+  path = tmp_path / name
+  gbk = '{"text": "这是GBK编码的一行"}' if name != "late.txt" else "这是GBK编码的一行"
+  if name == "late.json":  # a JSON array: the GBK record inside it
+    good = json.dumps({"text": "中文训练文本，" * 20}, ensure_ascii=False).encode("utf-8")
+    n = -(-int(2.3e6) // (len(good) + 2))
+    path.write_bytes(b"[\n" + b",\n".join([good] * n + [gbk.encode("gbk")]) + b"\n]\n")
+    line = n + 2
+  else:
+    line = _utf8_then_gbk(path, int(2.3e6), gbk)
+  assert path.stat().st_size > 2.3e6
+  with pytest.raises(ValueError, match=rf"{path}:{line}: not UTF-8 text \(byte 0x.. at offset "
+                     r"\d+\); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8"):
+    sources.open_file(str(path))
+  # skip_bad_records: the job starts, says so, and the line is skipped with the same hint
+  reader, _ = None, None
+  from llm_jax.data import pipeline
+  reader = pipeline.DocReader(str(path), _data_cfg(str(path), skip_bad_records=True,
+                                                   mode="pretrain"))
+  bad = [reader[i] for i in range(len(reader)) if "error" in reader[i]]
+  assert len(bad) == 1 and f"{path}:{line}" in bad[0]["error"] and "iconv" in bad[0]["error"]
+
+
+def test_characters_cut_by_the_scan_chunks_are_not_errors(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "_CHUNK", 7)  # every CJK character (3 bytes) straddles some cut
+  path = tmp_path / "zh.txt"
+  path.write_text("中文一行\n第二行，🙂\n", encoding="utf-8")
+  assert [sources.open_file(str(path))[i] for i in range(2)] == ["中文一行", "第二行，🙂"]
+  path.write_bytes("中文".encode("utf-8")[:-1])  # cut inside the last character
+  with pytest.raises(ValueError, match=r"zh.txt:1: not UTF-8 text"):
+    sources.open_file(str(path))
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bom.txt", "第一行\n第二行\n", ["第一行", "第二行"]),
+    ("bom.jsonl", '{"text": "一"}\n{"text": "二"}\n', [{"text": "一"}, {"text": "二"}]),
+    ("bom.json", '{"text": "一"}\n{"text": "二"}\n', [{"text": "一"}, {"text": "二"}]),
+    ("bom_array.json", '[{"text": "一"}, {"text": "二"}]', [{"text": "一"}, {"text": "二"}]),
+    ("bom_alone.txt", "\n第一行\n", ["第一行"]),  # a line holding only the mark is blank
+])
+def test_a_utf8_byte_order_mark_is_not_trained_on(tmp_path, name, content, expected):
+  path = tmp_path / name
+  path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+  source = sources.open_file(str(path))
+  assert [source[i] for i in range(len(source))] == expected
+  if "array" not in name:  # read_records: the small JSON Lines / text files users write
+    assert list(sources.read_records(str(path), plain_lines=True))[0][1] == expected[0]

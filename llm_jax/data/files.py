@@ -15,10 +15,11 @@ from llm_jax import paths
 # extension -> kind (sources.py maps each kind to the source that reads it); ".json" is
 # "json_array" when the file opens with "[", else JSON Lines.
 _KINDS = {".jsonl": "jsonl", ".json": "json", ".txt": "text", ".text": "text", ".md": "text",
+          ".tsv": "tsv",
           ".parquet": "parquet", ".array_record": "array_record", ".arrayrecord": "array_record"}
-_TEXT_KINDS = ("jsonl", "json", "text")
-_UNKNOWN = ("unknown extension; use .txt, .jsonl, .json, .parquet or .array_record (optionally "
-            ".gz-compressed).")
+_TEXT_KINDS = ("jsonl", "json", "text", "tsv")
+_UNKNOWN = ("unknown extension; use .txt, .jsonl, .json, .tsv, .parquet or .array_record "
+            "(optionally .gz-compressed).")
 
 
 def _kind_by_name(path: str) -> str | None:
@@ -29,7 +30,7 @@ def _kind_by_name(path: str) -> str | None:
 
 
 def kind(path: str) -> str:
-  """jsonl | json_array | text | parquet | array_record, of an uncompressed file."""
+  """jsonl | json_array | text | tsv | parquet | array_record, of an uncompressed file."""
   k = _kind_by_name(path)
   if k is None:
     raise ValueError(f"data file {path!r}: {_UNKNOWN}")
@@ -106,9 +107,13 @@ def check_utf8(path: str) -> None:
     if e.start >= len(head) - 4 and len(head) == _SNIFF:  # a character cut by the sniff window
       return
     line = head[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset "
-                     f"{e.start}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`."
-                     ) from None
+    raise ValueError(not_utf8_message(path, line, head[e.start], e.start)) from None
+
+
+def not_utf8_message(path: str, line: int, byte: int, offset: int) -> str:
+  """The one line for a text file that is not UTF-8 where `offset` (0-based) is."""
+  return (f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at offset {offset}); convert the "
+          "file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`.")
 
 
 def check_not_single_object(path: str) -> None:
@@ -118,6 +123,8 @@ def check_not_single_object(path: str) -> None:
   with open(path, "rb") as f:
     first_line = f.readline()
     more = bool(f.readline().strip())
+  if first_line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+    first_line = first_line[3:]
   try:
     record = json.loads(first_line)
   except (json.JSONDecodeError, UnicodeDecodeError):
