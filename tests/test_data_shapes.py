@@ -263,3 +263,41 @@ def test_a_utf8_byte_order_mark_is_not_trained_on(tmp_path, name, content, expec
   assert [source[i] for i in range(len(source))] == expected
   if "array" not in name:  # read_records: the small JSON Lines / text files users write
     assert list(sources.read_records(str(path), plain_lines=True))[0][1] == expected[0]
+
+
+# ---- 2. .gz: the decompressed copy is said, and cleaned when its source goes -------------------
+
+def test_gz_copies_are_announced_and_removed_when_the_source_changes_or_goes(
+    tmp_path, monkeypatch, caplog):
+  import gzip
+  import logging
+  import os
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+  copies = lambda: sorted(p.name for p in (cache / "llm_jax" / "decompressed").iterdir()
+                          if not p.name.endswith(".source.json"))
+
+  def write(path, text):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(text)
+
+  a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.txt.gz"
+  write(a, '{"text": "一"}\n' * 1000)
+  write(b, "line\n")
+  with caplog.at_level(logging.INFO):
+    assert len(sources.open_file(str(a))) == 1000
+  copy_a = copies()
+  assert len(copy_a) == 1 and copy_a[0].endswith("-a.jsonl")
+  path_a = str(cache / "llm_jax" / "decompressed" / copy_a[0])
+  said = " ".join(caplog.messages)
+  assert f"decompressing {a}" in said and path_a in said
+  assert f"{os.path.getsize(path_a) / 1e6:.1f} MB" in said  # how big the copy is
+  sources.open_file(str(a))
+  assert copies() == copy_a  # unchanged: reused
+  write(a, '{"text": "二"}\n' * 10)  # changed: a new copy, the old one removed
+  os.utime(a, ns=(1, 1))
+  assert sources.open_file(str(a))[0] == {"text": "二"}
+  assert len(copies()) == 1 and copies() != copy_a
+  os.remove(a)  # gone: its copy goes at the next decompression of any file
+  sources.open_file(str(b))
+  assert [c.split("-", 1)[1] for c in copies()] == ["b.txt"]
