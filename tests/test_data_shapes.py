@@ -301,3 +301,51 @@ def test_gz_copies_are_announced_and_removed_when_the_source_changes_or_goes(
   os.remove(a)  # gone: its copy goes at the next decompression of any file
   sources.open_file(str(b))
   assert [c.split("-", 1)[1] for c in copies()] == ["b.txt"]
+
+
+# ---- 6. inspect shows both sides of a pair, and how it is cut --------------------------------
+
+def test_inspect_dpo_shows_both_sides_and_the_cut(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from llm_jax.data import chat_template, formats, preference, tokenizer as tok_lib
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  long_answer = "Li Ming was born in Hangzhou, a city in the east. " * 4
+  pairs = [
+      {"prompt": "Where was Li Ming born?", "chosen": "Hangzhou.", "rejected": "Beijing."},
+      {"prompt": "Where was Li Ming born?", "chosen": long_answer, "rejected": "Beijing."},
+      {"prompt": "Where was Li Ming born? " * 12, "chosen": "Hangzhou.", "rejected": "Beijing."},
+  ]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  corpus = [chat_template.render_chat_text([{"role": "user", "content": p["prompt"]},
+                                            {"role": "assistant", "content": p[s]}])
+            for p in pairs for s in ("chosen", "rejected")] * 5
+  tok = tok_lib.train_sentencepiece(corpus, vocab_size=300)
+  model = tok.save(str(tmp_path / "tok"))
+  seq_len = 96
+  lengths = []  # each side's example length (tokens after the first), as DPO encodes it
+  for k, p in enumerate(pairs):
+    pair = formats.normalize_pair(p, f"{path}:{k + 1}")
+    lengths.append([len(preference.encode_side(tok, pair["prompt"], pair[s], "x")[0]) - 1
+                    for s in ("chosen", "rejected")])
+  assert sum(lengths[0]) <= seq_len < sum(lengths[1])
+  assert lengths[2][0] > seq_len // 2 and lengths[2][1] > seq_len // 2  # both halves: prompt only
+  out = subprocess.run(
+      [sys.executable, "-m", "llm_jax.data.inspect", "--config=configs/dpo.py",
+       f"--config.data.train={path}", f"--config.data.tokenizer.path={model}",
+       f"--config.data.seq_len={seq_len}", "--n=3"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  blocks = text.split("--- pair ")[1:]
+  assert len(blocks) == 3
+  assert "fits" in blocks[0] and "[chosen:" in blocks[0] and "[rejected:" in blocks[0]
+  assert "«Hangzhou.<|im_end|>" in blocks[0] and "«Beijing.<|im_end|>" in blocks[0]
+  # pair 2: the rejected side (short) whole, the chosen one cut to the rest of the row
+  short = lengths[1][1]
+  assert f"cut to {seq_len - short} + {short} (the ends of the responses go)" in blocks[1]
+  assert f"[chosen: cut off, {lengths[1][0] - (seq_len - short)} tokens]" in blocks[1]
+  half = seq_len // 2
+  assert f"dropped: cut to {seq_len - half} + {half}" in blocks[2]
