@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.shuffle_seed = -1  # seed of the record shuffle; -1 uses the job's config.seed
   c.worker_count = 0  # grain worker processes; 0 runs in the main process (tests, CI)
   c.worker_buffer_size = 2  # batches each worker prepares ahead (with worker_count > 0)
+  c.count_examples = 5000  # SFT/DPO: records per split tokenized at start to count what seq_len keeps and drops (an even sample when more; 0 = off)
   c.skip_bad_records = False  # skip (and count in the logs) malformed records instead of failing
   c.clean_text = False  # pretraining hygiene: drop empty brackets and wiki/HTML markup from text
   c.max_doc_chars = 0  # cut text documents longer than this at a sentence end; 0 = no cut

@@ -349,3 +349,78 @@ def test_inspect_dpo_shows_both_sides_and_the_cut(tmp_path):
   assert f"[chosen: cut off, {lengths[1][0] - (seq_len - short)} tokens]" in blocks[1]
   half = seq_len // 2
   assert f"dropped: cut to {seq_len - half} + {half}" in blocks[2]
+
+
+# ---- 3. what seq_len keeps and drops, counted at start -----------------------------------------
+
+def _kept_by_training(cfg, tok, seq_len):
+  """(examples, kept) as the training pipeline decides them: every record through ToExamples (SFT)
+  or ToPairExamples (DPO) at seq_len, independently of census.py's own rules."""
+  from llm_jax.data import pipeline, preference
+  cfg = cfg.copy_and_resolve_references()
+  cfg.seq_len = seq_len
+  reader = pipeline.DocReader(cfg.train, cfg)
+  if cfg.mode == "dpo":
+    t = preference.ToPairExamples(cfg, tok)
+    outs = [t.flat_map(reader[i]) for i in range(len(reader))]
+    return len(outs), sum(len(o) for o in outs)
+  t = pipeline.ToExamples(cfg, tok, packing="best_fit")
+  outs = [t.flat_map(reader[i]) for i in range(len(reader))]
+  return len(outs), sum(len(o) for o in outs)
+
+
+CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处队南给色光门即保治北造百规热领七海口东导器压志世金增争济阶油思术极交受联什认六共权收证改清己美再采转更单风切打白教速花带安场身车例真务具万每目至达走积示议声报斗完类八离华名确才科张信马节话米整空元况今集温传土许步群广石记需段研界拉林律叫且究观越织装影算低持音众书布复容儿须际商非验连断深难近矿千周委素技备半办青省列习响约支般史感劳便团往酸历市克何除消构府称太准精值号率族维划选标写存候毛亲快效斯院查江型眼王按格养易置派层片始却专状育厂京识适属圆包火住调满县局照参红细引听该铁价严"  # common Chinese characters: text that does not compress into a few pieces
+
+
+def test_kept_and_dropped_are_counted_at_start_with_a_seq_len_that_keeps_95(tmp_path):
+  from llm_jax.data import census, chat_template, tokenizer as tok_lib
+  rng = random.Random(0)
+  chars = CHARS
+  rows = [(f"标题{i}", "".join(rng.choice(chars) for _ in range(rng.randint(5, 60))) + "。")
+          for i in range(60)]
+  path = tmp_path / "csl.tsv"
+  path.write_text("title\tabstract\n" + "".join(f"{t}\t{a}\n" for t, a in rows), encoding="utf-8")
+  tok = tok_lib.train_sentencepiece(
+      [chat_template.render_chat_text([{"role": "user", "content": a},
+                                       {"role": "assistant", "content": t}]) for t, a in rows],
+      vocab_size=1000)
+  cfg = _data_cfg(str(path), rename_fields="abstract:instruction,title:output", seq_len=48,
+                  mode="sft", count_examples=1000)
+  c = census.count(cfg, tok, "train")
+  examples, kept = _kept_by_training(cfg, tok, 48)
+  assert (c["records"], c["examples"], c["scaled"]) == (60, examples, False)
+  assert c["examples"] - c["dropped"] == kept and 0 < c["dropped"] < 60 and c["cut"] > 0
+  k95 = c["seq_len_keep_95"]
+  assert _kept_by_training(cfg, tok, k95)[1] >= 0.95 * 60 > _kept_by_training(cfg, tok, k95 - 1)[1]
+  line = census.describe(c)
+  assert f"data (train): 60 examples at seq_len 48: {c['kept_whole']} whole" in line
+  assert f"{c['dropped']} dropped" in line and f"seq_len {k95} would keep 95% of them" in line
+  # a sample, scaled to the split
+  cfg.count_examples = 20
+  sampled = census.count(cfg, tok, "train")
+  assert sampled["scaled"] and sampled["counted"] == 20 and sampled["examples"] == 60
+  assert "estimated from an even sample of 20 of 60 records" in census.describe(sampled)
+  cfg.mode = "pretrain"
+  assert census.count(cfg, tok, "train") is None  # long documents are split, never dropped
+
+
+def test_dpo_pairs_kept_and_dropped_are_counted(tmp_path):
+  from llm_jax.data import census, chat_template, tokenizer as tok_lib
+  rng = random.Random(1)
+  pairs = [{"prompt": "".join(rng.choice(CHARS) for _ in range(2 * k)),
+            "chosen": "好的回答" * (k % 5 + 1), "rejected": "坏" * (k % 3 + 1)}
+           for k in range(1, 30)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs),
+                  encoding="utf-8")
+  tok = tok_lib.train_sentencepiece(
+      [chat_template.render_chat_text([{"role": "user", "content": p["prompt"]},
+                                       {"role": "assistant", "content": p["chosen"]}])
+       for p in pairs], vocab_size=1000)
+  cfg = _data_cfg(str(path), mode="dpo", seq_len=64, count_examples=1000)
+  c = census.count(cfg, tok, "train")
+  examples, kept = _kept_by_training(cfg, tok, 64)
+  assert c["examples"] == examples == 29 and c["examples"] - c["dropped"] == kept
+  assert 0 < c["dropped"] < 29
+  k95 = c["seq_len_keep_95"]
+  assert _kept_by_training(cfg, tok, k95)[1] >= 0.95 * 29 > _kept_by_training(cfg, tok, k95 - 1)[1]

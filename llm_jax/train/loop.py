@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
-from llm_jax.data import pipeline
+from llm_jax.data import census, pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
 from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
@@ -142,7 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM),
   "abandoned_save" (the step of a checkpoint still being written when the wait after SIGTERM ran
   out, else None; see `exit_status`) and "input_stalled" (the steps done when, after SIGTERM, the
-  data pipeline never delivered the next batch, else None); also written to final_metrics.json.
+  data pipeline never delivered the next batch, else None) and "data" (per split, the examples
+  kept whole, cut and dropped at seq_len, and the seq_len that keeps 95%: data/census.py); also
+  written to final_metrics.json.
 
   The run holds `workdir`'s lock (workdir_lock.py) from before its first write to the end: a
   second writer of the same directory is refused before it does anything.
@@ -215,6 +217,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
                throughput.peak_source)
+  # What each split keeps and drops at this seq_len, said before any step (and in the result).
+  data_counts = {}
+  for split in ("train", "eval"):
+    counts = census.count(config.data, tok, split)
+    if counts is not None:
+      logging.info("%s", census.describe(counts))
+      data_counts[split] = counts
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -370,7 +379,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         writer.close()
   last_scalars.update(history)
   result = {"step": step, **last_scalars, "eval_history": eval_history, "preempted": preempted,
-            "abandoned_save": abandoned, "input_stalled": stalled}
+            "abandoned_save": abandoned, "input_stalled": stalled, "data": data_counts}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
