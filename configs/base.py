@@ -69,6 +69,7 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
   c.checkpoint.enabled = True  # False: write none (benchmarks)
   c.checkpoint.sigterm_wait = 20.0  # seconds a checkpoint being written may take after SIGTERM
+  c.checkpoint.sigterm_input_wait = 5.0  # seconds to wait after SIGTERM for a batch the data pipeline owes; then stop without a new checkpoint
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA adapter rank; 0 trains every parameter, > 0 only adapters (needs init_from)

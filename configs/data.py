@@ -1,7 +1,7 @@
 """Data config: sources, record formats, tokenizer, packing and the embedded default dataset.
 
 Source spec strings (`train`, `eval`) are comma-separated sources, each `path` or `path@weight`:
-  a file (.txt, .jsonl, .json, .parquet, .array_record), a glob of such files, `tfds:NAME[:SPLIT]`
+  a file (.txt, .jsonl, .json, .tsv, .parquet, .array_record, or .gz of the text kinds), a glob of such files, `tfds:NAME[:SPLIT]`
   (a TFDS dataset prepared locally in array_record format), or a built-in of the embedded
   fictional encyclopedia: `builtin:bios` (all biographies, plain text), `builtin:bios_eval`
   (one fresh biography per person, new template choices: a pretraining eval of facts, not
@@ -21,13 +21,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = "builtin:bios_qa_train"  # training sources (spec string, see module docstring)
   c.eval = "builtin:bios_qa_heldout"  # evaluation sources; "" = no evaluation
   c.format = "auto"  # auto | text | chat | alpaca | sharegpt | pair: record shape, auto detects per source
-  c.text_field = "text"  # field holding the document in JSON/Parquet/TFDS text records
+  c.text_field = "text"  # field holding the document in JSON/Parquet/TFDS text records (a string, or a list of strings joined by newlines)
+  c.roles = "given"  # given: chat turns name their role | alternate: turns without roles (KdConv, plain strings) alternate user, assistant, ...
+  c.rename_fields = ""  # rename record fields before reading them, OLD:NEW,... e.g. "abstract:instruction,title:output" (a TSV's columns as Alpaca)
+  c.tsv_columns = ""  # column names of .tsv files without a header line, comma-separated; "" = the first line is the header
   c.mode = "sft"  # pretrain: train on all tokens, split long docs | sft: assistant tokens only, truncate | dpo: preference pairs
   c.packing = "auto"  # auto (pretrain: concat_then_split, sft: best_fit) | first_fit | best_fit | concat_then_split | none
   c.packing_bins = 0  # bins the first/best-fit packers fill at once; 0 = 4 x per-process batch
   c.shuffle_seed = -1  # seed of the record shuffle; -1 uses the job's config.seed
   c.worker_count = 0  # grain worker processes; 0 runs in the main process (tests, CI)
   c.worker_buffer_size = 2  # batches each worker prepares ahead (with worker_count > 0)
+  c.count_examples = 5000  # SFT/DPO: records per split tokenized at start to count what seq_len keeps and drops (an even sample when more; 0 = off)
   c.skip_bad_records = False  # skip (and count in the logs) malformed records instead of failing
   c.clean_text = False  # pretraining hygiene: drop empty brackets and wiki/HTML markup from text
   c.max_doc_chars = 0  # cut text documents longer than this at a sentence end; 0 = no cut

@@ -37,7 +37,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   non_negative = {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
                   "train.grad_clip": t.grad_clip, "train.z_loss": t.z_loss,
                   "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
-                  "checkpoint.sigterm_wait": c.checkpoint.get("sigterm_wait", 0)}
+                  "checkpoint.sigterm_wait": c.checkpoint.get("sigterm_wait", 0),
+                  "checkpoint.sigterm_input_wait": c.checkpoint.get("sigterm_input_wait", 0)}
   for field, v in non_negative.items():
     if v < 0:
       _fail(field, v, "must be >= 0")

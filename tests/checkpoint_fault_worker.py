@@ -11,6 +11,10 @@ MODE:
                         background; the next save would be at step 300
   hung_save             every save from step 10 on never finishes (storage that hangs): prints
                         HUNG when one starts hanging; the test sends SIGTERM
+  hung_source           from step 7 (after the checkpoint of step 5) every record read by the
+                        loader threads never returns (storage that hangs): prints HUNG at the
+                        first such read and STALLED once the loop has made no step for 1 s; the
+                        test sends SIGTERM
 
 Prints `STEP <n>` for the last step the loop reached, then exits as llm_jax.main would.
 """
@@ -62,6 +66,46 @@ def _hang_saves_from(first_step: int) -> None:
   atomicity.on_commit_callback = on_commit_callback
 
 
+def _hang_reads_from(reached: list, first_step: int) -> None:
+  """Every record read once the loop reached `first_step` blocks forever, in whichever loader
+  thread reads it; a watcher prints STALLED when the loop has not moved for a second."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  real = pipeline.DocReader.__getitem__
+  hung = threading.Event()
+
+  def getitem(self, i):
+    if reached[0] >= first_step:
+      if not hung.is_set():
+        hung.set()
+        print("HUNG", reached[0], flush=True)
+      while True:
+        time.sleep(3600)
+    return real(self, i)
+
+  def watch():
+    hung.wait()
+    last, since = reached[0], time.monotonic()
+    while time.monotonic() - since < 1.0:
+      time.sleep(0.05)
+      if reached[0] != last:
+        last, since = reached[0], time.monotonic()
+    print("STALLED", last, flush=True)
+
+  pipeline.DocReader.__getitem__ = getitem
+  # Loader threads read ahead 500 records by default, which keeps a hung loop fed for ~90 steps
+  # (seconds of checkpoints); 16 stall it at once, the same way.
+  import grain  # pylint: disable=g-import-not-at-top
+  real_iter = grain.MapDataset.to_iter_dataset
+
+  def to_iter_dataset(self, read_options=None, **kw):
+    return real_iter(self, read_options or grain.ReadOptions(num_threads=4,
+                                                              prefetch_buffer_size=16), **kw)
+
+  grain.MapDataset.to_iter_dataset = to_iter_dataset
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def main(mode: str, workdir: str, tokenizer: str) -> int:
   cfg = small_config(tokenizer, steps=20)
   reached = [0]
@@ -93,6 +137,9 @@ def main(mode: str, workdir: str, tokenizer: str) -> int:
     cfg.train.steps = 10_000
     cfg.checkpoint.sigterm_wait = 2.0
     _hang_saves_from(10)
+  if mode == "hung_source":
+    cfg.train.steps = 10_000
+    _hang_reads_from(reached, 7)
   try:
     result = console.run_reporting_errors(loop.train_and_evaluate, cfg, workdir, batch_hook=hook)
   finally:

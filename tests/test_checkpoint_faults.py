@@ -1,6 +1,6 @@
 """Storage faults stop a training run within seconds with one line naming the path and the OS
 error, keeping every checkpoint that completed, and SIGTERM is honoured within seconds even
-while a save hangs. (Orbax used to leave save() waiting 300 s for a step directory it had
+while a save hangs or the data source stops answering. (Orbax used to leave save() waiting 300 s for a step directory it had
 failed to create, deaf to SIGTERM.)
 
 Each run is a separate process (tests/checkpoint_fault_worker.py) with a generous timeout, so a
@@ -157,3 +157,75 @@ def test_sigterm_while_a_save_hangs_exits_within_seconds(workdir, tokenizer_path
   assert took < 60  # sigterm_wait is 2 s here; the old wait was up to 20 minutes
   _assert_whole(workdir, [5])
   assert 10 <= int(out.split("STEP ")[-1]) < 20
+
+
+def test_sigterm_ends_a_wait_for_a_batch_that_never_comes(tmp_path):
+  """The mechanism, in this process: a real Grain pipeline whose loader threads hang in the
+  source; SIGTERM while the main thread waits for the batch raises InputStalled after the input
+  wait (the whole job: the slow test below)."""
+  import threading
+  from configs import data as data_config
+  from llm_jax.data import pipeline, tokenizer as tok_lib
+  from llm_jax.train import loop
+  path = tmp_path / "d.txt"
+  path.write_text("one line of text\n" * 50)
+  cfg = data_config.get_config()
+  cfg.train, cfg.mode, cfg.seq_len, cfg.batch_size = str(path), "pretrain", 16, 2
+  tok = tok_lib.train_sentencepiece(["one line of text"] * 20, vocab_size=300)
+  never = threading.Event()
+  real = pipeline.DocReader.__getitem__
+
+  def hang(self, i):
+    never.wait()
+    return real(self, i)
+
+  pipeline.DocReader.__getitem__ = hang
+  try:
+    it = pipeline.make_train_iterator(cfg, tok, seed=0)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    with pytest.raises(loop.InputStalled):
+      with loop._Preemption(input_wait=1.0) as preempt:  # pylint: disable=protected-access
+        with preempt.waiting_for_input():
+          next(it)
+    took = time.monotonic() - t0
+  finally:
+    pipeline.DocReader.__getitem__ = real
+    never.set()  # the loader threads finish
+  assert preempt.requested and 1.0 <= took < 10, took
+  assert signal.getsignal(signal.SIGTERM) is not preempt._handle  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_data_source_hangs_exits_within_seconds(workdir, tokenizer_path,
+                                                                  tmp_path):
+  """Issue 25: a source that never answers (hung storage) used to leave the job deaf to SIGTERM
+  ("saving a checkpoint and stopping after this step", then nothing). The whole job, as
+  `python -m llm_jax.main` runs it (about a minute here: slow)."""
+  log = open(tmp_path / "stderr.txt", "w+")
+  proc = subprocess.Popen(WORKER + ["hung_source", workdir, tokenizer_path], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=log, text=True)
+  try:
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    assert lines[0].startswith("HUNG") and lines[1].startswith("STALLED"), (
+        lines, open(log.name).read()[-4000:])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  err = open(log.name).read()
+  assert proc.returncode == 143, err[-4000:]
+  done = int(out.split("STEP ")[-1]) + 1  # the hook's step counts steps done before the batch
+  assert f"Done at step {done}." in err
+  assert (f"SIGTERM: the input pipeline gave no batch for step {done + 1} within 5 s "
+          "(config.checkpoint.sigterm_input_wait)") in err, err[-4000:]
+  assert "Stopping without a new checkpoint" in err
+  assert took < 10, took  # the default wait for a batch after SIGTERM is 5 s
+  kept = checkpoint.steps(workdir)
+  assert 5 in kept and f"the same command resumes from step {kept[-1]}." in err
+  _assert_whole(workdir, kept)
+  assert int(lines[1].split()[1]) == done - 1  # stalled where the run says it stopped

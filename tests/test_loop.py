@@ -1,6 +1,7 @@
 """The training loop: resume equals an uninterrupted run, a non-finite loss stops it with the
 last good checkpoint intact, init_from starts from another run's parameters."""
 
+import json
 import os
 import signal
 
@@ -45,7 +46,13 @@ def _fingerprints(store):
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path, tokenizer_path):
   cfg = small_config(tokenizer_path)
   seen_a = []
-  loop.train_and_evaluate(cfg, str(tmp_path / "a"), batch_hook=_fingerprints(seen_a))
+  result = loop.train_and_evaluate(cfg, str(tmp_path / "a"), batch_hook=_fingerprints(seen_a))
+  # what seq_len keeps and drops, counted at start, is in the result and final_metrics.json
+  # (the counts themselves are checked against the pipeline in test_data_shapes.py)
+  final = json.load(open(tmp_path / "a" / "final_metrics.json"))
+  assert final["data"]["train"] == result["data"]["train"]
+  assert final["data"]["train"]["dropped"] > 0  # seq_len 64 drops some of the built-in chats
+  assert final["data"]["train"]["seq_len_keep_95"] > 0
 
   seen_b = []
   record = _fingerprints(seen_b)

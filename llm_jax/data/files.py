@@ -15,10 +15,11 @@ from llm_jax import paths
 # extension -> kind (sources.py maps each kind to the source that reads it); ".json" is
 # "json_array" when the file opens with "[", else JSON Lines.
 _KINDS = {".jsonl": "jsonl", ".json": "json", ".txt": "text", ".text": "text", ".md": "text",
+          ".tsv": "tsv",
           ".parquet": "parquet", ".array_record": "array_record", ".arrayrecord": "array_record"}
-_TEXT_KINDS = ("jsonl", "json", "text")
-_UNKNOWN = ("unknown extension; use .txt, .jsonl, .json, .parquet or .array_record (optionally "
-            ".gz-compressed).")
+_TEXT_KINDS = ("jsonl", "json", "text", "tsv")
+_UNKNOWN = ("unknown extension; use .txt, .jsonl, .json, .tsv, .parquet or .array_record "
+            "(optionally .gz-compressed).")
 
 
 def _kind_by_name(path: str) -> str | None:
@@ -29,7 +30,7 @@ def _kind_by_name(path: str) -> str | None:
 
 
 def kind(path: str) -> str:
-  """jsonl | json_array | text | parquet | array_record, of an uncompressed file."""
+  """jsonl | json_array | text | tsv | parquet | array_record, of an uncompressed file."""
   k = _kind_by_name(path)
   if k is None:
     raise ValueError(f"data file {path!r}: {_UNKNOWN}")
@@ -106,9 +107,13 @@ def check_utf8(path: str) -> None:
     if e.start >= len(head) - 4 and len(head) == _SNIFF:  # a character cut by the sniff window
       return
     line = head[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset "
-                     f"{e.start}); convert the file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`."
-                     ) from None
+    raise ValueError(not_utf8_message(path, line, head[e.start], e.start)) from None
+
+
+def not_utf8_message(path: str, line: int, byte: int, offset: int) -> str:
+  """The one line for a text file that is not UTF-8 where `offset` (0-based) is."""
+  return (f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at offset {offset}); convert the "
+          "file to UTF-8, e.g. `iconv -f GBK -t UTF-8 in > out`.")
 
 
 def check_not_single_object(path: str) -> None:
@@ -118,6 +123,8 @@ def check_not_single_object(path: str) -> None:
   with open(path, "rb") as f:
     first_line = f.readline()
     more = bool(f.readline().strip())
+  if first_line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+    first_line = first_line[3:]
   try:
     record = json.loads(first_line)
   except (json.JSONDecodeError, UnicodeDecodeError):
@@ -132,17 +139,26 @@ def check_not_single_object(path: str) -> None:
 
 
 def decompressed(path: str) -> str:
-  """The decompressed copy of a .gz file in llm_jax's cache (made once; keyed by the file's
-  path, size and modification time; written atomically)."""
+  """The decompressed copy of a .gz file in llm_jax's cache, $XDG_CACHE_HOME/llm_jax/decompressed
+  (made once, written atomically; keyed by the file's path, size and modification time). Records
+  are read by offset, which gzip cannot do without decompressing from the start, so the copy is
+  kept: the log says where it goes and how big it is, and each call first removes the copies
+  whose source is gone or has changed since (each copy has a `.source.json` naming its source)."""
   import gzip  # pylint: disable=g-import-not-at-top
   import hashlib  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   st = os.stat(path)
-  key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+  source = os.path.abspath(path)
+  key = hashlib.sha256(f"{source}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
   cache = paths.cache_dir("decompressed")
   os.makedirs(cache, exist_ok=True)
+  clean_decompressed(cache)
   out = os.path.join(cache, f"{key}-{os.path.basename(path)[:-3]}")
   if not os.path.exists(out):
+    logging.info("data: decompressing %s (%s) into %s, once: it is read from there while the "
+                 ".gz is unchanged, and removed when it is gone or changed", path,
+                 _size(st.st_size), out)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
       with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -151,5 +167,52 @@ def decompressed(path: str) -> str:
       if os.path.exists(tmp):
         os.remove(tmp)
       raise ValueError(f"{path}: cannot decompress ({e}); is it a complete gzip file?") from None
+    with open(out + _SIDECAR, "w") as f:
+      json.dump({"source": source, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, f)
     os.replace(tmp, out)
+  logging.info("data: %s is read from its decompressed copy %s (%s)", path, out,
+               _size(os.path.getsize(out)))
   return out
+
+
+_SIDECAR = ".source.json"
+
+
+def _size(n: int) -> str:
+  return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def clean_decompressed(cache: str) -> list[str]:
+  """Removes the decompressed copies in `cache` whose source .gz is gone or changed (size or
+  modification time), and partial copies of processes that are gone; returns what it removed."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  removed = []
+  for name in os.listdir(cache):
+    full = os.path.join(cache, name)
+    if ".tmp" in name and not name.endswith(_SIDECAR):  # a copy being written: is its writer alive?
+      pid = name.rsplit(".tmp", 1)[1]
+      if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and os.path.isdir("/proc"):
+        removed.append(full)
+      continue
+    if not name.endswith(_SIDECAR):
+      continue
+    copy, meta = full[:-len(_SIDECAR)], {}
+    try:
+      with open(full) as f:
+        meta = json.load(f)
+      st = os.stat(meta["source"])
+      if (st.st_size, st.st_mtime_ns) == (meta["size"], meta["mtime_ns"]):
+        continue
+      why = "changed"
+    except FileNotFoundError:
+      why = "gone"
+    except (OSError, ValueError, KeyError, TypeError):
+      continue  # unreadable metadata: leave it alone
+    logging.info("data: removing %s: its source %s is %s", copy, meta.get("source"), why)
+    removed += [copy, full]
+  for f in removed:
+    try:
+      os.remove(f)
+    except FileNotFoundError:
+      pass
+  return removed

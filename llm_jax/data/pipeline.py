@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Iterator
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
@@ -72,12 +73,21 @@ class DocReader(grain.sources.RandomAccessDataSource):
       self._source = sources.ListSource(path, builtin.records(path, data_cfg.synthetic))
       fmt = "auto"  # built-ins know their own shape; config.data.format is for user files
     else:
-      self._source = sources.open_path(path, data_cfg.tfds_data_dir)
+      self._source = sources.open_path(path, data_cfg.tfds_data_dir,
+                                       strict_utf8=not data_cfg.skip_bad_records,
+                                       tsv_columns=data_cfg.get("tsv_columns", ""))
       fmt = data_cfg.format
+      for error in sources.encoding_errors(self._source):  # only left open with skip_bad_records
+        logging.warning("%s Its lines that are not UTF-8 are skipped (skip_bad_records=True).",
+                        error)
     if len(self._source) == 0:
       raise ValueError(f"{path}: the dataset is empty (no records); check the file or remove "
                        "it from the source list.")
     self._text_field = data_cfg.text_field
+    self._roles = data_cfg.get("roles", "given")
+    if self._roles not in formats.ROLE_MODES:
+      raise ValueError(f"config.data.roles={self._roles!r}; use one of {formats.ROLE_MODES}.")
+    self._renames = formats.rename_fields(data_cfg.get("rename_fields", ""))
     self._skip = data_cfg.skip_bad_records
     # DPO: every record must be a pair, so a bad one fails on its own line (no detection).
     self.format = ("pair" if data_cfg.mode == "dpo" else
@@ -87,7 +97,7 @@ class DocReader(grain.sources.RandomAccessDataSource):
     errors = []
     for i in range(min(len(self._source), 100)):
       try:
-        return formats.detect_format(self._source[i], self._text_field, self._source.where(i))
+        return formats.detect_format(self._record(i), self._text_field, self._source.where(i))
       except sources.RecordError as e:
         if not self._skip:
           raise
@@ -98,10 +108,13 @@ class DocReader(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return len(self._source)
 
+  def _record(self, i: int):
+    return formats.apply_renames(self._source[i], self._renames)
+
   def __getitem__(self, i: int) -> dict:
     try:
-      doc = formats.normalize(self._source[i], self.format, self._text_field,
-                              self._source.where(i))
+      doc = formats.normalize(self._record(i), self.format, self._text_field,
+                              self._source.where(i), self._roles)
       doc["where"] = self._source.where(i)  # for errors found later (e.g. no assistant turn)
       return doc
     except sources.RecordError as e:

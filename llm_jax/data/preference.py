@@ -66,6 +66,17 @@ def _budgets(n_chosen: int, n_rejected: int, seq_len: int) -> tuple[int, int]:
   return seq_len - seq_len // 2, seq_len // 2
 
 
+def cut_pair(sides, seq_len: int):
+  """How a pair [(ids, weights) chosen, (ids, weights) rejected] fits a row of seq_len:
+  (parts, budgets, kept). A side's example is inputs ids[:-1], targets ids[1:], weights on the
+  targets; parts are those cut to the budgets (_budgets), kept is False when a side would keep
+  no response token (the pair is dropped)."""
+  parts = [(ids[:-1], ids[1:], w[1:]) for ids, w in sides]
+  budgets = _budgets(len(parts[0][0]), len(parts[1][0]), seq_len)
+  parts = [tuple(a[:b] for a in part) for part, b in zip(parts, budgets)]
+  return parts, budgets, all(part[2].any() for part in parts)
+
+
 class ToPairExamples(grain.experimental.FlatMapTransform):
   """One pair document -> one packable example (chosen then rejected), or none if dropped."""
 
@@ -92,14 +103,12 @@ class ToPairExamples(grain.experimental.FlatMapTransform):
         raise
       self.counters.add("skipped bad records (skip_bad_records=True)", str(e))
       return []
-    # Example of a side: inputs ids[:-1], targets ids[1:], weights on the targets.
-    parts = [(ids[:-1], ids[1:], w[1:]) for ids, w in sides]
-    budgets = _budgets(len(parts[0][0]), len(parts[1][0]), self._seq_len)
-    if budgets != (len(parts[0][0]), len(parts[1][0])):
+    parts, budgets, kept = cut_pair(sides, self._seq_len)
+    lengths = tuple(len(ids) - 1 for ids, _ in sides)
+    if budgets != lengths:
       self.counters.add(f"pairs longer than seq_len={self._seq_len} cut at the end of their "
-                        "responses", f"{where}: {len(parts[0][0])} + {len(parts[1][0])} tokens")
-      parts = [tuple(a[:b] for a in part) for part, b in zip(parts, budgets)]
-      if not all(part[2].any() for part in parts):
+                        "responses", f"{where}: {lengths[0]} + {lengths[1]} tokens")
+      if not kept:
         self.counters.add("pairs whose prompt fills the row, dropped (raise config.data.seq_len)",
                           f"{where}: budgets {budgets}")
         return []

@@ -3,7 +3,7 @@ training does, and a rendering with the trained tokens marked. `llm_jax.data.ins
 
 import numpy as np
 
-from llm_jax.data import pipeline
+from llm_jax.data import pipeline, preference
 
 
 def render(tok, ids: np.ndarray, weights: np.ndarray, color: bool) -> str:
@@ -37,3 +37,26 @@ def examples(config, tok, split: str, n: int):
         shown += 1
         if shown >= n:
           return
+
+
+def pairs(config, tok, split: str, n: int):
+  """(where, [(ids, weights) chosen, (ids, weights) rejected], budgets, kept) of the first n
+  preference pairs of a split, encoded and cut to config.data.seq_len as DPO training does
+  (budgets: the example length each side keeps; kept False: the pair is dropped)."""
+  data = config.data
+  spec = data.train if split == "train" else data.eval
+  shown = 0
+  for s in pipeline.parse_spec(spec, f"config.data.{split}"):
+    reader = pipeline.DocReader(s.path, data)
+    for i in range(len(reader)):
+      doc = reader[i]
+      if "error" in doc or "chosen" not in doc:
+        continue
+      where = reader.where(i)
+      sides = [preference.encode_side(tok, doc["prompt"], doc[side], where)
+               for side in ("chosen", "rejected")]
+      _, budgets, kept = preference.cut_pair(sides, data.seq_len)
+      yield where, sides, budgets, kept
+      shown += 1
+      if shown >= n:
+        return

@@ -5,6 +5,7 @@ read the *previous* step's metrics, so the device never waits for the host to lo
 non-finite loss stops the run before any checkpoint of the bad state is written.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -18,27 +19,46 @@ import numpy as np
 from absl import logging
 
 from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
-from llm_jax.data import pipeline
+from llm_jax.data import census, pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
 from llm_jax.train import lora_state, run_setup, state as state_lib, step as step_lib, writers
 from llm_jax.train import evaluate, frozen as frozen_lib
 
 
+class InputStalled(Exception):
+  """Raised in the main thread when, after SIGTERM, the input pipeline still has not produced the
+  next batch (a source that hangs: storage that stopped answering, a stuck loader thread)."""
+
+
 class _Preemption:
   """Turns SIGTERM (a preempted VM, `kill`, a scheduler's time limit) into a flag the loop
   checks between steps, so the run saves and exits cleanly. A checkpoint being written then gets
   `config.checkpoint.sigterm_wait` seconds to finish (`deadline`); a second SIGTERM ends the wait
-  at once."""
+  at once.
 
-  def __init__(self):
+  A SIGTERM that finds the loop waiting for its next batch gives the input pipeline
+  `input_wait` seconds (config.checkpoint.sigterm_input_wait) to deliver it; then a SIGALRM
+  raises InputStalled in the main thread, out of the wait (Python's lock and queue waits wake for
+  signals), and the run stops without a new checkpoint: the data iterator cannot be saved in the
+  middle of a read. Should the wait be one that Python signal handlers cannot interrupt,
+  faulthandler's own C thread ends the process 30 s later, printing every thread's stack."""
+
+  BACKSTOP_S = 30.0
+
+  def __init__(self, input_wait: float = 5.0):
     self.requested = False
     self.at: Optional[float] = None  # time.monotonic() of the first SIGTERM
+    self._input_wait = input_wait
+    self._waiting = False  # in next(train_iter)
+    self._armed = False  # the SIGALRM timer and the faulthandler backstop are set
     self._previous = None
+    self._previous_alarm = None
 
   def __enter__(self):
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous_alarm = signal.signal(signal.SIGALRM, self._alarm)
     except ValueError:  # not the main thread (e.g. a notebook worker): nothing to install
       self._previous = None
     return self
@@ -47,17 +67,54 @@ class _Preemption:
     if self.requested:
       logging.warning("SIGTERM again: stopping without waiting for the checkpoint in progress")
       self.at = float("-inf")
+      if self._waiting:
+        raise InputStalled()
       return
-    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
     self.requested, self.at = True, time.monotonic()
+    if self._waiting:
+      logging.warning("SIGTERM received while waiting for the next batch: saving a checkpoint "
+                      "and stopping after this step if the data arrives within %g s, else "
+                      "stopping without one", self._input_wait)
+      self._arm()
+    else:
+      logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+
+  def _arm(self):
+    import faulthandler  # pylint: disable=g-import-not-at-top
+    self._armed = True
+    signal.setitimer(signal.ITIMER_REAL, max(self._input_wait, 1e-3))
+    faulthandler.dump_traceback_later(self._input_wait + self.BACKSTOP_S, exit=True)
+
+  def _disarm(self):
+    import faulthandler  # pylint: disable=g-import-not-at-top
+    if self._armed:
+      signal.setitimer(signal.ITIMER_REAL, 0)
+      faulthandler.cancel_dump_traceback_later()
+      self._armed = False
+
+  def _alarm(self, signum, frame):
+    if self._waiting:
+      raise InputStalled()
+
+  @contextlib.contextmanager
+  def waiting_for_input(self):
+    """Around next(train_iter): where a SIGTERM may end the wait (see the class docstring)."""
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
+      self._disarm()
 
   def deadline(self, wait_s: float) -> Optional[float]:
     """When waiting for a checkpoint must stop: `wait_s` after SIGTERM; None before one."""
     return None if self.at is None else self.at + wait_s
 
   def __exit__(self, *exc):
+    self._disarm()
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      signal.signal(signal.SIGALRM, self._previous_alarm)
 
 
 def _check_finite(step: int, scalars: dict, last_saved: Optional[int], workdir: str):
@@ -82,9 +139,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
   explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
-  Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM) and
+  Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM),
   "abandoned_save" (the step of a checkpoint still being written when the wait after SIGTERM ran
-  out, else None; see `exit_status`); also written to final_metrics.json.
+  out, else None; see `exit_status`) and "input_stalled" (the steps done when, after SIGTERM, the
+  data pipeline never delivered the next batch, else None) and "data" (per split, the examples
+  kept whole, cut and dropped at seq_len, and the seq_len that keeps 95%: data/census.py); also
+  written to final_metrics.json.
 
   The run holds `workdir`'s lock (workdir_lock.py) from before its first write to the end: a
   second writer of the same directory is refused before it does anything.
@@ -102,9 +162,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def exit_status(result: dict) -> int:
   """The exit status of `python -m llm_jax.main` for a training result: 143 after SIGTERM, else
   0. If a checkpoint was given up after SIGTERM, Orbax's threads are still writing it and would
-  hold the interpreter's exit until they finish or time out, so the process ends here."""
+  hold the interpreter's exit until they finish or time out, so the process ends here; so it
+  does when the input pipeline stalled (its threads never finish)."""
   code = PREEMPTED_EXIT_CODE if result.get("preempted") else 0
-  if result.get("abandoned_save") is not None:
+  if result.get("abandoned_save") is not None or result.get("input_stalled") is not None:
+    # A stalled input pipeline's loader threads never return either (the interpreter would
+    # join them forever), nor would its worker processes.
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    for child in multiprocessing.active_children():
+      child.kill()
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -151,6 +217,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
                throughput.peak_source)
+  # What each split keeps and drops at this seq_len, said before any step (and in the result).
+  data_counts = {}
+  for split in ("train", "eval"):
+    counts = census.count(config.data, tok, split)
+    if counts is not None:
+      logging.info("%s", census.describe(counts))
+      data_counts[split] = counts
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -234,13 +307,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   saves = checkpoint.Saves(manager, workdir, watch=jax.process_count() == 1)
   sigterm_wait = float(config.checkpoint.get("sigterm_wait", 20.0))
   abandoned = None  # the step of a checkpoint given up after SIGTERM
-  with _Preemption() as preempt:
+  input_wait = float(config.checkpoint.get("sigterm_input_wait", 5.0))
+  stalled = None  # the step whose batch never came after SIGTERM
+  with _Preemption(input_wait) as preempt:
     deadline = lambda: preempt.deadline(sigterm_wait)
     error = None
     try:
       with sharding.mesh_context(mesh, rules):
         while step < tc.steps:
-          host_batch = next(train_iter)
+          try:
+            with preempt.waiting_for_input():
+              host_batch = next(train_iter)
+          except InputStalled:
+            stalled = step
+            kept = checkpoint.steps(workdir)
+            logging.warning(
+                "SIGTERM: the input pipeline gave no batch for step %d within %g s "
+                "(config.checkpoint.sigterm_input_wait): a data source does not answer (hung "
+                "storage, a stuck reader). Stopping without a new checkpoint (the data iterator "
+                "cannot be saved in the middle of a read); the same command resumes from %s.",
+                step + 1, input_wait, f"step {kept[-1]}" if kept else "the start")
+            preempted = True
+            break
           if batch_hook is not None:
             batch_hook(step, host_batch)
           state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
@@ -291,7 +379,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         writer.close()
   last_scalars.update(history)
   result = {"step": step, **last_scalars, "eval_history": eval_history, "preempted": preempted,
-            "abandoned_save": abandoned}
+            "abandoned_save": abandoned, "input_stalled": stalled, "data": data_counts}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
