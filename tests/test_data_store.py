@@ -210,3 +210,50 @@ def test_a_bad_record_is_named_and_leaves_no_store(corpus, tmp_path):
   manifest = store_lib.read_manifest(d)
   assert report.skipped_records == 1 == manifest["totals"]["skipped"]
   assert "text.jsonl:5" in manifest["sources"][0]["skipped_examples"][0]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_bit_identical_parameters(tmp_path):
+  """Training from a store, killed with SIGKILL after its checkpoint of step 10, resumed by the
+  same command: the batches and the final parameters equal an uninterrupted run's."""
+  import signal
+  import subprocess
+  import sys
+  import jax
+  from llm_jax import checkpoint, rundir
+  from llm_jax.train import loop
+  from tests.store_resume_worker import store_config
+  from tests.test_loop import small_config
+  tok_dir = str(tmp_path / "tok")
+  cfg = small_config("")
+  tok_lib.get_tokenizer(cfg.data.tokenizer, tok_dir, lambda: pipeline.corpus_texts(cfg.data))
+  tokenizer = os.path.join(tok_dir, tok_lib.MODEL_FILE)
+  store = str(tmp_path / "store")
+  store_build.prepare(_Config(small_config(tokenizer).data), store, workers=2, shard_records=400,
+                      quiet=True)
+
+  def recorder(seen):
+    return lambda step, batch: seen.append((step, {k: v.copy() for k, v in batch.items()}))
+
+  seen_a, seen_b = [], []
+  loop.train_and_evaluate(store_config(tokenizer, store), str(tmp_path / "a"),
+                          batch_hook=recorder(seen_a))
+  b = str(tmp_path / "b")
+  proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                        "store_resume_worker.py"),
+                           b, tokenizer, store], stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "STALLED"
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL and checkpoint.steps(b)[-1] == 10
+  result = loop.train_and_evaluate(store_config(tokenizer, store), b, batch_hook=recorder(seen_b))
+  assert result["step"] == 20 and [s for s, _ in seen_b] == list(range(10, 20))
+  for (_, x), (_, y) in zip(seen_a[10:], seen_b):
+    for k in KEYS:
+      np.testing.assert_array_equal(x[k], y[k])
+  pa, _ = rundir.load_params(str(tmp_path / "a"), 20)
+  pb, _ = rundir.load_params(b, 20)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)

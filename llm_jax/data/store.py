@@ -24,6 +24,7 @@ per shard, and only the pages a batch touches are read.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -123,14 +124,15 @@ class _Shard:
                          f"manifest says {want}; the store is damaged: prepare it again with "
                          "--rebuild.")
     n_tokens = info["tokens"]
-    self.tokens = (np.memmap(p["tokens"], dtype=dtype, mode="r") if n_tokens
+    # Plain ndarray views of the maps: np.memmap's own indexing costs microseconds per call.
+    self.tokens = (np.memmap(p["tokens"], dtype=dtype, mode="r").view(np.ndarray) if n_tokens
                    else np.zeros(0, dtype))
     self.weights = None
     if weighted:
-      self.weights = (np.memmap(p["weights"], dtype=np.uint8, mode="r") if n_tokens
-                      else np.zeros(0, np.uint8))
-    self.seqs = np.load(p["seqs"], mmap_mode="r")
-    self.recs = np.load(p["recs"], mmap_mode="r")
+      self.weights = (np.memmap(p["weights"], dtype=np.uint8, mode="r").view(np.ndarray)
+                      if n_tokens else np.zeros(0, np.uint8))
+    self.seqs = np.load(p["seqs"], mmap_mode="r").view(np.ndarray)
+    self.recs = np.load(p["recs"], mmap_mode="r").view(np.ndarray)
 
 
 class SourceView:
@@ -140,8 +142,10 @@ class SourceView:
     self.path, self.weight = info["path"], float(info["weight"])
     self._shards = [_Shard(directory, k, i, s, dtype, weighted)
                     for i, s in enumerate(info["shards"])]
-    self._first = np.cumsum([0] + [s["records"] for s in info["shards"]])  # first record
-    self.records = int(self._first[-1])
+    self._first = [0]  # each shard's first record
+    for s in info["shards"]:
+      self._first.append(self._first[-1] + s["records"])
+    self.records = self._first[-1]
     self.weighted = weighted
 
   def __len__(self) -> int:
@@ -149,7 +153,7 @@ class SourceView:
 
   def sequences(self, r: int) -> list[tuple[object, int, int]]:
     """[(shard, start, end)] token spans of record r's sequences."""
-    i = int(np.searchsorted(self._first, r, side="right")) - 1
+    i = bisect.bisect_right(self._first, r) - 1
     shard, local = self._shards[i], r - int(self._first[i])
     a, b = int(shard.recs[local]), int(shard.recs[local + 1])
     if b == a + 1:  # the common case: one sequence per record

@@ -47,8 +47,7 @@ class RecordStream:
   def _shuffled(self, k: int, i: int) -> int:
     n = self._lengths[k]
     epoch, j = divmod(i, n)
-    return _index_shuffle.index_shuffle(j, max_index=n - 1, seed=(self._seeds[k] + epoch) % 2**32,
-                                        rounds=4)
+    return _index_shuffle.index_shuffle(j, n - 1, (self._seeds[k] + epoch) % 2**32, 4)
 
   def __getitem__(self, i: int) -> tuple[int, int]:
     if self._proportions is None:
