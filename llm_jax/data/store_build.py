@@ -74,7 +74,8 @@ def _describe_change(old: dict, new: dict) -> str:
     if o["files"] != n["files"]:
       for fo, fn in zip(o["files"], n["files"]):
         if fo != fn:
-          return f"{fn.get('path') or fn.get('builtin')} changed (size or modification time)"
+          return (f"{fn['path']} changed (size or modification time)" if "path" in fn else
+                  f"{fn.get('builtin') or fn.get('tfds')} changed (its settings)")
       return f"{n['path']} now names {len(n['files'])} files, was {len(o['files'])}"
   return "the shard size or format version differs"
 
@@ -257,7 +258,8 @@ def prepare(config, out: str, *, workers: int = 0, shard_records: int = 10_000,
   total_records = sum(len(r) for r in readers)
   total_bytes = sum(f.get("size", 0) for s in src_info for f in s["files"])
   progress = _Progress(total_records, total_bytes, every=1e9 if quiet else 2.0)
-  progress.add(sum(m["records"] for m in kept), sum(m["tokens"] for m in kept), force=not quiet)
+  progress.add(sum(m["records"] for m in kept), sum(m["tokens"] for m in kept),
+               force=bool(kept) and not quiet)
   if kept and not quiet:
     print(f"{out}: resuming: {len(kept)} finished shard(s) kept, {len(tasks)} to write.")
   payload = pickle.dumps({"readers": readers, "examples": examples, "directory": out,
