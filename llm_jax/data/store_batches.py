@@ -18,7 +18,6 @@ test (tests/test_data_store.py) compares them with Grain's on every packing mode
 
 from __future__ import annotations
 
-import collections
 import json
 import time
 
@@ -26,6 +25,7 @@ from absl import logging
 import numpy as np
 
 from llm_jax.data import packing as packing_lib
+from llm_jax.data import sources
 from llm_jax.data import store as store_lib
 
 # Grain's stateless permutation and mixture selection, read directly: through MapDataset they
@@ -65,7 +65,7 @@ class _Examples:
                split_long: bool):
     self._store, self._stream = store, stream
     self._seq_len, self._mode, self._split = seq_len, mode, split_long
-    self.dropped = collections.Counter()
+    self.counters = sources.Counters()  # logged as the on-the-fly pipeline logs them
 
   def __call__(self):
     size = self._seq_len
@@ -76,7 +76,7 @@ class _Examples:
       for shard, s, e in self._store.sources[k].sequences(r):
         n = e - s - 1  # inputs = ids[:-1]
         if n < 1:
-          self.dropped["examples too short to train on (< 2 tokens)"] += 1
+          self.counters.add("examples too short to train on (< 2 tokens) dropped", f"{n + 1}")
           continue
         if n <= size:
           yield shard, s, 0, n
@@ -87,7 +87,8 @@ class _Examples:
             for a in range(0, n, size):
               yield shard, s, a, min(a + size, n)
         elif shard.weights is not None and not shard.weights[s + 1:s + 1 + size].any():
-          self.dropped["truncated SFT examples left with no assistant token"] += 1
+          self.counters.add("truncated SFT examples left with no assistant token, dropped",
+                            f"{n} tokens, first trained token beyond {size}")
         else:
           yield shard, s, 0, size
 

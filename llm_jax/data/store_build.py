@@ -8,8 +8,8 @@ in parallel worker processes, shard by shard.
                 (re)written; the manifest comes last, atomically
   up to date    a finished store with the same fingerprint: nothing to do
   changed       a finished store with another fingerprint is refused (naming what changed)
-                unless rebuild=True; an unfinished one is cleared and rebuilt (nothing in it
-                was ever usable)
+                unless rebuild=True; in an unfinished one, shards of another fingerprint are
+                simply written again (none of it was ever usable)
   bad records   a worker stops at the first one and prepare fails with its file:line message;
                 with skip_bad_records they are skipped, counted, and kept as empty records
 """
