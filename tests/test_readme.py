@@ -183,6 +183,16 @@ RULES = [
          files=("corpus.jsonl", "more.txt"), outputs=("tok/tokenizer.model",)),
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-tok "
          "--config.data.tokenizer.path=tok/tokenizer.model", args=TINY, outputs=("runs/pre-tok/checkpoints/4",)),
+    Rule("python -m llm_jax.data.prepare --config=configs/pretrain.py --out=data/corpus_tok",
+         args=("--config.data.synthetic.n_entities=40", "--config.data.tokenizer.vocab_size=600"),
+         outputs=("data/corpus_tok/manifest.json", "data/corpus_tok/tokenizer.model"),
+         expect=("wrote data/corpus_tok",)),
+    Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-store "
+         "--config.data.train=tokens:data/corpus_tok", args=TINY, needs=("data/corpus_tok/manifest.json",),
+         outputs=("runs/pre-store/checkpoints/4",)),
+    Rule("python -m llm_jax.data.bench --path=../shared/data/zh_wiki/zh_wiki_paragraphs.jsonl --shard_records=300",
+         skip="reads ../shared/data (benchmark text a clone does not have); the builtin:bios bench rule runs "
+              "the same code"),
     # docs/synth.md
     Rule(r"python -m llm_jax\.data\.synth --docs=wiki\.jsonl .*", regex=True,
          skip="needs an OpenAI-compatible LLM server; tests/test_synth_e2e.py runs it against a scripted one"),
@@ -244,7 +254,9 @@ RULES = [
     Rule("python -m llm_jax.train.bench --config=configs/pretrain.py --steps=20", args=("--steps=1",)),
     Rule("python -m llm_jax.train.bench --config=configs/pretrain.py --config.model.dim=512 --config.model.n_layers=8",
          args=("--steps=1", "--config.model.n_layers=1")),
-    Rule("python -m llm_jax.data.bench --path=builtin:bios", args=("--steps=2", "--seq_len=128", "--batch_size=4")),
+    Rule("python -m llm_jax.data.bench --path=builtin:bios", args=("--steps=2", "--seq_len=128", "--batch_size=4",
+                                                                  "--prepare_workers=2"),
+         expect=("token store: 2 batches",)),
     Rule("python -m llm_jax.infer.bench", args=("--batch_sizes=1", "--prompt_len=8", "--new_tokens=4")),
     Rule("python -m llm_jax.train.bench --shape=minimind-26m --compare_torch --steps=6",
          args=("--steps=1", "--rounds=1"), expect=("ratio",)),

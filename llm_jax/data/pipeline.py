@@ -27,6 +27,8 @@ from llm_jax.data import packing as packing_lib
 from llm_jax.data import preference
 from llm_jax.data import sources
 from llm_jax.data import builtin
+from llm_jax.data import store as store_lib
+from llm_jax.data import store_batches
 from llm_jax.data import text_clean
 
 MODES = ("pretrain", "sft", "dpo")  # dpo: preference pairs, packed whole (preference.py)
@@ -204,7 +206,26 @@ class ToExamples(grain.experimental.FlatMapTransform):
 
 
 def _readers(spec: str, data_cfg, field: str) -> list[tuple[DocReader, float]]:
-  return [(DocReader(s.path, data_cfg), s.weight) for s in parse_spec(spec, field)]
+  specs = parse_spec(spec, field)
+  stores = [s.path for s in specs if store_lib.is_store_spec(s.path)]
+  if stores:
+    raise ValueError(f"{field}={spec!r}: {stores[0]!r} is a token store, which only "
+                     "config.data.train reads (on its own); name text sources here.")
+  return [(DocReader(s.path, data_cfg), s.weight) for s in specs]
+
+
+def store_spec(spec: str, field: str = "config.data.train") -> str | None:
+  """The token store a source spec names (`tokens:DIR` or DIR itself), else None. A store is
+  the only source of its spec: its own manifest holds the mixture it was prepared from."""
+  specs = parse_spec(spec, field)
+  stores = [s for s in specs if store_lib.is_store_spec(s.path)]
+  if not stores:
+    return None
+  if len(specs) > 1 or stores[0].weight != 1.0:
+    raise ValueError(f"{field}={spec!r}: a token store is read on its own (prepare a store of "
+                     "the whole mixture: its weights come from the config it was prepared "
+                     "with).")
+  return store_lib.store_dir(stores[0].path)
 
 
 def _local_batch(data_cfg, process_count: int) -> int:
@@ -230,9 +251,16 @@ def _examples_and_pack(ds: grain.MapDataset, data_cfg, tokenizer, *, seed: int,
 def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Infinite iterator of this process's batches: dicts of [batch_size // process_count,
-  seq_len] numpy arrays (inputs, targets, loss_weights, segment_ids, positions)."""
+  seq_len] numpy arrays (inputs, targets, loss_weights, segment_ids, positions).
+
+  A token store (`tokens:DIR`) gives the batches these sources give on the fly with one
+  process, and each process reads its rows of each global batch (store_batches.py)."""
   local_batch = _local_batch(data_cfg, process_count)
   seed = data_cfg.shuffle_seed if data_cfg.shuffle_seed >= 0 else seed
+  store = store_spec(data_cfg.train)
+  if store is not None:  # tokenized once (data/prepare.py): memory-mapped, stateless order
+    return store_batches.StoreIterator(store_lib.Store(store), data_cfg, tokenizer, seed=seed,
+                                       process_index=process_index, process_count=process_count)
   readers = _readers(data_cfg.train, data_cfg, "config.data.train")
   # Shuffle before repeat: repeat reseeds each epoch, so every epoch has a new order.
   per_source = [grain.MapDataset.source(r).shuffle(seed + k).repeat()

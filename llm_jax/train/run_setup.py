@@ -11,7 +11,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from llm_jax import checkpoint, rundir
-from llm_jax.data import builtin, files, pipeline, tokenizer as tok_lib
+from llm_jax.data import builtin, files, pipeline, store as store_lib, tokenizer as tok_lib
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig, SHAPE_FIELDS, sub_field_default, SUB_SHAPE_FIELDS
 from llm_jax.train import distill, dpo, frozen, objectives
@@ -122,6 +122,9 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
     spec = config.data[field]
     if not spec:
       continue
+    if field == "train" and pipeline.store_spec(spec) is not None:
+      store_lib.read_manifest(pipeline.store_spec(spec))  # a finished store, or one line why
+      continue
     for s in pipeline.parse_spec(spec, f"config.data.{field}"):
       if not builtin.is_builtin(s.path):
         files.check_spec_path(s.path)
@@ -151,6 +154,11 @@ def batch_shards(config: ml_collections.ConfigDict) -> int:
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """Loads (or trains and caches) the tokenizer; records its path in the config."""
   corpus = lambda: pipeline.corpus_texts(config.data)
+  store = pipeline.store_spec(config.data.train)
+  if store is not None and not config.data.tokenizer.path:  # the tokenizer the store was made with
+    with config.unlocked():
+      config.data.tokenizer.path = os.path.join(
+          store, store_lib.read_manifest(store)["tokenizer"]["file"])
   if jax.process_count() > 1 and not config.data.tokenizer.path:
     _tokenizer_from_process_0(config, workdir, corpus)
   tok = tok_lib.get_tokenizer(config.data.tokenizer, workdir, corpus)
