@@ -39,8 +39,8 @@ MARKER = "TOKEN_STORE"  # written first: the directory is a store, finished or n
 PREFIX = "tokens:"
 # Settings of config.data that change the tokens a record becomes (prepare records them; a
 # training config that differs would read other tokens than it asks for).
-TOKEN_SETTINGS = ("format", "text_field", "clean_text", "max_doc_chars", "sentence_ends",
-                  "skip_bad_records")
+TOKEN_SETTINGS = ("format", "text_field", "roles", "rename_fields", "tsv_columns", "clean_text",
+                  "max_doc_chars", "sentence_ends", "skip_bad_records")
 
 
 class StoreError(ValueError):
