@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
+from llm_jax import checkpoint, console, devices, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.data import pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
@@ -151,6 +151,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
                throughput.peak_source)
+  busy = devices.busy_note()
+  if busy:
+    logging.warning("%s", busy)
   train_iter = pipeline.make_train_iterator(
       config.data, tok, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -297,6 +300,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       json.dump(result, f, indent=2)
   logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
                step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
+  busy = devices.busy_note()
+  if busy:  # said again: the start may have been quiet
+    logging.warning("%s", busy)
   return result
 
 
