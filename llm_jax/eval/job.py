@@ -21,7 +21,7 @@ from absl import logging
 
 from llm_jax import checkpoint, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.console import ConfigError
-from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
+from llm_jax.eval import model_io, rouge as rouge_lib, run_config, summary, tasks as tasks_lib
 from llm_jax.model import init as model_init
 from llm_jax.model.config import ModelConfig
 
@@ -141,4 +141,7 @@ def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_d
 def _brief(name: str, metrics: dict) -> str:
   flat = summary.flatten({name: metrics})
   keys = [k for k in summary.headline_keys([flat])]
-  return " | ".join(f"{k.split('.', 1)[1]} {flat[k]:.4g}" for k in keys) or "done"
+  line = " | ".join(f"{k.split('.', 1)[1]} {flat[k]:.4g}" for k in keys) or "done"
+  if name == "rouge" and metrics.get("tokenizer"):  # the scores mean nothing without it
+    line += f" ({rouge_lib.describe(metrics['tokenizer'])})"
+  return line
