@@ -199,7 +199,8 @@ RULES = [
          "--config.eval.choice_shots=5", args=TINY_EVAL, files=("my_eval.jsonl", "ceval_val.csv", "ceval_dev.csv")),
     # Two runs the user trained: here the quick-start run under both names.
     Rule("python -m llm_jax.eval.compare --runs=runs/a,runs/b --metrics=knowledge.qa_heldout.contains --out=cmp",
-         links=(("runs/a", "sft"), ("runs/b", "sft")), outputs=("cmp.md", "cmp.csv")),
+         links=(("runs/a", "sft"), ("runs/b", "sft")), outputs=("cmp.md", "cmp.csv"),
+         expect=("written: ", "cmp.md, ")),
     # lm-evaluation-harness through the server
     Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
          skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
