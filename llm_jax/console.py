@@ -93,10 +93,34 @@ def cli(main, *, user_errors=USER_ERRORS, status: int = 1) -> None:
   app.run(run, flags_parser=parse_flags)
 
 
+def config_package_roots(argv: list[str]) -> list[str]:
+  """The directories to put on sys.path so that the config files named by `--config=` import
+  their siblings: a config in a package directory (configs/sft.py does `from configs import
+  base`) needs the directory above that package. From the checkout's root that is the current
+  directory, already on sys.path; with llm_jax installed (`pip install -e .`) and the command run
+  elsewhere (`--config=~/llm_jax/configs/sft.py`), it is not."""
+  roots = []
+  for k, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and k + 1 < len(argv):
+      value = argv[k + 1]
+    else:
+      continue
+    path = os.path.abspath(os.path.expanduser(value.split(":")[0]))  # configs/x.py:preset
+    package = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(package, "__init__.py")):
+      roots.append(os.path.dirname(package))
+  return roots
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that answers a misspelt `--config.a.b=v` with one line naming it (instead
   of a traceback from deep inside ml_collections). `cli` passes it to absl."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  for root in config_package_roots(argv):
+    if root not in sys.path:
+      sys.path.insert(0, root)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:

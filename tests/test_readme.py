@@ -123,6 +123,9 @@ RULES = [
     # README.md: Install and Tests
     Rule("pip install -r requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
+    Rule("pip install -e .",
+         skip="installs the package; tests/test_packaging.py installs it into a fresh venv (slow) "
+              "and runs commands from another directory"),
     Rule("pip install -r requirements.txt -r tests/requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
     Rule("python -m pytest -q tests", skip="the test suite itself"),
