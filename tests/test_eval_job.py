@@ -118,6 +118,13 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
   assert "Rouge and BLEU: auto tokenisation: one token per CJK character" in md
   assert "(auto tokenisation: one token per CJK character" in job._brief(
       "rouge", results[30]["tasks"]["rouge"])
+  # the loss line says what it scored, with the JSON's own counts (issue 24: "20 batches" on the
+  # console, 35 in the JSON); documents as many as the per-document losses averaged
+  loss = results[30]["tasks"]["loss"]
+  assert loss["batches"] == 2 and loss["documents"] > 0
+  assert job._brief("loss", loss).endswith(
+      f"(2 batches, {loss['documents']:,} documents, {loss['tokens']:,.0f} tokens of "
+      "builtin:bios_qa_heldout)")
   for task in ("loss", "rouge", "repetition", "knowledge", "choice"):
     _is_png(os.path.join(out, "plots", f"{task}.png"))
   if os.path.isdir("/usr/share/fonts/opentype/noto"):  # fonts-noto-cjk (.ci/run installs it)

@@ -20,7 +20,7 @@ from llm_jax.eval import knowledge as knowledge_lib
 from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
-from llm_jax.eval.progress import Progress
+from llm_jax.console import Progress
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.infer.session import end_of_turn_ids, prompt_ids, read_prompts
 from llm_jax.infer.text import whole_character_prefix
@@ -77,14 +77,15 @@ class Loss:
 
 
 def _counted(batches, max_batches: int):
-  """The eval batches with progress: a bar when their number is known, else a line per 20."""
+  """The eval batches with progress: a bar when their number is known, else a line per 20 (the
+  final count is the task's own line, from the same figure the JSON holds)."""
   bar = Progress(max_batches, "loss") if max_batches else None
   for n, batch in enumerate(batches, 1):
     yield batch
     if bar:
       bar.update(1)
     elif n % 20 == 0:
-      logging.info("loss: %d batches", n)
+      logging.info("loss: %d batches so far", n)
 
 
 def _raw_records(spec: str, data_cfg, field: str):
