@@ -37,7 +37,7 @@ class _OwnInfoOnly(py_logging.Filter):
 
 
 class _CleanFormatter(logging.PythonFormatter):
-  """Lines as a user reads them on the terminal: the message alone (`warning: ` / `error: ` before
+  """Lines as a user reads them on the terminal: the message alone (`warning: ` / `ERROR: ` before
   those), without absl's `I1206 22:43:12.686666 139688333802368 writers.py:45] ` prefix, which
   pushed a step line past 250 columns. A log file (absl's --log_dir) keeps the whole prefix."""
 
@@ -46,8 +46,8 @@ class _CleanFormatter(logging.PythonFormatter):
     if stream not in (sys.stderr, sys.__stderr__):  # a log file: timestamps, thread, file:line
       return super().format(record)
     message = py_logging.Formatter.format(self, record)  # the message and any traceback
-    if record.levelno >= py_logging.ERROR:
-      return "error: " + message
+    if record.levelno >= py_logging.ERROR:  # not "error: ": that is the command's one last line
+      return "ERROR: " + message
     if record.levelno >= py_logging.WARNING:
       return "warning: " + message
     return message
