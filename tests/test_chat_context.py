@@ -75,16 +75,15 @@ def test_each_prompt_of_a_file_draws_its_own_random_stream(run):
   file: the same text at two places is sampled differently, and a prompt at a given place gets
   the same answer whatever the batch size (so whichever prompts share its batch)."""
   tok = run.tokenizer
-  sampling = SamplingConfig(temperature=1.5, top_p=1.0, max_new_tokens=24, seed=3)
-  records = [{"prompt": "Tell me about Ming Wang."}, {"prompt": "Tell me about Ming Wang."},
-             {"prompt": "Li Na 在哪家公司工作？"}, {"prompt": "Tell me about Ming Wang."}]
+  sampling = SamplingConfig(temperature=2.0, top_p=1.0, max_new_tokens=8, seed=3)
+  records = [{"prompt": "Tell me about Ming Wang."}, {"prompt": "Li Na 在哪家公司工作？"},
+             {"prompt": "Tell me about Ming Wang."}]
   gen = Generator(run.params, run.model_cfg)
   by_batch = {b: session_lib.answer_prompts(gen, tok, records, sampling, batch_size=b,
-                                            context=run.context) for b in (1, 4)}
-  tokens = lambda out: [o["answer"] + "|" + o["finish_reason"] for o in out]
-  assert tokens(by_batch[1]) == tokens(by_batch[4])
-  same_text = [by_batch[4][i]["answer"] for i in (0, 1, 3)]
-  assert len(set(same_text)) == 3, same_text
+                                            context=run.context) for b in (1, 3)}
+  answers = lambda out: [o["answer"] + "|" + o["finish_reason"] for o in out]
+  assert answers(by_batch[1]) == answers(by_batch[3])
+  assert by_batch[3][0]["answer"] != by_batch[3][2]["answer"], by_batch[3]
   # the per-prompt seed: a pure function of (seed, place), not seed + place
   from llm_jax.infer.sampling import prompt_seed  # pylint: disable=g-import-not-at-top
   assert prompt_seed(3, 1) == prompt_seed(3, 1) and prompt_seed(3, 1) != prompt_seed(3, 0)
