@@ -57,7 +57,6 @@ def setup(verbose: bool = False) -> None:
   """Console logging for a command: llm_jax's own lines, clean (see _CleanFormatter); with
   `verbose`, every library's INFO lines too, with absl's prefix. With absl's `--log_dir=DIR`, the
   same lines also go to a log file there, each with its prefix."""
-  logging.use_absl_handler()  # app.run installs it; a program without app.run needs it too
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not verbose:

@@ -22,6 +22,7 @@ from absl import flags, logging
 from llm_jax import console
 flags.DEFINE_bool("verbose", False, "")
 flags.FLAGS(sys.argv)
+logging.use_absl_handler()  # as absl.app.run does
 console.setup(flags.FLAGS.verbose)
 with console.Phase("training a tokenizer") as phase:
   phase.result = "600 pieces"
