@@ -47,10 +47,12 @@ class _CleanFormatter(logging.PythonFormatter):
       return super().format(record)
     message = py_logging.Formatter.format(self, record)  # the message and any traceback
     if record.levelno >= py_logging.ERROR:  # not "error: ": that is the command's one last line
-      return "ERROR: " + message
-    if record.levelno >= py_logging.WARNING:
-      return "warning: " + message
-    return message
+      message = "ERROR: " + message
+    elif record.levelno >= py_logging.WARNING:
+      message = "warning: " + message
+    # On a terminal a line may be a phase's counting line (Phase, Progress): the log line takes
+    # its place (carriage return, erase the line), and the count goes on below it.
+    return ("\r\033[K" + message) if _on_terminal(stream) else message
 
 
 def setup(verbose: bool = False) -> None:
