@@ -3,7 +3,8 @@
 Layers, lowest first; a module imports only its own layer and those below
 (tests/test_layers.py checks it):
 
-  L0  console.py, paths.py, fields.py   console lines and user errors, the cache dir, dotted fields
+  L0  console.py, paths.py, fields.py   console lines, progress and user errors, the cache dir,
+                                        dotted fields
       packages.py                       the packages it needs, and one line when one is missing
       xla_flags.py                      XLA flag presets per platform, checked against this jaxlib
       devices.py                        the hardware catalogue and peak FLOP/s (MFU)

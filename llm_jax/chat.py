@@ -35,7 +35,8 @@ _PRESENCE = flags.DEFINE_float("presence_penalty", 0.0, "Subtracted from tokens 
 _FREQUENCY = flags.DEFINE_float("frequency_penalty", 0.0, "Subtracted per occurrence of a generated token.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens (also capped by what "
                                 "the context leaves after the prompt).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same answers).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same answers); each prompt of "
+                            "--prompts draws its own stream, from the seed and its line's place.")
 _STOP = flags.DEFINE_list("stop", [], "Extra stop strings (comma separated).")
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "Prompt + answer tokens at most; 0 = the run's "
                                     "context (the longest sequence its weights were trained on, "

@@ -69,6 +69,27 @@ def test_chat_at_default_flags_answers_like_the_one_shot_mode(run):
   assert len(set(replies + [one_shot[1]["answer"]])) > 1  # not one answer to everything
 
 
+def test_each_prompt_of_a_file_draws_its_own_random_stream(run):
+  """Issue 24: with one --seed, every prompt of a --prompts file drew the same random numbers, so
+  two prompts sampled alike. Now the stream comes from the seed and the prompt's place in the
+  file: the same text at two places is sampled differently, and a prompt at a given place gets
+  the same answer whatever the batch size (so whichever prompts share its batch)."""
+  tok = run.tokenizer
+  sampling = SamplingConfig(temperature=2.0, top_p=1.0, max_new_tokens=8, seed=3)
+  records = [{"prompt": "Tell me about Ming Wang."}, {"prompt": "Li Na 在哪家公司工作？"},
+             {"prompt": "Tell me about Ming Wang."}]
+  gen = Generator(run.params, run.model_cfg)
+  by_batch = {b: session_lib.answer_prompts(gen, tok, records, sampling, batch_size=b,
+                                            context=run.context) for b in (1, 3)}
+  answers = lambda out: [o["answer"] + "|" + o["finish_reason"] for o in out]
+  assert answers(by_batch[1]) == answers(by_batch[3])
+  assert by_batch[3][0]["answer"] != by_batch[3][2]["answer"], by_batch[3]
+  # the per-prompt seed: a pure function of (seed, place), not seed + place
+  from llm_jax.infer.sampling import prompt_seed  # pylint: disable=g-import-not-at-top
+  assert prompt_seed(3, 1) == prompt_seed(3, 1) and prompt_seed(3, 1) != prompt_seed(3, 0)
+  assert prompt_seed(1, 0) != prompt_seed(0, 1) and 0 <= prompt_seed(2**40, 7) < 2**31
+
+
 def test_overlong_prompt_is_cut_from_the_left_and_said(run):
   long_prompt = "Tell me everything. " * 400 + "When was Ming Wang born?"
   warnings = []

@@ -114,6 +114,17 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
   assert [r[0] for r in rows[1:]] == ["10", "20", "30"] and "rouge.rougeL" in rows[0]
   md = open(os.path.join(out, "summary.md"), encoding="utf-8").read()
   assert "| 30 |" in md and "knowledge.qa_heldout.contains" in md and "Pearson" in md
+  # Rouge's tokenisation beside its figures (issue 24): in summary.md and the console line
+  assert "Rouge and BLEU: auto tokenisation: one token per CJK character" in md
+  assert "(auto tokenisation: one token per CJK character" in job._brief(
+      "rouge", results[30]["tasks"]["rouge"])
+  # the loss line says what it scored, with the JSON's own counts (issue 24: "20 batches" on the
+  # console, 35 in the JSON); documents as many as the per-document losses averaged
+  loss = results[30]["tasks"]["loss"]
+  assert loss["batches"] == 2 and loss["documents"] > 0
+  assert job._brief("loss", loss).endswith(
+      f"(2 batches, {loss['documents']:,} documents, {loss['tokens']:,.0f} tokens of "
+      "builtin:bios_qa_heldout)")
   for task in ("loss", "rouge", "repetition", "knowledge", "choice"):
     _is_png(os.path.join(out, "plots", f"{task}.png"))
   if os.path.isdir("/usr/share/fonts/opentype/noto"):  # fonts-noto-cjk (.ci/run installs it)
@@ -268,3 +279,24 @@ def test_rouge_of_a_dpo_or_distill_run_reads_its_builtin_eval_set(run_dir, tmp_p
     want = [r["messages"][-1]["content"] for r in raw]
   assert [r["reference"] for r in records] == want
   assert all(r["messages"][-1]["role"] == "user" for r in records)
+
+
+def test_repetition_prefixes_end_at_a_character_boundary(run_dir, tmp_path):
+  """Issue 24: a text prefix of rep_prefix tokens could end inside a multi-byte character (a rare
+  Chinese character is three byte-fallback tokens), which the samples showed as U+FFFD and the
+  model was asked to continue from half a character. The prefix now ends at the last whole
+  character within rep_prefix tokens. (The prefixes are cut when the task reads its data, before
+  any model runs: the task is built, not run.)"""
+  cfg = _resolve(_eval_cfg(eval__tasks="repetition", data__eval=str(tmp_path / "rare.jsonl"),
+                           eval__rep_prefix=8, eval__chat_prompts=""), run_dir,
+                 "data.eval", "eval.rep_prefix", "eval.chat_prompts")
+  tok = rundir.load_tokenizer(run_dir, cfg)
+  rare = "龘"  # not in the tiny vocabulary: one token per UTF-8 byte
+  (tmp_path / "rare.jsonl").write_text(
+      "".join(json.dumps({"text": rare * 12 + f" {i}"}) + "\n" for i in range(2)), encoding="utf-8")
+  ids = tok.encode(rare * 12)
+  assert len(ids) >= 36 and "\ufffd" in tok.decode(ids[:8])  # 8 tokens cut a character in two
+  task = tasks_lib.Repetition(tasks_lib.Context(cfg, run_dir, tok, None, None, (), None))
+  whole = max(k for k in range(1, 9) if "\ufffd" not in tok.decode(ids[:k]))
+  assert whole < 8 and task.prompts == [ids[:whole]] * 2
+  assert task.shown == [tok.decode(ids[:whole])] * 2 and "\ufffd" not in task.shown[0]

@@ -163,6 +163,21 @@ def test_throughput_after_an_eval_without_checkpoint_is_normal(tmp_path, tokeniz
            for m in caplog.messages if " tokens/s" in m]
   assert len(rates) == 3, caplog.messages
   assert max(rates) < 10 * min(rates), rates  # was ~1000x after an eval step
+  # Each eval says what it scored (issue 24: the training log's and the eval job's losses differ
+  # because they score different parts of the held-out set). Counted here from the eval batches
+  # themselves: documents are (row, segment) pairs with a weighted target.
+  tok = tok_lib.get_tokenizer(cfg.data.tokenizer, str(tmp_path), None)
+  batches = pipeline.make_eval_iterator(cfg.data, tok, process_index=0, process_count=1)
+  documents = tokens = 0
+  for _, batch in zip(range(2), batches):
+    w, seg = np.asarray(batch["loss_weights"]), np.asarray(batch["segment_ids"])
+    documents += len({(r, seg[r, c]) for r, c in zip(*np.nonzero((w > 0) & (seg > 0)))})
+    tokens += int(w.sum())
+  evals = [m for m in caplog.messages if m.startswith("eval at step")]
+  assert len(evals) == 4 and all(
+      m.endswith(f"(2 batches, {documents:,} documents, {tokens:,} tokens)") for m in evals), evals
+  assert any(m.startswith("eval every 10 steps on builtin:bios_qa_heldout: its first 2 batches")
+             for m in caplog.messages)
 
 
 def test_resume_refuses_a_shape_or_tokenizer_it_cannot_honour(tmp_path, tokenizer_path):

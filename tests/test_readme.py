@@ -123,6 +123,9 @@ RULES = [
     # README.md: Install and Tests
     Rule("pip install -r requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
+    Rule("pip install -e .",
+         skip="installs the package; tests/test_packaging.py installs it into a fresh venv (slow) "
+              "and runs commands from another directory"),
     Rule("pip install -r requirements.txt -r tests/requirements.txt",
          skip="installs packages (needs the network); the test runs in the installed environment"),
     Rule("python -m pytest -q tests", skip="the test suite itself"),
@@ -209,7 +212,8 @@ RULES = [
          "--config.eval.choice_shots=5", args=TINY_EVAL, files=("my_eval.jsonl", "ceval_val.csv", "ceval_dev.csv")),
     # Two runs the user trained: here the quick-start run under both names.
     Rule("python -m llm_jax.eval.compare --runs=runs/a,runs/b --metrics=knowledge.qa_heldout.contains --out=cmp",
-         links=(("runs/a", "sft"), ("runs/b", "sft")), outputs=("cmp.md", "cmp.csv")),
+         links=(("runs/a", "sft"), ("runs/b", "sft")), outputs=("cmp.md", "cmp.csv"),
+         expect=("written: ", "cmp.md, ")),
     # lm-evaluation-harness through the server
     Rule(r"OPENAI_API_KEY=secret lm_eval .*", regex=True,
          skip="needs a running server and the user's task directory; tests/test_serve_lmeval.py runs lm_eval"),
@@ -560,6 +564,9 @@ def test_readme_parser():
   assert _shell_line("until a --x ; do sleep 1 ; done", ("--y=1",)) == "until a --x --y=1 ; do sleep 1 ; done"
 
 
+# absl's line prefix (`I1206 22:43:12.686666 139688333802368 writers.py:45] `): never on the console
+# without --verbose
+ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ", re.M)
 SFT = "python -m llm_jax.main --config=configs/sft.py --workdir=runs/sft"
 CHAT = "python -m llm_jax.chat --workdir=runs/sft"
 CHAT_FILE = ("python -m llm_jax.chat --workdir=runs/sft --prompts=questions.txt --output=answers.jsonl "
@@ -575,8 +582,18 @@ def test_readme_quick_start(clone):
 
   def trained(out):
     log = out.stderr
-    assert "Compiled and ran the first train step" in log and "tokens/s" in log and "MFU" in log
+    assert "compiling the train step (and running the first one): done in" in log
+    assert "tokens/s" in log and "MFU" in log
     assert "checkpoint_manager.py" not in log  # library INFO chatter stays off the console
+    # Clean lines as the README shows them (issue 24): no absl prefix, an ETA before the last step,
+    # the eval saying what it scored
+    assert not ABSL_PREFIX.search(log), log[:2000]
+    assert re.search(r"^step 10/40 \| loss .* \| ETA \d", log, re.M), log[-3000:]
+    assert re.search(r"^step 40/40 \| loss [^\n]*s/step(?! \| ETA)", log, re.M), log[-3000:]
+    scored_line = re.search(r"^eval at step 40: loss [\d.]+ \| perplexity [\d.]+ \| accuracy "
+                            r"[\d.]+ \(8 batches, ([\d,]+) documents, ([\d,]+) tokens\)$", log, re.M)
+    assert scored_line, log[-3000:]
+    seen["scored"] = scored_line.groups()
     assert sorted(os.listdir(run / "checkpoints"), key=int) == ["20", "40"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
     final = json.load(open(run / "final_metrics.json"))
@@ -587,6 +604,7 @@ def test_readme_quick_start(clone):
 
   def chatted(out):  # three lines piped in: a question, /reset, a question; then EOF leaves
     assert "runs/sft: step 40" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert not ABSL_PREFIX.search(out.stderr), out.stderr[-2000:]
     assert out.stdout.count("\n> ") >= 3, out.stdout  # a prompt after each line
 
   def answered(out):
@@ -595,10 +613,15 @@ def test_readme_quick_start(clone):
     assert len(answers) == 2 and all(isinstance(a["answer"], str) for a in answers), answers
 
   def scored(out):
-    del out
     res = json.load(open(run / "eval_40.json"))
-    # The eval job reads the checkpoint back and scores the same 8 held-out batches.
+    # The eval job reads the checkpoint back and scores the same 8 held-out batches: the same
+    # loss, documents and tokens as the training log's eval said, and its console says so too.
     assert abs(res["loss"] - seen["eval_loss"]) < 1e-4
+    documents, tokens = seen["scored"]
+    assert f"{res['documents']:,}" == documents and f"{res['tokens']:,.0f}" == tokens
+    assert (f"(8 batches, {documents} documents, {tokens} tokens of builtin:bios_qa_heldout)"
+            in out.stderr), out.stderr[-3000:]
+    assert not ABSL_PREFIX.search(out.stderr), out.stderr[-2000:]
     assert abs(res["perplexity"] - math.exp(res["loss"])) < 1e-3 * res["perplexity"]
     assert 0 < res["accuracy"] < 1 and res["documents"] > 0
     assert res["doc_mean_loss"] > 0 and res["data"] == "builtin:bios_qa_heldout"

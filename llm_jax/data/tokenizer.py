@@ -15,11 +15,12 @@ import io
 import itertools
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 from absl import logging
 import sentencepiece as spm
+
+from llm_jax import console
 
 PAD, UNK = "<pad>", "<unk>"
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -153,11 +154,21 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
   """Trains a byte-fallback SentencePiece model with ChatML specials on `texts`."""
   if model_type not in ("bpe", "unigram"):
     raise ValueError(f"config.data.tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'.")
+  # Minutes on a large corpus, silent inside SentencePiece: said as a phase (console.Phase).
+  with console.Phase(f"training a {model_type} SentencePiece tokenizer ({vocab_size:,} pieces)") as phase:
+    tok, n_lines = _train_sentencepiece(texts, vocab_size, model_type, max_sentences,
+                                        character_coverage)
+    phase.result = f"{tok.vocab_size:,} pieces from {n_lines:,} lines"
+  return tok
+
+
+def _train_sentencepiece(texts, vocab_size, model_type, max_sentences,
+                         character_coverage) -> tuple[Tokenizer, int]:
+  """(the tokenizer, how many training lines it saw)."""
   # SentencePiece holds its training lines in memory anyway; a list lets us retry.
   lines = list(_training_lines(texts, max_sentences))
   if not lines:
     raise ValueError("cannot train a tokenizer: the corpus is empty (check config.data.train).")
-  start = time.time()
   # A Chinese corpus can need more distinct characters than the vocabulary holds at the
   # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
   coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98)
@@ -198,10 +209,7 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
       logging.warning("vocab_size=%d cannot hold every character at coverage %.4f; retrying "
                       "with %.4f (rarer characters become byte tokens)", vocab_size, coverage,
                       coverages[k + 1])
-  tok = Tokenizer(model.getvalue())
-  logging.info("trained a %s SentencePiece tokenizer: %d pieces in %.1fs", model_type,
-               tok.vocab_size, time.time() - start)
-  return tok
+  return Tokenizer(model.getvalue()), len(lines)
 
 
 def get_tokenizer(tok_cfg, workdir: str | None, corpus_fn: Callable[[], Iterable[str]]):

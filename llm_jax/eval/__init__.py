@@ -5,7 +5,8 @@
   tasks.py        the tasks: loss, rouge, repetition, knowledge, choice (each reads its data once)
   model_io.py     batched generation and scoring on the run's mesh, fitted to its context
   rouge.py, repetition.py, knowledge.py, choice.py   the metrics
-  summary.py, plots.py, curves.py, progress.py      tables, PNGs, TensorBoard curves, progress
+  summary.py, plots.py, curves.py                    tables, PNGs, TensorBoard curves (progress
+                                                     bars: console.Progress)
   compare.py      `python -m llm_jax.eval.compare`: runs side by side
 The held-out evaluation during training is train/evaluate.py.
 """

@@ -19,11 +19,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from llm_jax import checkpoint, rundir, sharding, workdir_lock, xla_flags
+from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.console import ConfigError
-from llm_jax.eval import model_io, run_config, summary, tasks as tasks_lib
+from llm_jax.eval import model_io, rouge as rouge_lib, run_config, summary, tasks as tasks_lib
 from llm_jax.model import init as model_init
 from llm_jax.model.config import ModelConfig
+from llm_jax.train import metrics as metrics_lib
 
 LOSS_KEYS = ("loss", "perplexity", "accuracy", "tokens", "batches", "documents", "doc_mean_loss",
              "doc_perplexity_geomean", "doc_perplexity_mean", "data")
@@ -95,8 +96,13 @@ def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_d
   logging.info("eval of %s: tasks %s on steps %s", workdir, ",".join(names), steps)
 
   results = {}
-  for step in steps:
+  t_sweep = time.perf_counter()
+  for n, step in enumerate(steps):
     t0 = time.perf_counter()
+    if len(steps) > 1:  # a sweep: where it is, and (after the first) how long the rest takes
+      left = (t0 - t_sweep) / n * (len(steps) - n) if n else None
+      logging.info("checkpoint %d of %d: step %d%s", n + 1, len(steps), step,
+                   f" (about {console.duration(left)} left for the sweep)" if left else "")
     with sharding.mesh_context(mesh, rules):
       params, _ = rundir.load_params(workdir, step, shardings=param_sh,
                                      dtype=model_cfg.weight_dtype)
@@ -127,7 +133,8 @@ def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_d
     if writer:
       os.makedirs(json_dir, exist_ok=True)
       _write_json(path, res)
-    logging.info("step %d done in %.1f s; written to %s", step, time.perf_counter() - t0, path)
+    logging.info("step %d done in %s; written to %s", step,
+                 console.duration(time.perf_counter() - t0), path)
     results[step] = res
 
   if writer:
@@ -141,4 +148,10 @@ def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_d
 def _brief(name: str, metrics: dict) -> str:
   flat = summary.flatten({name: metrics})
   keys = [k for k in summary.headline_keys([flat])]
-  return " | ".join(f"{k.split('.', 1)[1]} {flat[k]:.4g}" for k in keys) or "done"
+  line = " | ".join(f"{k.split('.', 1)[1]} {flat[k]:.4g}" for k in keys) or "done"
+  if name == "rouge" and metrics.get("tokenizer"):  # the scores mean nothing without it
+    line += f" ({rouge_lib.describe(metrics['tokenizer'])})"
+  if name == "loss" and "tokens" in metrics:  # what it scored: the JSON's own counts
+    line += (f" ({metrics_lib.scored(metrics['tokens'], metrics.get('documents'), metrics.get('batches'))}"
+             f" of {metrics.get('data', 'data.eval')})")
+  return line

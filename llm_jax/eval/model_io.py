@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_jax import sharding
-from llm_jax.eval.progress import Progress
+from llm_jax.console import Progress
 from llm_jax.infer.context import fit_ids
 from llm_jax.infer.generate import bucket, Generation, Generator
 from llm_jax.infer.sampling import SamplingConfig

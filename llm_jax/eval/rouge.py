@@ -27,6 +27,22 @@ _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
 _AUTO_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+", re.UNICODE)
 
 
+# What each tokenisation counts as a token, said wherever Rouge/BLEU figures are shown (the eval
+# console line, summary.md, eval_<step>.json's "tokenization"): the same answers score very
+# differently under char and word.
+DESCRIPTIONS = {
+    "auto": "one token per CJK character, one per Latin word or number",
+    "char": "one token per non-space character",
+    "word": "whitespace-separated words",
+    "jieba": "jieba's word segmentation",
+}
+
+
+def describe(how: str) -> str:
+  """"auto tokenisation: one token per CJK character, ..." for a tokenizer name."""
+  return f"{how} tokenisation: {DESCRIPTIONS.get(how, how)}"
+
+
 def _is_punct(tok: str) -> bool:
   return all(unicodedata.category(c)[0] in "PSZC" for c in tok)
 
@@ -123,5 +139,5 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str], how: str
   rows = [score(h, r, how) for h, r in zip(hypotheses, references)]
   keys = ("rouge1", "rouge2", "rougeL", "bleu4")
   out = {k: (sum(row[k] for row in rows) / len(rows) if rows else 0.0) for k in keys}
-  out.update(examples=len(rows), tokenizer=how)
+  out.update(examples=len(rows), tokenizer=how, tokenization=describe(how))
   return out

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_jax.eval import plots
+from llm_jax.eval import plots, rouge
 
 # Headline figures per task (flattened paths); those present in the results are shown.
 HEADLINE = {
@@ -108,6 +108,10 @@ def write(results: Sequence[dict], out_dir: str, *, draw: bool = True, title: st
            "|---:|" + "---:|" * len(keys)]
   for s, row in zip(steps, flat):
     lines.append(f"| {s} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+  tokenizers = sorted({r["tasks"]["rouge"]["tokenizer"] for r in results
+                       if r.get("tasks", {}).get("rouge", {}).get("tokenizer")})
+  if tokenizers:  # Rouge and BLEU depend on what a token is: say it beside the figures
+    lines += ["", "Rouge and BLEU: " + "; ".join(rouge.describe(t) for t in tokenizers) + "."]
   if "loss.loss" in keys and len(steps) >= 3:
     lines += ["", "Correlation with the eval loss across checkpoints (Pearson r / Spearman rho):",
               ""]

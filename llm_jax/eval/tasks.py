@@ -20,9 +20,10 @@ from llm_jax.eval import knowledge as knowledge_lib
 from llm_jax.eval import repetition as rep_lib
 from llm_jax.eval import rouge as rouge_lib
 from llm_jax.eval.model_io import ModelRunner
-from llm_jax.eval.progress import Progress
+from llm_jax.console import Progress
 from llm_jax.infer.sampling import SamplingConfig
 from llm_jax.infer.session import end_of_turn_ids, prompt_ids, read_prompts
+from llm_jax.infer.text import whole_character_prefix
 from llm_jax.train import evaluate
 
 TASKS = ("loss", "rouge", "repetition", "knowledge", "choice")
@@ -76,14 +77,15 @@ class Loss:
 
 
 def _counted(batches, max_batches: int):
-  """The eval batches with progress: a bar when their number is known, else a line per 20."""
+  """The eval batches with progress: a bar when their number is known, else a line per 20 (the
+  final count is the task's own line, from the same figure the JSON holds)."""
   bar = Progress(max_batches, "loss") if max_batches else None
   for n, batch in enumerate(batches, 1):
     yield batch
     if bar:
       bar.update(1)
     elif n % 20 == 0:
-      logging.info("loss: %d batches", n)
+      logging.info("loss: %d batches so far", n)
 
 
 def _raw_records(spec: str, data_cfg, field: str):
@@ -226,7 +228,10 @@ class Repetition:
           w = np.ones(len(ids), np.float32)
           if len(ids) <= e.rep_prefix:
             continue
-          self.prompts.append(ids[:e.rep_prefix].tolist())
+          # cut at a character boundary: a split character would show as U+FFFD in the samples
+          # and start the continuation on half a character
+          cut = whole_character_prefix(tok.decode, ids.tolist(), e.rep_prefix)
+          self.prompts.append(ids[:cut].tolist())
           self.shown.append(tok.decode(self.prompts[-1]))
           self.mode = self.mode or "text continuations"
         n = data.seq_len + 1
@@ -253,7 +258,9 @@ class Repetition:
       toks = [g.tokens for g in gens]
       res[kind] = rep_lib.continuation_metrics(
           toks, [g.finish_reason == "stop" for g in gens], n=e.rep_n, loop_window=e.loop_window)
-      samples += [{"kind": kind, "prompt": shown, "continuation": c.tok.decode(g.tokens),
+      samples += [{"kind": kind, "prompt": shown,
+                   "continuation": c.tok.decode(  # no half character where the limit cut one
+                       g.tokens[:whole_character_prefix(c.tok.decode, g.tokens, len(g.tokens))]),
                    "finish_reason": g.finish_reason,
                    f"seq_rep_{e.rep_n}": rep_lib.seq_rep_n(g.tokens, e.rep_n)}
                   for shown, g in list(zip(self.shown, gens))[:_SAMPLES_PER_KIND]]

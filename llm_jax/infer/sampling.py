@@ -59,6 +59,16 @@ class SamplingConfig:
             "seed": f(self.seed & 0x7FFFFFFF, np.int32)}
 
 
+def prompt_seed(seed: int, position: int) -> int:
+  """The seed of the `position`-th prompt (0-based) of a prompts file sampled with `seed`: its
+  own random stream, so two prompts never draw the same numbers (with one shared seed, two poem
+  prompts at temperature 0.8 continued almost alike), yet the same file and seed give the same
+  answers whatever the batch size. A hash of both (numpy's SeedSequence, the same on every
+  platform), not seed + position, so that seed 1's first prompt does not replay seed 0's second."""
+  state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(position)]).generate_state(1)
+  return int(state[0]) & 0x7FFFFFFF
+
+
 def stack_settings(per_row: list[dict]) -> dict:
   """Row-wise settings of several requests (each `SamplingConfig.arrays(1)`) as one batch."""
   return {k: np.concatenate([r[k] for r in per_row]) for k in per_row[0]}

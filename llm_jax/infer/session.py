@@ -17,7 +17,7 @@ from llm_jax.data.sources import read_records
 from llm_jax.infer import context as context_lib
 from llm_jax.infer.generate import Generation, Generator
 from llm_jax.infer.interrupt import Interrupts, read_line
-from llm_jax.infer.sampling import SamplingConfig
+from llm_jax.infer.sampling import SamplingConfig, prompt_seed
 from llm_jax.infer.text import Detokenizer
 
 
@@ -214,7 +214,10 @@ def answer_prompts(generator: Generator, tok, records: list[dict], sampling: Sam
   out = []
   for start in range(0, len(records), batch_size):
     chunk = list(zip(records[start:start + batch_size], fits[start:start + batch_size]))
-    per_row = [dataclasses.replace(sampling, max_new_tokens=fit.max_new_tokens) for _, fit in chunk]
+    # Each prompt its own random stream, from the seed and its place in the file (not its batch).
+    per_row = [dataclasses.replace(sampling, max_new_tokens=fit.max_new_tokens,
+                                   seed=prompt_seed(sampling.seed, start + k))
+               for k, (_, fit) in enumerate(chunk)]
     gens = generator.generate([fit.ids for _, fit in chunk], per_row, stop_token_ids=stop_ids,
                               stop_strings=tuple(stop_strings), decode_fn=tok.decode)
     for k, ((rec, fit), gen) in enumerate(zip(chunk, gens)):

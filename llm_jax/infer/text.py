@@ -56,6 +56,19 @@ class Detokenizer:
     return ""
 
 
+def whole_character_prefix(decode: Callable[[list[int]], str], ids: list[int], n: int) -> int:
+  """The longest length <= n of a prefix of `ids` that ends at a character boundary: a byte-level
+  or byte-fallback token sequence cut after n tokens can end inside a multi-byte character (a
+  Chinese character is three UTF-8 bytes), which decodes as U+FFFD. At most 3 tokens are given
+  back (a character has at most 4 bytes); a prefix that still ends in U+FFFD (the text itself
+  holds one) is left at n."""
+  n = min(n, len(ids))
+  for k in range(n, max(n - 4, 0), -1):
+    if not decode(list(ids[:k])).endswith("\ufffd"):
+      return k
+  return n
+
+
 class StopMatcher:
   """Stop strings in a text that only grows at its end (an answer being generated).
 

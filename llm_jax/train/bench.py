@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from llm_jax import config_check, console, sharding, xla_flags
+from llm_jax import config_check, console, devices, sharding, xla_flags
 from llm_jax.model import flops
 # The timing itself is shared with the GPU suite (bench_suite.py).
 from llm_jax.train.measure import compiled_memory, peak_memory, prepare, timed_steps
@@ -146,6 +146,9 @@ def main():
     ]
   for k, v in rows:
     print(f"{k:>14}: {v}")
+  busy = devices.busy_note()
+  if busy:
+    print(f"{'note':>14}: {busy}")
   return None
 
 

@@ -7,6 +7,8 @@ objective reports (token-weighted: every weighted token counts once; long docume
   loss        sum(w * ce) / sum(w)
   perplexity  exp(loss)
   accuracy    share of weighted targets that are the argmax
+  tokens, documents, batches  what was scored (documents: (row, segment) pairs with a weighted
+                              target, so a document split over two rows counts twice)
 and, with per_document (each packed document counts once, whatever its length),
   doc_mean_loss           mean over documents of the document's own mean loss
   doc_perplexity_geomean  exp(doc_mean_loss): the geometric mean of the documents' perplexities
@@ -54,6 +56,11 @@ def lm_sums(model_cfg: ModelConfig, variables, batch, *, per_document: bool = Fa
   return sums
 
 
+def _with_documents(sums: dict, batch) -> dict:
+  """The LM sums plus how many documents they scored, so every eval says what it covered."""
+  return {**sums, "documents": loss_lib.document_count(batch["loss_weights"], batch["segment_ids"])}
+
+
 class Evaluator:
   """One objective's held-out evaluation, compiled once:
 
@@ -76,7 +83,8 @@ class Evaluator:
         variables = lora_state.eval_params(model_cfg, {"params": params, "frozen": frozen})
         if model_cfg.lora is None:
           variables = {"params": variables}
-        return lm_sums(model_cfg, variables, batch, per_document=per_document)
+        return _with_documents(lm_sums(model_cfg, variables, batch, per_document=per_document),
+                               batch)
     else:
       def eval_step(params, frozen, batch):
         return self.objective.sums(params, frozen, batch, jax.random.key(0))
@@ -118,9 +126,9 @@ def _lm_metrics(totals: dict, doc_losses: list, n: int) -> dict:
                      "no assistant turns in SFT data)")
   loss = totals["ce"] / weight
   out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-         "accuracy": totals["correct"] / weight, "tokens": weight, "batches": n}
+         "accuracy": totals["correct"] / weight, "tokens": weight, "batches": n,
+         "documents": int(round(totals.get("documents", len(doc_losses))))}
   if doc_losses:
-    out["documents"] = len(doc_losses)
     out["doc_mean_loss"] = float(np.mean(doc_losses))
     out["doc_perplexity_geomean"] = math.exp(min(out["doc_mean_loss"], 700.0))
     out["doc_perplexity_mean"] = float(np.mean(np.exp(np.minimum(doc_losses, 700.0))))

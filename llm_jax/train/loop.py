@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llm_jax import checkpoint, console, rundir, sharding, workdir_lock, xla_flags
+from llm_jax import checkpoint, console, devices, rundir, sharding, workdir_lock, xla_flags
 from llm_jax.data import census, pipeline
 from llm_jax.model import flops
 from llm_jax.train import metrics as metrics_lib, optimizer as opt_lib
@@ -217,6 +217,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
                throughput.peak_source)
+  busy = devices.busy_note()
+  if busy:
+    logging.warning("%s", busy)
   # What each split keeps and drops at this seq_len, said before any step (and in the result).
   data_counts = {}
   for split in ("train", "eval"):
@@ -276,21 +279,29 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     with sharding.mesh_context(mesh, rules):
       res = evaluator(state["params"], state.get("frozen", {}), batches, tc.eval_batches)
     # The LM's headline figures; DPO and distillation report all of their own.
-    shown = ("loss", "perplexity", "accuracy", "tokens") if evaluator.objective is None else None
+    shown = (("loss", "perplexity", "accuracy", "tokens", "documents", "batches")
+             if evaluator.objective is None else None)
     scalars = {f"eval_{k}": v for k, v in res.items()
-               if k != "batches" and (shown is None or k in shown)}
+               if (k != "batches" or shown) and (shown is None or k in shown)}
     writer.write_scalars(step, scalars)
     eval_history.append({"step": step, **scalars})
     return scalars
 
   history, eval_history = {}, []
+  if tc.eval_every and config.data.eval:
+    logging.info("eval every %d steps on %s: %s (the eval job scores the whole set by default, "
+                 "so its loss differs)", tc.eval_every, config.data.eval,
+                 f"its first {tc.eval_batches} batches of {config.data.batch_size} x "
+                 f"{config.data.seq_len} tokens, the same each time" if tc.eval_batches
+                 else "all of it")
   if tc.eval_every and start == 0:
     history.update(run_eval(0))
 
   last_saved = start if resuming else None
   pending = None  # (step, device metrics) of the last dispatched step, read one step later
   last_scalars = {}
-  t_compile = time.perf_counter()
+  # The first step compiles (seconds to minutes): said while it runs (console.Phase).
+  compiling = console.Phase("compiling the train step (and running the first one)")
 
   def consume(pending) -> dict:
     """Reads a finished step's metrics: stops on non-finite values, logs every log_every."""
@@ -314,6 +325,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     error = None
     try:
       with sharding.mesh_context(mesh, rules):
+        if step < tc.steps:
+          compiling.start()
         while step < tc.steps:
           try:
             with preempt.waiting_for_input():
@@ -335,8 +348,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           step += 1
           if step == start + 1:
             jax.block_until_ready(m)
-            logging.info("Compiled and ran the first train step in %.1f s",
-                         time.perf_counter() - t_compile)
+            compiling.finish()
             throughput.start(step)
           if pending is not None:
             last_scalars = consume(pending)
@@ -368,6 +380,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       error = e
       raise
     finally:
+      compiling.stop()  # an error in the first step: no counting line left running
       # Whatever stopped the loop (the end, SIGTERM, a non-finite loss, a bad record), a
       # checkpoint already started is finished before the process may exit; after SIGTERM only
       # for config.checkpoint.sigterm_wait seconds.
@@ -385,6 +398,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       json.dump(result, f, indent=2)
   logging.info("Done at step %d. Checkpoints: %s | TensorBoard: tensorboard --logdir %s",
                step, checkpoint.checkpoint_dir(workdir), os.path.join(workdir, "tensorboard"))
+  busy = devices.busy_note()
+  if busy:  # said again: the start may have been quiet
+    logging.warning("%s", busy)
   return result
 
 

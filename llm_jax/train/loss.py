@@ -29,6 +29,17 @@ def _cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss):
   }
 
 
+def document_count(weights_BxL, segment_ids_BxL):
+  """How many documents a batch scores: (row, segment) pairs with a weighted target, the count
+  `per_document_sums` has entries for (a document split over two rows counts twice)."""
+  B, L = segment_ids_BxL.shape
+  weights_BxL = (weights_BxL > 0) & (segment_ids_BxL > 0)
+  doc_BxL = jnp.arange(B)[:, None] * L + jnp.clip(segment_ids_BxL, 0, L - 1)
+  hit = jax.ops.segment_max(weights_BxL.astype(jnp.int32).ravel(), doc_BxL.ravel(),
+                            num_segments=B * L)
+  return jnp.sum(hit > 0).astype(jnp.float32)
+
+
 def per_document_sums(logits_BxLxV, targets_BxL, weights_BxL, segment_ids_BxL):
   """CE and weight summed per (row, segment): arrays of size B*L indexed row * L + segment id.
   Entries with weight 0 are not documents (padding or unused ids)."""

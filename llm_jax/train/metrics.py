@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import devices
+from llm_jax import console, devices
 
 class Throughput:
   """Tokens/s and MFU over the steps since the last report."""
@@ -51,8 +51,13 @@ _FORMATS = {"loss": "loss {:.4f}", "accuracy": "accuracy {:.3f}",
 
 
 def format_line(step: int, total: int, scalars: dict[str, float]) -> str:
+  """"step 120/300 | loss ... | 0.432 s/step | ... | ETA 1 min 18 s": the ETA is the steps left
+  times the recent s/step (the steps since the last line, so a slow start or an eval does not
+  skew it); there is none on the last step."""
   parts = [f"step {step}/{total}"]
   parts += [fmt.format(scalars[k]) for k, fmt in _FORMATS.items() if k in scalars]
+  if step < total and scalars.get("step_time_s"):
+    parts.append(f"ETA {console.duration((total - step) * scalars['step_time_s'])}")
   return " | ".join(parts)
 
 
@@ -65,6 +70,22 @@ def format_eval_line(step: int, scalars: dict[str, float]) -> str:
   count = next(((k, plain[k]) for k in ("pairs", "trained_tokens") if k in plain), None)
   tail = f" ({count[1]:,.0f} {count[0].replace('trained_', '')})" if count else ""
   return f"eval at step {step}: " + " | ".join(parts) + tail
+
+
+def scored(tokens: float, documents: float | None = None, batches: float | None = None) -> str:
+  """"8 batches, 336 documents, 10,318 tokens": what an eval loss was computed over (the training
+  log's eval and the eval job's loss task say it alike, so two losses can be told apart)."""
+  parts = [f"{batches:,.0f} batches"] if batches is not None else []
+  parts += [f"{documents:,.0f} documents"] if documents is not None else []
+  return ", ".join(parts + [f"{tokens:,.0f} tokens"])
+
+
+def format_lm_eval_line(step: int, scalars: dict[str, float]) -> str:
+  """"eval at step N: loss ... | perplexity ... | accuracy ... (8 batches, 336 documents, ...)"."""
+  return (f"eval at step {step}: loss {scalars['eval_loss']:.4f} | perplexity "
+          f"{scalars['eval_perplexity']:.2f} | accuracy {scalars['eval_accuracy']:.3f} ("
+          + scored(scalars.get("eval_tokens", 0), scalars.get("eval_documents"),
+                   scalars.get("eval_batches")) + ")")
 
 
 def to_host(metrics) -> dict[str, float]:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from llm_jax.train.metrics import format_eval_line, format_line
+from llm_jax.train.metrics import format_eval_line, format_line, format_lm_eval_line
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,9 +168,7 @@ class ConsoleWriter(interface.MetricWriter):
       # DPO, distillation: the objective's own eval metrics (the LM eval reports eval_tokens)
       logging.info(format_eval_line(step, scalars))
     elif any(k.startswith("eval_") for k in scalars):
-      logging.info("eval at step %d: loss %.4f | perplexity %.2f | accuracy %.3f (%d tokens)",
-                   step, scalars["eval_loss"], scalars["eval_perplexity"],
-                   scalars["eval_accuracy"], scalars.get("eval_tokens", 0))
+      logging.info("%s", format_lm_eval_line(step, scalars))
     else:
       logging.info(format_line(step, self.total_steps, scalars))
 
