@@ -203,3 +203,16 @@ def objective(model_cfg: ModelConfig, *, loss: str = "grpo", clip_low: float = 0
       "grpo", normalizer=lambda b: normalizer(b["loss_weights"] > 0, aggregation, max_new_tokens),
       sums=sums, metrics=metrics,
       sum_keys=("loss", "norm", "tokens", "entropy", "clip_low", "clip_high", "clip_region", "kl"))
+
+
+def policy_logps(model_cfg: ModelConfig, temperature: float = 1.0,
+                 policy_variables: Callable = default_policy_variables) -> Callable:
+  """fn(params, frozen, batch) -> log p(target) [B, L] of the policy: the old log-probs of a
+  rollout reused for several iterations, and what the tests compare with the sampler's."""
+  model = Decoder(model_cfg)
+
+  def fn(params, frozen, batch):
+    logits_BxLxV = model.apply(policy_variables(params, frozen), batch["inputs"],
+                               batch["positions"], batch["segment_ids"])
+    return token_logps(logits_BxLxV, batch["targets"], temperature)[0]
+  return fn

@@ -1,4 +1,9 @@
-"""The training loop shared by the pretrain, sft, dpo and distill jobs.
+"""The training loop shared by the pretrain, sft, dpo, distill and grpo jobs.
+
+Online RL (grpo) differs only in where a step's batch comes from: a rollout stage
+(llm_jax/rl/rollout.py, handed in by the job as `rollout_factory`, since train/ never imports
+infer/) samples completions with the state's current parameters and scores them; its prompt
+iterator takes the data iterator's place in checkpoints.
 
 Order of work in one step: take the host batch, dispatch the jitted step (asynchronous), then
 read the *previous* step's metrics, so the device never waits for the host to log. A
@@ -77,11 +82,13 @@ PREEMPTED_EXIT_CODE = 143
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        batch_hook: Optional[Callable[[int, dict], None]] = None,
-                       explicit: Sequence[str] = ()) -> dict:
+                       explicit: Sequence[str] = (),
+                       rollout_factory: Optional[Callable] = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest readable checkpoint if there is one.
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
   explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
+  rollout_factory(config, model_cfg, tokenizer, mesh, rules): the online-RL batch source (grpo).
   Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM) and
   "abandoned_save" (the step of a checkpoint still being written when the wait after SIGTERM ran
   out, else None; see `exit_status`); also written to final_metrics.json.
@@ -96,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_setup.check_workdir(workdir)
   with workdir_lock.hold(workdir, hint="use another --workdir", jax_processes=True):
     run_setup.preflight(config, workdir)
-    return _train(config, workdir, batch_hook, explicit)
+    return _train(config, workdir, batch_hook, explicit, rollout_factory)
 
 
 def exit_status(result: dict) -> int:
@@ -113,7 +120,8 @@ def exit_status(result: dict) -> int:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
-           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str]) -> dict:
+           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str],
+           rollout_factory: Optional[Callable] = None) -> dict:
   tc = config.train
   resuming = bool(checkpoint.steps(workdir))
   if resuming:  # the run's own config.json fixes the model it has been training
@@ -151,9 +159,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step, flops.flops_per_token(model_cfg, config.data.seq_len), model_cfg.dtype)
   logging.info("MFU is relative to a peak of %.3g TFLOP/s (%s)", throughput.peak / 1e12,
                throughput.peak_source)
-  train_iter = pipeline.make_train_iterator(
-      config.data, tok, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  rollout = None
+  if rollout_factory is not None:  # online RL: prompts in, scored completions out
+    rollout = rollout_factory(config, model_cfg, tok, mesh, rules)
+    train_iter = rollout.iterator(config.seed, jax.process_index(), jax.process_count())
+  else:
+    train_iter = pipeline.make_train_iterator(
+        config.data, tok, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
   manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
 
@@ -196,6 +209,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   writer.write_hparams(metrics_lib.flat_hparams(config))
 
   def run_eval(step):
+    if rollout is not None and rollout.has_eval():
+      with sharding.mesh_context(mesh, rules):
+        scalars = rollout.evaluate(state)
+      writer.write_scalars(step, scalars)
+      eval_history.append({"step": step, **scalars})
+      return scalars
     if not config.data.eval:
       return {}
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
@@ -226,6 +245,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     _check_finite(done, scalars, last_saved, workdir)
     if done % tc.log_every == 0 or done == tc.steps:
       scalars.update(throughput.report(done))
+      if rollout is not None:  # where the time goes: sampling vs the train step
+        scalars.update(rollout.throughput(scalars["step_time_s"], tokens_per_step))
       writer.write_scalars(done, scalars)
     return scalars
 
@@ -240,10 +261,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     try:
       with sharding.mesh_context(mesh, rules):
         while step < tc.steps:
-          host_batch = next(train_iter)
+          if rollout is not None:  # sampled now, with the parameters of this very state
+            host_batch, rollout_metrics = rollout.batch(state, step, train_iter)
+          else:
+            host_batch, rollout_metrics = next(train_iter), None
           if batch_hook is not None:
             batch_hook(step, host_batch)
+          t_train = time.perf_counter()
           state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
+          if rollout is not None:
+            # The next rollout waits for these parameters anyway, so waiting here costs nothing
+            # and times the train step alone (train_tokens_per_s).
+            jax.block_until_ready(m)
+            rollout.add_train_time(time.perf_counter() - t_train)
+            m = {**m, **rollout_metrics}
           step += 1
           if step == start + 1:
             jax.block_until_ready(m)
@@ -256,6 +287,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           saves.poll()  # a checkpoint that failed in the background stops the run now
 
           stop = preempt.requested or manager.reached_preemption(step)
+          if stop and rollout is not None and step % rollout.mu:
+            stop = False  # a rollout reused for several steps is finished before a save
           if config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
                                             step == tc.steps or stop):
             last_scalars, pending = consume(pending), None  # never checkpoint a non-finite state
