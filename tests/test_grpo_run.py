@@ -6,6 +6,8 @@ base bit-identical, prompt sets and rewards fail with file/line messages."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -188,3 +190,29 @@ def test_builtin_rewards():
   with pytest.raises(ValueError, match="cannot load 'tests.grpo_rewards:missing'"):
     c.rewards = "tests.grpo_rewards:missing"
     rewards.from_config(c)
+
+
+@pytest.mark.slow  # two subprocess runs through the loop: ~2 min on the shared 2-core box
+def test_sharded_grpo_equals_one_device(tmp_path, base_run):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = {}
+  for n in ("1", "8"):
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    if n == "8":
+      env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    else:
+      env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, os.path.join(root, "tests", "grpo_sharded_check.py"),
+                          base_run, str(tmp_path / n), n], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res["8"]["devices"] == 8 and res["1"]["devices"] == 1
+  for s1, s8 in zip(res["1"]["steps"], res["8"]["steps"]):
+    assert s1["tokens"] == s8["tokens"]  # the same completions sampled on both meshes
+    np.testing.assert_allclose(s1["advantages"], s8["advantages"], rtol=0, atol=1e-6)
+  assert any(np.abs(s["advantages"]).max() > 0 for s in res["1"]["steps"])  # a signal to learn
+  assert abs(res["1"]["loss"] - res["8"]["loss"]) <= 1e-4 * max(abs(res["1"]["loss"]), 1e-3)
+  p1, p8 = np.load(tmp_path / "1" / "params.npz"), np.load(tmp_path / "8" / "params.npz")
+  for k in p1.files:  # per parameter, relative to its largest element
+    assert np.abs(p1[k] - p8[k]).max() <= 1e-4 * np.abs(p1[k]).max(), k
