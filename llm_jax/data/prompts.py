@@ -76,8 +76,13 @@ def records(spec: str, field: str = "config.grpo.prompts") -> list[tuple[str, di
 
 def load(spec: str, tok, max_prompt_tokens: int, field: str = "config.grpo.prompts") -> PromptSet:
   """Reads and encodes a prompt set; a prompt over `max_prompt_tokens` tokens is an error."""
+  return encode(records(spec, field), tok, max_prompt_tokens)
+
+
+def encode(located: list[tuple[str, dict]], tok, max_prompt_tokens: int) -> PromptSet:
+  """The PromptSet of (where, record) pairs (see `load`)."""
   ids, recs, wheres, texts = [], [], [], []
-  for where, rec in records(spec, field):
+  for where, rec in located:
     msgs = _messages(rec, where)
     enc, _ = chat_template.encode_chat(tok, msgs, add_generation_prompt=True, where=where)
     if len(enc) > max_prompt_tokens:
