@@ -216,3 +216,23 @@ def test_sharded_grpo_equals_one_device(tmp_path, base_run):
   p1, p8 = np.load(tmp_path / "1" / "params.npz"), np.load(tmp_path / "8" / "params.npz")
   for k in p1.files:  # per parameter, relative to its largest element
     assert np.abs(p1[k] - p8[k]).max() <= 1e-4 * np.abs(p1[k]).max(), k
+
+
+@pytest.mark.slow  # SFT, GRPO and held-out evaluation, shrunk: a few minutes on the 2-core box
+def test_demo_quick(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = tmp_path / "demo"
+  out = subprocess.run([sys.executable, "-m", "llm_jax.rl.demo", "--quick",
+                        f"--workdir={work}", "--seeds=0,1"], cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                       timeout=1200)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((work / "summary.json").read_text())
+  for run in ("before", "after"):
+    assert len(summary[run]["pass@1"]) == 2 and len(summary[run]["pass@2"]) == 2
+    # pass@k counts a problem solved when any of k samples is: never below greedy by much, and
+    # a share either way.
+    assert all(0 <= v <= 1 for v in summary[run]["pass@1"] + summary[run]["pass@2"])
+  assert [h["step"] for h in summary["eval_history"]] == [0, 2, 4]
+  assert (work / "grpo_demo.png").stat().st_size > 10_000
+  assert "SFT + GRPO: pass@1" in out.stdout

@@ -23,8 +23,8 @@ import numpy as np
 from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/grpo_demo", "Directory of the two runs and results.")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "SFT optimizer steps.")
-_GRPO_STEPS = flags.DEFINE_integer("grpo_steps", 60, "GRPO optimizer steps.")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 600, "SFT optimizer steps.")
+_GRPO_STEPS = flags.DEFINE_integer("grpo_steps", 40, "GRPO optimizer steps.")
 _K = flags.DEFINE_integer("k", 8, "Samples per held-out problem for pass@k.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Held-out draws to evaluate (comma-separated).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "GRPO steps between held-out evaluations.")
@@ -50,11 +50,11 @@ def grpo_config(init_from: str, steps: int, eval_every: int, quick: bool):
   from configs import grpo  # pylint: disable=g-import-not-at-top
   c = grpo.get_config()
   c.init_from = init_from
-  c.data.seq_len, c.data.batch_size = 96, 128
-  c.train.steps, c.train.lr, c.train.log_every = steps, 1e-4, 5
+  c.data.seq_len, c.data.batch_size = 80, 128
+  c.train.steps, c.train.lr, c.train.log_every = steps, 3e-4, 5
   c.train.eval_every = eval_every
   c.checkpoint.every = steps
-  c.grpo.max_new_tokens = 24
+  c.grpo.max_new_tokens = 16
   if quick:
     c.data.batch_size = 16
     c.grpo.update(num_generations=4, max_new_tokens=12)

@@ -7,9 +7,9 @@ Problems add or subtract two numbers in 1..MAX_N (a subtraction never goes below
 question templates are split three ways, which is what the demo's GRPO has to learn:
   SFT chats       templates 0-2: "gets ... more" / "gives away", "puts in" / "takes out", ...
                   "found" / "lost"
-  RL prompts      templates 3-4: the verbs "adds" / "removes" in sentences SFT never showed,
-                  with an answer to check but no solution (a model fresh from SFT often picks
-                  the wrong operation on them)
+  RL prompts      templates 3-4: the verbs "adds" / "removes", which SFT shows solved in only
+                  one chat in nine, here with an answer to check but no solution (a model fresh
+                  from SFT is sometimes right on them, often picking the wrong operation)
   held-out        template 5: "adds" / "removes" in yet another sentence, never trained on,
                   with people's names neither training set uses (the surname list's second half)
 So held-out accuracy measures whether what RL taught (which operation the new wording asks for)
@@ -17,7 +17,8 @@ carries over to unseen wording. The number pairs are one small set (every a + b 
 1..MAX_N, an arithmetic a tiny model learns in minutes). `heldout(seed)` draws another held-out
 set (other names, objects, order), so accuracy is reported over several seeds.
 
-  builtin:arith_sft      SFT chats {"messages": [user question, assistant solution]}
+  builtin:arith_sft      SFT chats {"messages": [user question, assistant solution]}: eight
+                         draws of every pair in templates 0-2, one in templates 3-4
   builtin:arith_train    RL prompts {"prompt", "answer", "expression"} (templates 3-4)
   builtin:arith_heldout  held-out prompts (seed 0): template 5, unseen names
 
@@ -98,7 +99,8 @@ def heldout(seed: int = 0) -> list[dict]:
 def _generate() -> dict:
   sft = [{"messages": [{"role": "user", "content": p["prompt"]},
                        {"role": "assistant", "content": solution(*_parse(p["expression"]))}]}
-         for p in prompts(seed=1, copies=8, split="sft")]
+         for p in prompts(seed=1, copies=8, split="sft") + prompts(seed=3, copies=1)]
+  random.Random(4).shuffle(sft)
   return {"sft": sft, "train": prompts(seed=2, copies=4), "heldout": heldout(0)}
 
 
