@@ -230,8 +230,6 @@ def test_demo_quick(tmp_path):
   summary = json.loads((work / "summary.json").read_text())
   for run in ("before", "after"):
     assert len(summary[run]["pass@1"]) == 2 and len(summary[run]["pass@2"]) == 2
-    # pass@k counts a problem solved when any of k samples is: never below greedy by much, and
-    # a share either way.
     assert all(0 <= v <= 1 for v in summary[run]["pass@1"] + summary[run]["pass@2"])
   assert [h["step"] for h in summary["eval_history"]] == [0, 2, 4]
   assert (work / "grpo_demo.png").stat().st_size > 10_000

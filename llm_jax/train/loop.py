@@ -366,7 +366,9 @@ def _summary(config) -> str:
   m, d, t = config.model, config.data, config.train
   return (f"model dim {m.dim} x {m.n_layers} layers ({m.n_heads} heads, {m.n_kv_heads} kv), "
           f"{t.steps} steps of {d.batch_size} x {d.seq_len} tokens, lr {t.lr:g} ({t.schedule}), "
-          f"train {d.train}" + (f", eval {d.eval}" if d.eval else "")
+          + (f"prompts {config.grpo.prompts}, {config.grpo.num_generations} completions each"
+             if config.job == "grpo" else
+             f"train {d.train}" + (f", eval {d.eval}" if d.eval else ""))
           + (f", from {config.init_from}" if config.init_from else ""))
 
 
