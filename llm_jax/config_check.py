@@ -13,7 +13,7 @@ from llm_jax.model.config import ModelConfig
 from llm_jax.train.optimizer import SCHEDULES
 
 # config.job -> the function that runs it: jobs.run.
-JOBS = ("pretrain", "sft", "dpo", "distill", "eval")
+JOBS = ("pretrain", "sft", "dpo", "distill", "grpo", "eval")
 
 
 def _fail(field: str, value, why: str):
@@ -64,6 +64,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_lora(c)
   _validate_eval(c)
   _validate_post_training(c)
+  _validate_grpo(c)
   # The model's own checks (shapes, MoE, RoPE scaling) before any work; vocab may come later.
   ModelConfig.from_config(c.model, vocab_size=c.model.vocab_size or 1)
   n_experts = c.model.moe.n_experts
@@ -135,6 +136,49 @@ def _validate_eval(c: ml_collections.ConfigDict) -> None:
       _fail(f"eval.{field}", e[field], "must be " + ", ".join(allowed[:-1]) + f" or {allowed[-1]}")
   from llm_jax.eval.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
   parse_tasks(e.tasks)
+
+
+def _validate_grpo(c: ml_collections.ConfigDict) -> None:
+  """Online RL fields (configs/grpo.py)."""
+  if c.job != "grpo":
+    return
+  from llm_jax.train import grpo  # pylint: disable=g-import-not-at-top
+  g = c.grpo
+  choices = {"advantage": grpo.ADVANTAGES, "loss": grpo.LOSSES,
+             "loss_aggregation": grpo.AGGREGATIONS}
+  for field, allowed in choices.items():
+    if g[field] not in allowed:
+      _fail(f"grpo.{field}", g[field], f"must be one of {allowed}")
+  if g.num_generations < 2:
+    _fail("grpo.num_generations", g.num_generations, "must be >= 2 (advantages compare the "
+          "completions of one prompt)")
+  if c.data.batch_size % g.num_generations:
+    _fail("data.batch_size", c.data.batch_size, f"counts completions per step and must be a "
+          f"multiple of config.grpo.num_generations={g.num_generations}")
+  if g.max_new_tokens < 1 or g.max_new_tokens >= c.data.seq_len:
+    _fail("grpo.max_new_tokens", g.max_new_tokens, f"must be in [1, config.data.seq_len="
+          f"{c.data.seq_len}) (a row holds the prompt and its completion)")
+  for field in ("clip_low", "clip_high", "kl_beta", "temperature"):
+    if g[field] < 0:
+      _fail(f"grpo.{field}", g[field], "must be >= 0")
+  if g.clip_low >= 1:
+    _fail("grpo.clip_low", g.clip_low, "must be < 1 (the ratio's lower bound is 1 - clip_low)")
+  if g.temperature == 0:
+    _fail("grpo.temperature", g.temperature, "must be > 0: the completions of a group must "
+          "differ (greedy decoding gives G equal ones)")
+  mu = g.iterations_per_batch
+  if mu < 1:
+    _fail("grpo.iterations_per_batch", mu, "must be >= 1")
+  for field, v in (("checkpoint.every", c.checkpoint.every), ("train.steps", c.train.steps)):
+    if v % mu:
+      _fail(field, v, f"must be a multiple of config.grpo.iterations_per_batch={mu}: a "
+            "rollout reused for several steps is saved (and resumed) only at its end")
+  if not c.init_from and not c.data.tokenizer.path:
+    _fail("init_from", c.init_from, "GRPO starts from a model that is sometimes right: set it to "
+          "an SFT run (which also gives the tokenizer)")
+  if c.data.eval:
+    _fail("data.eval", c.data.eval, "the grpo job evaluates held-out prompts through "
+          "config.grpo.eval_prompts; set data.eval to ''")
 
 
 def _validate_post_training(c: ml_collections.ConfigDict) -> None:

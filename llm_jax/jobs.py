@@ -16,6 +16,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, explicit: Collection[st
   if config.job in ("pretrain", "sft", "dpo", "distill"):  # one loop, the job's objective
     from llm_jax.train import loop
     return loop.train_and_evaluate(config, workdir, explicit=explicit)
+  if config.job == "grpo":  # the same loop, its batches from the rollout stage
+    from llm_jax.rl import rollout
+    from llm_jax.train import loop
+    return loop.train_and_evaluate(config, workdir, explicit=explicit,
+                                   rollout_factory=rollout.Rollout)
   if config.job == "eval":
     from llm_jax.eval import job
     return job.run_eval(config, workdir, explicit=explicit)

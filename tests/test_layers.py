@@ -6,6 +6,7 @@
   L2  rundir        -> L0, L1              the run directory every tool reads
   L3  train/        -> L0..L2              infer/ -> L0..L2 (train and infer never import each other)
   L4  eval/ -> L0..L3 · serve/ -> L0..L2, infer · convert/ -> L0..L2 · plan/ -> L0..L2, train
+      rl/ -> L0..L3 (online RL: joins the sampler in infer/ to the objective in train/)
   L5  main, jobs, config_check, chat, notebook, __init__ -> anything
 
 Every import counts, also one inside a function. A command-line entry point (a `__main__.py`, a
@@ -41,8 +42,9 @@ ALLOWED = {
     "serve": {"foundation", "model", "data", "rundir", "infer"},
     "convert": {"foundation", "model", "data", "rundir"},
     "plan": {"foundation", "model", "data", "rundir", "train"},
+    "rl": {"foundation", "model", "data", "rundir", "train", "infer"},
     "entry": {"foundation", "model", "data", "rundir", "train", "infer", "eval", "serve", "convert",
-              "plan"},
+              "plan", "rl"},
 }
 
 

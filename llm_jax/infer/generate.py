@@ -55,15 +55,16 @@ def _sample_next(logits_BxV, state, settings):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(params, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int):
-  """The prompts through the model: (state, each row's logits after its last prompt token [B, V])."""
+def _prefill(variables, tokens_BxP, lengths_B, *, cfg: ModelConfig, cache_len: int):
+  """The prompts through the model: (state, each row's logits after its last prompt token [B, V]).
+  `variables`: {"params": ...}, with LoRA adapters also {"lora": ...} (see Generator)."""
   batch, length = tokens_BxP.shape
   idx_P = jnp.arange(length, dtype=jnp.int32)
   positions_BxP = jnp.broadcast_to(idx_P, (batch, length))
   segment_ids_BxP = (idx_P[None] < lengths_B[:, None]).astype(jnp.int32)  # 0 on right padding
   cache = init_cache(cfg, batch, cache_len, per_layer=not cfg.scan_layers)  # unrolled on the CPU
   logits_Bx1xV, cache = Decoder(cfg, fresh_cache=True).apply(
-      {"params": params}, tokens_BxP, positions_BxP, segment_ids_BxP, cache=cache,
+      variables, tokens_BxP, positions_BxP, segment_ids_BxP, cache=cache,
       logits_at_BxK=(lengths_B - 1)[:, None])
   rows_Bx1 = jnp.arange(batch)[:, None]
   seen_BxV = jnp.zeros((batch, cfg.vocab_size), jnp.bool_).at[rows_Bx1, tokens_BxP].max(segment_ids_BxP > 0)
@@ -84,22 +85,22 @@ def _first_token(logits_BxV, sampler_state, settings):
   return sampler_state, token_B[None], logprob_B[None]
 
 
-def _decode(params, state, settings, cfg: ModelConfig):
+def _decode(variables, state, settings, cfg: ModelConfig):
   """Runs each row's last sampled token through the model and samples the one after it."""
   token_B, positions_B = state["token"], state["positions"]
-  logits_Bx1xV, cache = Decoder(cfg).apply({"params": params}, token_B[:, None], positions_B[:, None],
+  logits_Bx1xV, cache = Decoder(cfg).apply(variables, token_B[:, None], positions_B[:, None],
                                            jnp.ones_like(token_B)[:, None], cache=state["cache"])
   state = {**state, "cache": cache, "positions": positions_B + 1}
   return _sample_next(logits_Bx1xV[:, 0], state, settings)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n"), donate_argnames=("state",))
-def _steps(params, state, settings, *, cfg: ModelConfig, n: int):
+def _steps(variables, state, settings, *, cfg: ModelConfig, n: int):
   """`n` decoding steps in one call (a scan of `_decode`): (state, tokens [n, B], log-probs [n, B]).
   The same tokens as n calls with n=1 (a row's random key depends on its count of generated
   tokens only), without the host's dispatch of every token."""
   def body(state, _):
-    state, token_B, logprob_B = _decode(params, state, settings, cfg)
+    state, token_B, logprob_B = _decode(variables, state, settings, cfg)
     return state, (token_B, logprob_B)
   state, (tokens_NxB, logprobs_NxB) = jax.lax.scan(body, state, None, length=n)
   return state, tokens_NxB, logprobs_NxB
@@ -108,7 +109,10 @@ def _steps(params, state, settings, *, cfg: ModelConfig, n: int):
 class Generator:
   """Generates from `params` (plain or sharded arrays). With a mesh, every jitted call is traced
   inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, so the KV cache is sharded by the
-  cache_* rules and activations as in training."""
+  cache_* rules and activations as in training.
+
+  `adapters`: LoRA adapters (model/lora.py's "lora" collection, `cfg.lora` set) applied over
+  `params` as the base, unmerged: what a LoRA run's rollouts sample from (rl/rollout.py)."""
 
   # Tokens decoded per device call after the first (which comes with the prefill).
   # On a 2-core CPU, 16 per call decoded 8-18% more tokens/s than one per call;
@@ -116,10 +120,15 @@ class Generator:
   # should_stop) wastes at most a burst's compute.
   chunk = 16
 
-  def __init__(self, params, cfg: ModelConfig, *, mesh=None, rules=(), min_bucket: int = 16):
+  def __init__(self, params, cfg: ModelConfig, *, mesh=None, rules=(), min_bucket: int = 16,
+               adapters=None):
     if cpu.on_cpu():  # per-layer weight arrays: no copies out of a stacked tree at every token
+      if adapters is not None:
+        adapters, _ = unstack_layers(adapters, cfg)
       params, cfg = unstack_layers(params, cfg)
     self.params, self.cfg, self.mesh, self.rules, self.min_bucket = params, cfg, mesh, rules, min_bucket
+    self.variables = {"params": params} if adapters is None else {"params": params,
+                                                                  "lora": adapters}
     self.batch_multiple = 1
     if mesh is not None:
       batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0] or ()
@@ -206,7 +215,7 @@ class Generator:
 
     with self._context():
       settings = jax.device_put(settings)  # once, not at every step
-      state, logits = _prefill(self.params, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
+      state, logits = _prefill(self.variables, tokens, np.asarray(lengths, np.int32), cfg=self.cfg,
                                cache_len=cache_len)
       sampler_state, *current = _first_token(
           logits, {k: state[k] for k in ("seen", "counts", "generated")}, settings)
@@ -217,7 +226,7 @@ class Generator:
         if done < max_new:  # queue the next chunk before blocking on this one's tokens
           # The last few one by one: two programs in all, none compiled per tail length.
           n = self.chunk if max_new - done >= self.chunk else 1
-          state, *pending = _steps(self.params, state, settings, cfg=self.cfg, n=n)
+          state, *pending = _steps(self.variables, state, settings, cfg=self.cfg, n=n)
           done += n
         tokens_np, logprobs_np = np.asarray(current[0]), np.asarray(current[1])
         for token_np, logprob_np in zip(tokens_np, logprobs_np):

@@ -2,6 +2,7 @@
 objective reads and the optimizer never touches.
 
   dpo       {"reference": the starting checkpoint's params (config.init_from, init_step)}
+  grpo      the same, when config.grpo.kl_beta > 0 (the k3 KL's reference)
   distill   {"teacher": the teacher run's params} when config.distill.teacher is set
 
 They are never checkpointed (checkpoint.save drops the entry): a run re-reads them from their
@@ -55,6 +56,12 @@ def teacher_model_config(config, model_cfg: ModelConfig) -> ModelConfig | None:
 
 def shardings(config, model_cfg: ModelConfig, mesh, rules, param_shardings) -> dict:
   """The frozen entry's sharding tree ({} when the job has no frozen params)."""
+  if config.job == "grpo" and config.grpo.kl_beta and not lora_enabled(config):
+    if not config.init_from:
+      raise ValueError(f"config.grpo.kl_beta={config.grpo.kl_beta}: the KL's reference is the "
+                       "starting model, so set config.init_from (e.g. an SFT run), or set "
+                       "config.grpo.kl_beta=0")
+    return {"reference": param_shardings}
   if config.job == "dpo" and not lora_enabled(config):
     return {"reference": param_shardings}
   teacher_cfg = teacher_model_config(config, model_cfg)

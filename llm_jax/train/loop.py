@@ -1,4 +1,9 @@
-"""The training loop shared by the pretrain, sft, dpo and distill jobs.
+"""The training loop shared by the pretrain, sft, dpo, distill and grpo jobs.
+
+Online RL (grpo) differs only in where a step's batch comes from: a rollout stage
+(llm_jax/rl/rollout.py, handed in by the job as `rollout_factory`, since train/ never imports
+infer/) samples completions with the state's current parameters and scores them; its prompt
+iterator takes the data iterator's place in checkpoints.
 
 Order of work in one step: take the host batch, dispatch the jitted step (asynchronous), then
 read the *previous* step's metrics, so the device never waits for the host to log. A
@@ -134,11 +139,13 @@ PREEMPTED_EXIT_CODE = 143
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        batch_hook: Optional[Callable[[int, dict], None]] = None,
-                       explicit: Sequence[str] = ()) -> dict:
+                       explicit: Sequence[str] = (),
+                       rollout_factory: Optional[Callable] = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest readable checkpoint if there is one.
 
   batch_hook(step, host_batch) sees every batch before it is used (tests, debugging).
   explicit: config fields set on the command line ("model.dim", ...), which init_from must honour.
+  rollout_factory(config, model_cfg, tokenizer, mesh, rules): the online-RL batch source (grpo).
   Returns the last step's metrics, every evaluation, "preempted" (stopped by SIGTERM),
   "abandoned_save" (the step of a checkpoint still being written when the wait after SIGTERM ran
   out, else None; see `exit_status`) and "input_stalled" (the steps done when, after SIGTERM, the
@@ -156,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_setup.check_workdir(workdir)
   with workdir_lock.hold(workdir, hint="use another --workdir", jax_processes=True):
     run_setup.preflight(config, workdir)
-    return _train(config, workdir, batch_hook, explicit)
+    return _train(config, workdir, batch_hook, explicit, rollout_factory)
 
 
 def exit_status(result: dict) -> int:
@@ -179,7 +186,8 @@ def exit_status(result: dict) -> int:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
-           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str]) -> dict:
+           batch_hook: Optional[Callable[[int, dict], None]], explicit: Sequence[str],
+           rollout_factory: Optional[Callable] = None) -> dict:
   tc = config.train
   resuming = bool(checkpoint.steps(workdir))
   if resuming:  # the run's own config.json fixes the model it has been training
@@ -220,16 +228,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   busy = devices.busy_note()
   if busy:
     logging.warning("%s", busy)
-  # What each split keeps and drops at this seq_len, said before any step (and in the result).
   data_counts = {}
-  for split in ("train", "eval"):
-    counts = census.count(config.data, tok, split)
-    if counts is not None:
-      logging.info("%s", census.describe(counts))
-      data_counts[split] = counts
-  train_iter = pipeline.make_train_iterator(
-      config.data, tok, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  rollout = None
+  if rollout_factory is not None:  # online RL: prompts in, scored completions out
+    rollout = rollout_factory(config, model_cfg, tok, mesh, rules)
+    train_iter = rollout.iterator(config.seed, jax.process_index(), jax.process_count())
+  else:
+    # What each split keeps and drops at this seq_len, said before any step (and in the result).
+    for split in ("train", "eval"):
+      counts = census.count(config.data, tok, split)
+      if counts is not None:
+        logging.info("%s", census.describe(counts))
+        data_counts[split] = counts
+    train_iter = pipeline.make_train_iterator(
+        config.data, tok, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
   manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
 
@@ -272,6 +285,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   writer.write_hparams(metrics_lib.flat_hparams(config))
 
   def run_eval(step):
+    if rollout is not None and rollout.has_eval():
+      with sharding.mesh_context(mesh, rules):
+        scalars = rollout.evaluate(state)
+      writer.write_scalars(step, scalars)
+      eval_history.append({"step": step, **scalars})
+      return scalars
     if not config.data.eval:
       return {}
     batches = pipeline.make_eval_iterator(config.data, tok, process_index=jax.process_index(),
@@ -310,6 +329,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     _check_finite(done, scalars, last_saved, workdir)
     if done % tc.log_every == 0 or done == tc.steps:
       scalars.update(throughput.report(done))
+      if rollout is not None:  # where the time goes: sampling vs the train step
+        scalars.update(rollout.throughput(scalars["step_time_s"], tokens_per_step))
       writer.write_scalars(done, scalars)
     return scalars
 
@@ -329,8 +350,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           compiling.start()
         while step < tc.steps:
           try:
-            with preempt.waiting_for_input():
-              host_batch = next(train_iter)
+            if rollout is not None:  # sampled now, with the parameters of this very state
+              host_batch, rollout_metrics = rollout.batch(state, step, train_iter)
+            else:
+              with preempt.waiting_for_input():
+                host_batch, rollout_metrics = next(train_iter), None
           except InputStalled:
             stalled = step
             kept = checkpoint.steps(workdir)
@@ -344,7 +368,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             break
           if batch_hook is not None:
             batch_hook(step, host_batch)
+          t_train = time.perf_counter()
           state, m = train_step(state, sharding.to_global(host_batch, mesh, rules))
+          if rollout is not None:
+            # The next rollout waits for these parameters anyway, so waiting here costs nothing
+            # and times the train step alone (train_tokens_per_s).
+            jax.block_until_ready(m)
+            rollout.add_train_time(time.perf_counter() - t_train)
+            m = {**m, **rollout_metrics}
           step += 1
           if step == start + 1:
             jax.block_until_ready(m)
@@ -356,6 +387,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           saves.poll()  # a checkpoint that failed in the background stops the run now
 
           stop = preempt.requested or manager.reached_preemption(step)
+          if stop and rollout is not None and step % rollout.mu:
+            stop = False  # a rollout reused for several steps is finished before a save
           if config.checkpoint.enabled and (step % config.checkpoint.every == 0 or
                                             step == tc.steps or stop):
             last_scalars, pending = consume(pending), None  # never checkpoint a non-finite state
@@ -437,7 +470,9 @@ def _summary(config) -> str:
   m, d, t = config.model, config.data, config.train
   return (f"model dim {m.dim} x {m.n_layers} layers ({m.n_heads} heads, {m.n_kv_heads} kv), "
           f"{t.steps} steps of {d.batch_size} x {d.seq_len} tokens, lr {t.lr:g} ({t.schedule}), "
-          f"train {d.train}" + (f", eval {d.eval}" if d.eval else "")
+          + (f"prompts {config.grpo.prompts}, {config.grpo.num_generations} completions each"
+             if config.job == "grpo" else
+             f"train {d.train}" + (f", eval {d.eval}" if d.eval else ""))
           + (f", from {config.init_from}" if config.init_from else ""))
 
 

@@ -14,7 +14,7 @@ from llm_jax import checkpoint, rundir
 from llm_jax.data import builtin, files, pipeline, store as store_lib, tokenizer as tok_lib
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig, SHAPE_FIELDS, sub_field_default, SUB_SHAPE_FIELDS
-from llm_jax.train import distill, dpo, frozen, objectives
+from llm_jax.train import distill, dpo, frozen, grpo, objectives
 
 def _sub_field(model: ml_collections.ConfigDict, dotted: str, default=None):
   section, field = dotted.split(".")
@@ -211,7 +211,24 @@ def objective_for(config, model_cfg: ModelConfig) -> objectives.Objective:
     return objectives.language_model(model_cfg, z_loss=config.train.z_loss)
   if config.job in ("dpo", "distill"):
     return _post_training(config, model_cfg)
+  if config.job == "grpo":
+    return _grpo(config, model_cfg)
   raise ValueError(f"config.job={config.job!r} has no training objective")
+
+
+def _grpo(config, model_cfg: ModelConfig) -> objectives.Objective:
+  """GRPO and its variants (train/grpo.py). The KL reference is the init_from weights
+  (frozen["reference"]) or, with LoRA, the base; without kl_beta no reference pass runs."""
+  g = config.grpo
+  variables = {}
+  if frozen.lora_enabled(config):
+    variables["policy_variables"] = lambda params, base: lora.variables(model_cfg, params, base)
+    variables["reference_variables"] = lambda params, base: {"params": base}
+  if not g.kl_beta:
+    variables["reference_variables"] = None
+  return grpo.objective(model_cfg, loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high,
+                        kl_beta=g.kl_beta, aggregation=g.loss_aggregation,
+                        max_new_tokens=g.max_new_tokens, temperature=g.temperature, **variables)
 
 
 def _post_training(config, model_cfg: ModelConfig) -> objectives.Objective:

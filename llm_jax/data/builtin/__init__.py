@@ -10,18 +10,23 @@ people (post.py). Generated in memory from config.data.synthetic; nothing is dow
   builtin:bios_dpo_heldout  held-out pairs                                   ["dpo_heldout"]
   builtin:bios_r1_train     reasoning traces (distillation)                  ["r1_train"]
   builtin:bios_r1_heldout   held-out traces                                  ["r1_heldout"]
+  builtin:arith_sft         arithmetic word problems solved (SFT)  arith.generate()["sft"]
+  builtin:arith_train       RL prompts {"prompt", "answer"} (GRPO)           ["train"]
+  builtin:arith_heldout     RL prompts over held-out number pairs            ["heldout"]
 
 `records(name, cfg)` is the one resolver; the pipeline and the eval tasks both read through it.
 """
 
-from llm_jax.data.builtin import bios, post
+from llm_jax.data.builtin import arith, bios, post
 
 PREFIX = "builtin:"
 # name after "builtin:" -> (generator module, split)
 BUILTINS = {"bios": (bios, "bios"), "bios_eval": (bios, "bios_eval"),
             "bios_qa_train": (bios, "qa_train"), "bios_qa_heldout": (bios, "qa_heldout"),
             "bios_dpo_train": (post, "dpo_train"), "bios_dpo_heldout": (post, "dpo_heldout"),
-            "bios_r1_train": (post, "r1_train"), "bios_r1_heldout": (post, "r1_heldout")}
+            "bios_r1_train": (post, "r1_train"), "bios_r1_heldout": (post, "r1_heldout"),
+            "arith_sft": (arith, "sft"), "arith_train": (arith, "train"),
+            "arith_heldout": (arith, "heldout")}
 
 
 def is_builtin(path: str) -> bool:
