@@ -225,3 +225,186 @@ def test_failed_write_leaves_nothing(tmp_path, runs, monkeypatch):
 @pytest.fixture(scope="module")
 def llama_cpp():
   return pytest.importorskip("llama_cpp")
+
+
+def _tokenize(llm, text: str, special: bool = False) -> list[int]:
+  # add_bos=True asks llama.cpp to add what the file says; the file says no BOS, as we trained.
+  return llm.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+
+
+def _prompt_chats(records, n=10) -> list[list[dict]]:
+  """The first n held-out conversations cut before their first answer."""
+  out = []
+  for r in records:
+    msgs = r["messages"]
+    k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    out.append(msgs[:k])
+    if len(out) == n:
+      break
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, trained_sft_run):
+  """The trained SFT run exported in every type, its loaded run, and 10 held-out prompts."""
+  root = tmp_path_factory.mktemp("gguf_trained")
+  files = {t: gguf_export.export_gguf(trained_sft_run, str(root / f"model-{t}.gguf"), t).path
+           for t in ("f32", "f16", "q8_0", "q4_0")}
+  run = rundir.load(trained_sft_run)
+  chats = _prompt_chats(builtin.records("builtin:bios_qa_heldout", run.config.data.synthetic))
+  prompts = [encode_chat(run.tokenizer, m, add_generation_prompt=True)[0].tolist() for m in chats]
+  return files, run, chats, prompts
+
+
+def test_llama_cpp_tokenizes_like_us(llama_cpp, trained, data, runs, exports):
+  """50 held-out Chinese and English texts and the ChatML-rendered chats: llama.cpp's ids are
+  ours exactly, first token included (no BOS, no "▁" prefix), for the trained run's tokenizer and
+  the one the random models share."""
+  files, run, chats, prompts = trained
+  cases = [(gguf_quality.load_llama(files["f16"], 64), run.tokenizer,
+            heldout_texts(builtin.bios.generate(run.config.data.synthetic)))]
+  tok = gguf_quality.load_llama(exports["llama"], 64)
+  cases.append((tok, rundir.load_tokenizer(runs["llama"], rundir.read_config(runs["llama"])),
+                heldout_texts(data)))
+  for llm, ours, texts in cases:
+    assert len(texts) == 50
+    for text in texts:
+      assert _tokenize(llm, text) == ours.encode(text), text
+  llm = cases[0][0]
+  for msgs, ids in zip(chats, prompts):
+    text = render_chat_text(msgs) + "<|im_start|>assistant\n"
+    assert _tokenize(llm, text, special=True) == ids, text
+  # A user typing ChatML text gets ordinary pieces, as in our encode (parse_special off).
+  assert run.tokenizer.im_start_id not in _tokenize(llm, "<|im_start|>user")
+
+
+def _greedy_ours(run, prompts, n=32) -> list[list[int]]:
+  from llm_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
+  from llm_jax.infer.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+  gens = Generator(run.params, run.model_cfg).generate(
+      prompts, SamplingConfig(temperature=0.0, max_new_tokens=n))
+  return [g.tokens for g in gens]
+
+
+def _greedy_llama_cpp(llm, prompt, n=32) -> list[int]:
+  out = []
+  for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+    out.append(int(t))
+    if len(out) == n:
+      break
+  return out
+
+
+def _min_margin(run, prompt, continuation) -> float:
+  """Smallest gap between our top two log-probs along the continuation: greedy answers can only
+  be compared where no near-tie lets F16 rounding pick the other token."""
+  ids = prompt + continuation
+  lp = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)[len(prompt) - 1:]
+  top2 = np.sort(lp, axis=-1)[:, -2:]
+  assert (np.argmax(lp, -1) == np.asarray(continuation)).all()
+  return float((top2[:, 1] - top2[:, 0]).min())
+
+
+def test_llama_cpp_greedy_equals_ours(llama_cpp, trained):
+  """10 held-out prompts, 32 greedy tokens: llama.cpp's sampler on the F32 and F16 files continues
+  exactly as llm_jax's KV-cache generator (what `python -m llm_jax.chat --temperature=0` runs)."""
+  files, run, _, prompts = trained
+  ours = _greedy_ours(run, prompts)
+  margins = [_min_margin(run, p, o) for p, o in zip(prompts, ours)]
+  assert min(margins) > 0.01, margins  # no near-tie: the comparison below means something
+  for t in ("f32", "f16"):
+    llm = gguf_quality.load_llama(files[t], 256)
+    for p, o in zip(prompts, ours):
+      assert _greedy_llama_cpp(llm, p) == o, t
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logprobs_match_f32(llama_cpp, runs, exports, data, sp_tok, family):
+  """Next-token log-probs of a held-out text (every vocabulary entry) from llama.cpp on the F32
+  file agree with llm_jax's within 1e-3: the architecture, q/k permutation, biases, q/k norm,
+  RoPE base, norm epsilon and tied / untied head are all read as we compute them."""
+  params, config = rundir.load_params(runs[family])
+  cfg = ModelConfig.from_config(config.model)
+  ids = sp_tok.encode(" ".join(r["text"] for r in data["bios_eval"][:8]))[:200]
+  ours = gguf_quality.llm_jax_logprobs(params, cfg, ids)
+  theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(exports[family], len(ids)), ids)
+  assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_llama_cpp_logprobs_and_quantized_perplexity_of_the_trained_run(llama_cpp, trained):
+  """The trained run: F32 log-probs within 1e-3; the perplexity gap of each type is printed
+  (docs/gguf.md has measured figures) and stays in a sane range."""
+  files, run, _, _ = trained
+  ids = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
+  ours = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)
+  base_ppl = gguf_quality.perplexity(ours, ids)
+  gaps = {}
+  for t, path in files.items():
+    theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(path, len(ids)), ids)
+    if t == "f32":
+      assert np.abs(ours - theirs).max() < 1e-3
+    gaps[t] = gguf_quality.perplexity(theirs, ids) / base_ppl - 1
+  print(f"perplexity {base_ppl:.3f}; gaps {gaps}")
+  assert abs(gaps["f16"]) < 1e-3 and abs(gaps["q8_0"]) < 0.01 and abs(gaps["q4_0"]) < 0.2
+
+
+def _qwen2_style_tokenizer_json(texts, path):
+  """A byte-level BPE tokenizer.json shaped as Qwen2's (NFC, the Qwen2 split regex, ByteLevel,
+  ChatML specials, <think> as a plain added token), trained on `texts`."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.BPE())
+  tok.normalizer = normalizers.NFC()
+  regex = next(r for r, name in gguf_vocab.BPE_PRE.items() if name == "qwen2")
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+  tok.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tok.save(path)
+
+
+def test_imported_byte_level_bpe_run_tokenizes_like_us_in_llama_cpp(llama_cpp, tmp_path, data):
+  """An imported Qwen2-style run (tokenizer.json, byte-level BPE) exports with llama.cpp's
+  "qwen2" pre-tokenizer, and llama.cpp encodes the held-out texts and chats to our ids."""
+  from llm_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "imported"
+  _qwen2_style_tokenizer_json([r["text"] for r in data["bios"]], str(workdir / "tokenizer" / "tokenizer.json"))
+  tok = HFTokenizer(str(workdir / "tokenizer"))
+  config = base.get_config()
+  config.model.update(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=64,
+                      vocab_size=tok.vocab_size, qkv_bias=True)
+  config.data.seq_len = 128
+  rundir.save_params(str(workdir), random_params(ModelConfig.from_config(config.model)), config)
+  out = gguf_export.export_gguf(str(workdir), str(tmp_path / "m.gguf"), "f16")
+  reader = gguf.GGUFReader(out.path)
+  assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
+  llm = gguf_quality.load_llama(out.path, 64)
+  for text in heldout_texts(data):
+    assert _tokenize(llm, text) == tok.encode(text), text
+  msgs = [{"role": "user", "content": "李明宇 was born where?"}]
+  assert _tokenize(llm, render_chat_text(msgs) + "<|im_start|>assistant\n", special=True) == \
+      encode_chat(tok, msgs, add_generation_prompt=True)[0].tolist()
+
+
+def test_unsupported_tokenizer_json_is_refused(tmp_path, data):
+  """A tokenizer.json llama.cpp would not reproduce (here a WordPiece one) is refused by name."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "wp"
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(["a b c d"] * 10, trainers.WordPieceTrainer(
+      vocab_size=50, special_tokens=["[UNK]", "<|endoftext|>"]))
+  os.makedirs(workdir / "tokenizer")
+  tok.save(str(workdir / "tokenizer" / "tokenizer.json"))
+  config = base.get_config()
+  config.model.update(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=32,
+                      vocab_size=tok.get_vocab_size())
+  rundir.write_config(str(workdir), config)
+  with pytest.raises(gguf_vocab.Unsupported, match="WordPiece"):
+    gguf_export.export_gguf(str(workdir), str(tmp_path / "m.gguf"))
+  assert not os.path.exists(tmp_path / "m.gguf")

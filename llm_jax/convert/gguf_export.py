@@ -189,8 +189,6 @@ def export_gguf(workdir: str, out: str, out_type: str = "f16", step: int = -1, *
   if os.path.isdir(out):
     raise Unsupported(f"--out={out!r} is a directory; give the .gguf file name to write")
   out_dir = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(out_dir):
-    raise Unsupported(f"--out={out!r}: directory {out_dir} does not exist")
   gguf = _gguf()
   config = rundir.read_config(workdir)
   where = os.path.join(workdir, rundir.CONFIG_FILE)
@@ -210,6 +208,7 @@ def export_gguf(workdir: str, out: str, out_type: str = "f16", step: int = -1, *
   vocab.pad_to(rows)
   plan, fallbacks = _tensor_plan(gguf, cfg, arch, out_type)
 
+  os.makedirs(out_dir, exist_ok=True)  # only now: a refused export creates nothing
   tmp_fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
   os.close(tmp_fd)
   try:
