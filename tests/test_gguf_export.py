@@ -54,7 +54,10 @@ def heldout_texts(data, n=50) -> list[str]:
 
 def _make_run(root, tok, family: str, seed: int = 0) -> str:
   config = base.get_config()
-  config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, mlp_dim=96,
+  # head_dim 24 (heads do not span dim) where llama.cpp's architecture allows it; Qwen2's has
+  # no separate head size.
+  config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=16 if family == "qwen2" else 24, mlp_dim=96,
                       vocab_size=tok.vocab_size, rope_theta=1e6, rms_eps=1e-5,
                       tie_embeddings=family != "llama", qkv_bias=family == "qwen2",
                       qk_norm=family == "qwen3")
@@ -203,6 +206,12 @@ def test_refusals_write_nothing(tmp_path, runs, sp_tok, data):
   rundir.write_config(yarn, config)
   sp_tok.save(yarn)
   refused(yarn, "rope_scaling")
+  wide = str(tmp_path / "wide_qwen2")
+  config = rundir.read_config(runs["qwen2"])
+  config.model.head_dim = 24
+  rundir.write_config(wide, config)
+  sp_tok.save(wide)
+  refused(wide, "qwen2 sizes q as dim x dim")
 
 
 def test_failed_write_leaves_nothing(tmp_path, runs, monkeypatch):
@@ -246,10 +255,10 @@ def _prompt_chats(records, n=10) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, trained_sft_run):
-  """The trained SFT run exported in every type, its loaded run, and 10 held-out prompts."""
+  """The trained SFT run exported in F32 and F16, its loaded run, and 10 held-out prompts."""
   root = tmp_path_factory.mktemp("gguf_trained")
   files = {t: gguf_export.export_gguf(trained_sft_run, str(root / f"model-{t}.gguf"), t).path
-           for t in ("f32", "f16", "q8_0", "q4_0")}
+           for t in ("f32", "f16")}
   run = rundir.load(trained_sft_run)
   chats = _prompt_chats(builtin.records("builtin:bios_qa_heldout", run.config.data.synthetic))
   prompts = [encode_chat(run.tokenizer, m, add_generation_prompt=True)[0].tolist() for m in chats]
@@ -278,12 +287,34 @@ def test_llama_cpp_tokenizes_like_us(llama_cpp, trained, data, runs, exports):
   assert run.tokenizer.im_start_id not in _tokenize(llm, "<|im_start|>user")
 
 
-def _greedy_ours(run, prompts, n=32) -> list[list[int]]:
-  from llm_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
-  from llm_jax.infer.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
-  gens = Generator(run.params, run.model_cfg).generate(
-      prompts, SamplingConfig(temperature=0.0, max_new_tokens=n))
-  return [g.tokens for g in gens]
+def _greedy_ours(run, prompts, n=32) -> tuple[list[list[int]], list[np.ndarray]]:
+  """llm_jax's greedy continuation of each prompt (argmax of its decoder, the whole padded batch
+  re-run per token: one compile, no cache) and, per prompt, the gap between our top two logits at
+  each continued position: greedy answers can only be compared where no near-tie lets rounding
+  pick the other token."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax.model.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  total = max(map(len, prompts)) + n
+  apply = jax.jit(lambda p, i, q, s: Decoder(run.model_cfg).apply({"params": p}, i, q, s))
+  seqs = [list(p) for p in prompts]
+  positions = np.broadcast_to(np.arange(total), (len(seqs), total))
+
+  def forward():
+    ids, segments = np.zeros((len(seqs), total), np.int32), np.zeros((len(seqs), total), np.int32)
+    for i, q in enumerate(seqs):
+      ids[i, :len(q)], segments[i, :len(q)] = q, 1
+    return np.asarray(apply(run.params, ids, positions, segments), np.float64)
+
+  for _ in range(n):
+    logits = forward()
+    for i, q in enumerate(seqs):
+      q.append(int(logits[i, len(q) - 1].argmax()))
+  logits = forward()
+  margins = []
+  for i, p in enumerate(prompts):
+    top2 = np.sort(logits[i, len(p) - 1:len(p) - 1 + n], axis=-1)[:, -2:]
+    margins.append(top2[:, 1] - top2[:, 0])
+  return [q[len(p):] for q, p in zip(seqs, prompts)], margins
 
 
 def _greedy_llama_cpp(llm, prompt, n=32) -> list[int]:
@@ -295,27 +326,40 @@ def _greedy_llama_cpp(llm, prompt, n=32) -> list[int]:
   return out
 
 
-def _min_margin(run, prompt, continuation) -> float:
-  """Smallest gap between our top two log-probs along the continuation: greedy answers can only
-  be compared where no near-tie lets F16 rounding pick the other token."""
-  ids = prompt + continuation
-  lp = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)[len(prompt) - 1:]
-  top2 = np.sort(lp, axis=-1)[:, -2:]
-  assert (np.argmax(lp, -1) == np.asarray(continuation)).all()
-  return float((top2[:, 1] - top2[:, 0]).min())
-
-
 def test_llama_cpp_greedy_equals_ours(llama_cpp, trained):
-  """10 held-out prompts, 32 greedy tokens: llama.cpp's sampler on the F32 and F16 files continues
-  exactly as llm_jax's KV-cache generator (what `python -m llm_jax.chat --temperature=0` runs)."""
+  """10 held-out prompts, 32 greedy tokens: llama.cpp's sampler continues exactly as llm_jax's
+  decoder (the KV-cache generator of `python -m llm_jax.chat --temperature=0`: the slow test
+  below and bench_gguf): the F32 file all 32
+  tokens of every prompt (no step is within 1e-4 of a tie, far above F32 rounding); the F16 file
+  up to a step where our top two are within 0.01 (F16 weights move logits by ~1e-3, so such a
+  near-tie may flip), which most prompts never reach."""
   files, run, _, prompts = trained
-  ours = _greedy_ours(run, prompts)
-  margins = [_min_margin(run, p, o) for p, o in zip(prompts, ours)]
-  assert min(margins) > 0.01, margins  # no near-tie: the comparison below means something
-  for t in ("f32", "f16"):
-    llm = gguf_quality.load_llama(files[t], 256)
-    for p, o in zip(prompts, ours):
-      assert _greedy_llama_cpp(llm, p) == o, t
+  ours, margins = _greedy_ours(run, prompts)
+  assert min(m.min() for m in margins) > 1e-4
+  llm = gguf_quality.load_llama(files["f32"], 256)
+  for p, o in zip(prompts, ours):
+    assert _greedy_llama_cpp(llm, p) == o
+  llm = gguf_quality.load_llama(files["f16"], 256)
+  whole = 0
+  for p, o, m in zip(prompts, ours, margins):
+    safe = int(np.argmax(m < 0.01)) if (m < 0.01).any() else len(o)
+    whole += safe == len(o)
+    assert _greedy_llama_cpp(llm, p)[:safe] == o[:safe]
+  assert whole >= 5, whole
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_equals_our_generator(llama_cpp, trained):
+  """The same 10 prompts through llm_jax's KV-cache generator (chat's, temperature 0) and
+  llama.cpp's greedy sampler on the F32 file: the same 32 tokens each."""
+  from llm_jax.infer.generate import Generator  # pylint: disable=g-import-not-at-top
+  from llm_jax.infer.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+  files, run, _, prompts = trained
+  gens = Generator(run.params, run.model_cfg).generate(
+      prompts, SamplingConfig(temperature=0.0, max_new_tokens=32))
+  llm = gguf_quality.load_llama(files["f32"], 256)
+  for p, g in zip(prompts, gens):
+    assert _greedy_llama_cpp(llm, p) == g.tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -331,18 +375,28 @@ def test_llama_cpp_logprobs_match_f32(llama_cpp, runs, exports, data, sp_tok, fa
   assert np.abs(ours - theirs).max() < 1e-3
 
 
-def test_llama_cpp_logprobs_and_quantized_perplexity_of_the_trained_run(llama_cpp, trained):
-  """The trained run: F32 log-probs within 1e-3; the perplexity gap of each type is printed
-  (docs/gguf.md has measured figures) and stays in a sane range."""
+def test_llama_cpp_logprobs_of_the_trained_run(llama_cpp, trained):
+  """The trained run's F32 file: next-token log-probs of held-out text within 1e-3 of ours."""
   files, run, _, _ = trained
+  ids = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
+  ours = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)
+  theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(files["f32"], len(ids)), ids)
+  assert np.abs(ours - theirs).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_quantized_perplexity_gap_of_the_trained_run(llama_cpp, trained, tmp_path):
+  """F16 / Q8_0 / Q4_0 files of the trained run: their held-out perplexity in llama.cpp next to
+  llm_jax's is printed (bench_gguf measures it; docs/gguf.md has the figures) and in range."""
+  _, run, _, _ = trained
+  files = {t: gguf_export.export_gguf(run.workdir, str(tmp_path / f"m-{t}.gguf"), t).path
+           for t in ("f16", "q8_0", "q4_0")}
   ids = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
   ours = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)
   base_ppl = gguf_quality.perplexity(ours, ids)
   gaps = {}
   for t, path in files.items():
     theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(path, len(ids)), ids)
-    if t == "f32":
-      assert np.abs(ours - theirs).max() < 1e-3
     gaps[t] = gguf_quality.perplexity(theirs, ids) / base_ppl - 1
   print(f"perplexity {base_ppl:.3f}; gaps {gaps}")
   assert abs(gaps["f16"]) < 1e-3 and abs(gaps["q8_0"]) < 0.01 and abs(gaps["q4_0"]) < 0.2
@@ -408,3 +462,17 @@ def test_unsupported_tokenizer_json_is_refused(tmp_path, data):
   with pytest.raises(gguf_vocab.Unsupported, match="WordPiece"):
     gguf_export.export_gguf(str(workdir), str(tmp_path / "m.gguf"))
   assert not os.path.exists(tmp_path / "m.gguf")
+
+
+def test_lora_run_exports_merged_and_llama_cpp_computes_the_adapter_model(llama_cpp, tmp_path, sp_tok):
+  """A LoRA run (adapters only, over its base) exports merged: llama.cpp's log-probs on the F32
+  file equal those of our decoder running base + adapters unmerged (the LoRA collection)."""
+  from tests.test_lora_convert import _logits, _make_runs  # pylint: disable=g-import-not-at-top
+  _, lora_dir, _, lcfg, params, adapters = _make_runs(str(tmp_path), sp_tok, "llama",
+                                                      "q,k,v,o,gate,up,down")
+  out = gguf_export.export_gguf(lora_dir, str(tmp_path / "lora.gguf"), "f32")
+  ids = sp_tok.encode("李明宇 was born in 杭州 and studied physics at a university.")
+  logits = _logits(lcfg, {"params": params, "lora": adapters}, ids).astype(np.float64)[:-1]
+  want = logits - gguf_quality._logsumexp(logits)  # pylint: disable=protected-access
+  theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(out.path, len(ids)), ids)
+  assert np.abs(want - theirs).max() < 1e-3

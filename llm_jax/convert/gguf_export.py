@@ -23,7 +23,8 @@ llama.cpp checkout is needed. What is written, and why:
   chat           our ChatML template (tokenizer.chat_template) so llama.cpp's and Ollama's chat
                  render what the model was trained on; context length = rundir.context_length.
 Refused before anything is written, with one line saying why: MoE runs, scaled RoPE other than
-linear, a model whose q/k norm and bias are both on, tokenizers llama.cpp cannot reproduce. The
+linear, a model whose q/k norm and bias are both on, a Qwen2 shape whose heads do not span dim
+(llama.cpp's qwen2 has no separate head size), tokenizers llama.cpp cannot reproduce. The
 file is written to a temporary name beside --out and renamed when complete, so --out is either
 the whole new file or untouched.
 """
@@ -102,7 +103,12 @@ def _check_model(cfg: ModelConfig, where: str) -> str:
                       "export supports unscaled and linear RoPE only")
   if cfg.head_dim % 2:
     raise Unsupported(f"{where}: config.model.head_dim={cfg.head_dim} is odd; RoPE needs pairs")
-  return hf_config.family(cfg)
+  arch = hf_config.family(cfg)
+  if arch == "qwen2" and cfg.n_heads * cfg.head_dim != cfg.dim:
+    raise Unsupported(f"{where}: config.model.n_heads * head_dim = {cfg.n_heads * cfg.head_dim} "
+                      f"!= dim = {cfg.dim}; llama.cpp's qwen2 sizes q as dim x dim (as every Qwen2 "
+                      "checkpoint is)")
+  return arch
 
 
 def _gguf():

@@ -43,8 +43,10 @@ def llm_jax_logprobs(params, cfg: ModelConfig, ids: list[int]) -> np.ndarray:
   cfg32 = dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
   params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   n = len(ids)
-  logits = Decoder(cfg32).apply({"params": params32}, jnp.asarray([ids], jnp.int32),
-                                jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))
+  # One compiled call (op by op, every op of the decoder would compile on its own).
+  logits = jax.jit(lambda p, i: Decoder(cfg32).apply({"params": p}, i, jnp.arange(n)[None],
+                                                     jnp.ones((1, n), jnp.int32)))(
+      params32, jnp.asarray([ids], jnp.int32))
   x = np.asarray(logits[0, :-1], np.float64)
   return x - _logsumexp(x)
 
