@@ -464,6 +464,7 @@ def test_unsupported_tokenizer_json_is_refused(tmp_path, data):
   assert not os.path.exists(tmp_path / "m.gguf")
 
 
+@pytest.mark.slow
 def test_lora_run_exports_merged_and_llama_cpp_computes_the_adapter_model(llama_cpp, tmp_path, sp_tok):
   """A LoRA run (adapters only, over its base) exports merged: llama.cpp's log-probs on the F32
   file equal those of our decoder running base + adapters unmerged (the LoRA collection)."""
