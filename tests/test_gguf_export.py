@@ -7,7 +7,6 @@ initialised Llama (untied, q/k permuted), Qwen2 (q/k/v bias) and Qwen3 (q/k norm
 SentencePiece tokenizer trained on the embedded encyclopedia.
 """
 
-import json
 import os
 
 import numpy as np
@@ -46,7 +45,8 @@ def sp_tok(data):
 def heldout_texts(data, n=50) -> list[str]:
   """Held-out Chinese and English biographies plus odd spacing, digits, emoji and <think>."""
   texts = [r["text"] for r in data["bios_eval"][:n - 6]]
-  texts += ["  two leading spaces, trailing  ", "tabs\tand\nnew\n\nlines", "数字 2024年12月7日 3.14159",
+  texts += ["  two leading spaces, trailing  ", "tabs\tand\nnew\n\nlines",
+            "数字 2024年12月7日 3.14159",
             "emoji 🙂🚀 and rare 龘 characters", "<think>推理 reasoning</think> answer",
             "text with <|im_start|> typed by a user"]
   return texts
@@ -98,13 +98,6 @@ def exports(tmp_path_factory, runs):
 def _reader_tensors(path):
   reader = gguf.GGUFReader(path)
   return reader, {t.name: t for t in reader.tensors}
-
-
-def _field(reader, key):
-  f = reader.fields[key]
-  if f.types[0] == gguf.GGUFValueType.ARRAY:
-    return [f.contents(i) for i in range(len(f.data))] if len(f.data) < 5 else f.contents()
-  return f.contents()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -162,8 +155,9 @@ def test_modelfile_renders_our_chatml(exports, runs):
   # Ollama's Go template: `{{- range .Messages }}...{{ end }}` over the messages.
   head, rest = template.split("{{- range .Messages }}", 1)
   body, tail = rest.split("{{ end }}", 1)
-  rendered = head + "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
-                            for m in msgs) + tail
+  rendered = head + "".join(
+      body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
+      for m in msgs) + tail
   assert rendered == render_chat_text(msgs) + "<|im_start|>assistant\n"
 
 
@@ -405,8 +399,9 @@ def test_quantized_perplexity_gap_of_the_trained_run(llama_cpp, trained, tmp_pat
 def _qwen2_style_tokenizer_json(texts, path):
   """A byte-level BPE tokenizer.json shaped as Qwen2's (NFC, the Qwen2 split regex, ByteLevel,
   ChatML specials, <think> as a plain added token), trained on `texts`."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+  from tokenizers import pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.NFC()
   regex = next(r for r, name in gguf_vocab.BPE_PRE.items() if name == "qwen2")
@@ -427,7 +422,8 @@ def test_imported_byte_level_bpe_run_tokenizes_like_us_in_llama_cpp(llama_cpp, t
   "qwen2" pre-tokenizer, and llama.cpp encodes the held-out texts and chats to our ids."""
   from llm_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "imported"
-  _qwen2_style_tokenizer_json([r["text"] for r in data["bios"]], str(workdir / "tokenizer" / "tokenizer.json"))
+  _qwen2_style_tokenizer_json([r["text"] for r in data["bios"]],
+                              str(workdir / "tokenizer" / "tokenizer.json"))
   tok = HFTokenizer(str(workdir / "tokenizer"))
   config = base.get_config()
   config.model.update(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=64,
@@ -447,7 +443,8 @@ def test_imported_byte_level_bpe_run_tokenizes_like_us_in_llama_cpp(llama_cpp, t
 
 def test_unsupported_tokenizer_json_is_refused(tmp_path, data):
   """A tokenizer.json llama.cpp would not reproduce (here a WordPiece one) is refused by name."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
   workdir = tmp_path / "wp"
   tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -465,7 +462,8 @@ def test_unsupported_tokenizer_json_is_refused(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_lora_run_exports_merged_and_llama_cpp_computes_the_adapter_model(llama_cpp, tmp_path, sp_tok):
+def test_lora_run_exports_merged_and_llama_cpp_computes_the_adapter_model(llama_cpp, tmp_path,
+                                                                         sp_tok):
   """A LoRA run (adapters only, over its base) exports merged: llama.cpp's log-probs on the F32
   file equal those of our decoder running base + adapters unmerged (the LoRA collection)."""
   from tests.test_lora_convert import _logits, _make_runs  # pylint: disable=g-import-not-at-top

@@ -26,7 +26,8 @@ _TYPES = flags.DEFINE_list("types", list(gguf_export.TYPES), "GGUF types to meas
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "where the files go (default: a temporary directory)")
 _PROMPTS = flags.DEFINE_integer("prompts", 10, "held-out chat prompts for the greedy comparison")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "greedy tokens per prompt")
-_TOKENS = flags.DEFINE_integer("ppl_tokens", 512, "held-out tokens for perplexity (at most the context)")
+_TOKENS = flags.DEFINE_integer("ppl_tokens", 512,
+                               "held-out tokens for perplexity (at most the context)")
 
 
 def _prompts(run, n: int) -> list[list[int]]:
@@ -71,7 +72,8 @@ def main():
     theirs = gguf_quality.llama_cpp_logprobs(llm, ids)
     p = gguf_quality.perplexity(theirs, ids)
     same = sum(_greedy(llm, q, _NEW.value) == g for q, g in zip(prompts, greedy))
-    print(f"| {t} | {res.size / 2**20:.2f} | {res.seconds:.1f} | {p:.4f} | {100 * (p / ppl - 1):+.3f}% "
+    print(f"| {t} | {res.size / 2**20:.2f} | {res.seconds:.1f} | {p:.4f} "
+          f"| {100 * (p / ppl - 1):+.3f}% "
           f"| {np.abs(ours - theirs).max():.2e} | {same}/{len(prompts)} |")
 
 

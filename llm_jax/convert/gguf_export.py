@@ -65,7 +65,8 @@ class Result:
   fallbacks: list[str]  # matrices kept F16 in a quantized file (rows not a block multiple)
 
   def summary(self) -> str:
-    extra = f"; kept F16 (rows not a multiple of {_QBLOCK}): {self.fallbacks}" if self.fallbacks else ""
+    extra = (f"; kept F16 (rows not a multiple of {_QBLOCK}): {self.fallbacks}"
+             if self.fallbacks else "")
     return (f"wrote {self.path}: {self.size / 2**20:.2f} MiB, type {self.type}, architecture "
             f"{self.arch}, {self.n_tensors} tensors, in {self.seconds:.1f} s{extra}; Ollama: "
             f"{self.modelfile}")
@@ -123,7 +124,8 @@ def _tensor_plan(gguf, cfg: ModelConfig, arch: str, out_type: str):
   """[(gguf name, hf name, ggml type)] in the order hf_weights.iter_hf_tensors yields them, and
   the matrices that fall back to F16."""
   q = gguf.GGMLQuantizationType
-  matrix_type = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[out_type]
+  matrix_type = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0,
+                 "q4_0": q.Q4_0}[out_type]
   arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
                "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
   names = gguf.get_tensor_name_map(arch_enum, cfg.n_layers)

@@ -88,5 +88,6 @@ def report(workdir: str, gguf_path: str, n_tokens: int = 512) -> str:
   theirs = llama_cpp_logprobs(load_llama(gguf_path, len(ids)), ids)
   p_ours, p_theirs = perplexity(ours, ids), perplexity(theirs, ids)
   return (f"held-out perplexity over {len(ids) - 1} tokens (builtin:bios_eval): llm_jax float32 "
-          f"{p_ours:.4f}, llama.cpp {gguf_path} {p_theirs:.4f} ({100 * (p_theirs / p_ours - 1):+.2f}%)"
+          f"{p_ours:.4f}, llama.cpp {gguf_path} {p_theirs:.4f} "
+          f"({100 * (p_theirs / p_ours - 1):+.2f}%)"
           f"; largest next-token log-prob difference {np.abs(ours - theirs).max():.4f}")

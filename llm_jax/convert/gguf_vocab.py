@@ -94,8 +94,8 @@ def from_sentencepiece(path: str, pad_id: int) -> Vocab:
                       "BPE; llama.cpp's SentencePiece tokenizer merges pieces by score (BPE) and "
                       "would segment a unigram model's text differently")
   if norm.precompiled_charsmap:
-    raise Unsupported(f"{path}: normalizer {norm.name!r} rewrites text before encoding; llama.cpp's "
-                      "SentencePiece tokenizer does not normalise (only 'identity' exports)")
+    raise Unsupported(f"{path}: normalizer {norm.name!r} rewrites text before encoding; "
+                      "llama.cpp's SentencePiece tokenizer does not normalise (only 'identity' exports)")
   if norm.remove_extra_whitespaces:
     raise Unsupported(f"{path}: remove_extra_whitespaces=true collapses spaces; llama.cpp's "
                       "SentencePiece tokenizer keeps them")
