@@ -372,7 +372,7 @@ def test_llama_cpp_logprobs_match_f32(llama_cpp, runs, exports, data, sp_tok, fa
 def test_llama_cpp_logprobs_of_the_trained_run(llama_cpp, trained):
   """The trained run's F32 file: next-token log-probs of held-out text within 1e-3 of ours."""
   files, run, _, _ = trained
-  ids = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
+  ids, weights = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
   ours = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)
   theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(files["f32"], len(ids)), ids)
   assert np.abs(ours - theirs).max() < 1e-3
@@ -385,13 +385,13 @@ def test_quantized_perplexity_gap_of_the_trained_run(llama_cpp, trained, tmp_pat
   _, run, _, _ = trained
   files = {t: gguf_export.export_gguf(run.workdir, str(tmp_path / f"m-{t}.gguf"), t).path
            for t in ("f16", "q8_0", "q4_0")}
-  ids = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
+  ids, weights = gguf_quality.heldout_ids(run.tokenizer, run.config, run.context)
   ours = gguf_quality.llm_jax_logprobs(run.params, run.model_cfg, ids)
-  base_ppl = gguf_quality.perplexity(ours, ids)
+  base_ppl = gguf_quality.perplexity(ours, ids, weights)
   gaps = {}
   for t, path in files.items():
     theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(path, len(ids)), ids)
-    gaps[t] = gguf_quality.perplexity(theirs, ids) / base_ppl - 1
+    gaps[t] = gguf_quality.perplexity(theirs, ids, weights) / base_ppl - 1
   print(f"perplexity {base_ppl:.3f}; gaps {gaps}")
   assert abs(gaps["f16"]) < 1e-3 and abs(gaps["q8_0"]) < 0.01 and abs(gaps["q4_0"]) < 0.2
 

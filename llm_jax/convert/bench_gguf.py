@@ -8,6 +8,7 @@ llama.cpp's greedy sampler continues for 32 tokens exactly as llm_jax's generato
 (`python -m llm_jax.chat --temperature=0`). Figures measured here are in docs/gguf.md.
 """
 
+import math
 import os
 import tempfile
 
@@ -26,8 +27,7 @@ _TYPES = flags.DEFINE_list("types", list(gguf_export.TYPES), "GGUF types to meas
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "where the files go (default: a temporary directory)")
 _PROMPTS = flags.DEFINE_integer("prompts", 10, "held-out chat prompts for the greedy comparison")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "greedy tokens per prompt")
-_TOKENS = flags.DEFINE_integer("ppl_tokens", 512,
-                               "held-out tokens for perplexity (at most the context)")
+_TOKENS = flags.DEFINE_integer("ppl_tokens", 2000, "held-out target tokens for perplexity")
 
 
 def _prompts(run, n: int) -> list[list[int]]:
@@ -50,31 +50,50 @@ def _greedy(llm, prompt: list[int], n: int) -> list[int]:
   return out
 
 
+def _ppl(logprobs, seqs) -> tuple[float, int]:
+  nll, n = 0.0, 0.0
+  for lp, (ids, weights) in zip(logprobs, seqs):
+    a, b = gguf_quality.nll_sum(lp, ids, weights)
+    nll, n = nll + a, n + b
+  return math.exp(nll / n), int(n)
+
+
 def main():
   run = rundir.load(_WORKDIR.value)
   out_dir = _OUT_DIR.value or tempfile.mkdtemp(prefix="bench_gguf_")
   rows = run.params["embed"]["embedding"].shape[0]
   cfg = gguf_export.ModelConfig.from_config(run.config.model, vocab_size=rows)
-  ids = gguf_quality.heldout_ids(run.tokenizer, run.config, min(_TOKENS.value, run.context))
-  ours = gguf_quality.llm_jax_logprobs(run.params, cfg, ids)
-  ppl = gguf_quality.perplexity(ours, ids)
+  seqs = gguf_quality.heldout_sequences(run.tokenizer, run.config, _TOKENS.value, run.context)
+  ours = [gguf_quality.llm_jax_logprobs(run.params, cfg, i, pad_to=run.context) for i, _ in seqs]
+  ppl, n_targets = _ppl(ours, seqs)
   prompts = _prompts(run, _PROMPTS.value)
   greedy = [g.tokens for g in Generator(run.params, run.model_cfg).generate(
       prompts, SamplingConfig(temperature=0.0, max_new_tokens=_NEW.value))]
   print(f"{_WORKDIR.value}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {rows}; llm_jax float32 "
-        f"perplexity {ppl:.4f} on {len(ids) - 1} held-out tokens (builtin:bios_eval)")
+        f"perplexity {ppl:.4f} on {n_targets} held-out tokens in {len(seqs)} rows "
+        f"({gguf_quality.heldout_source(run.config)})")
   print("| type | size (MiB) | export (s) | perplexity in llama.cpp | gap | max log-prob diff "
-        f"| greedy {_NEW.value} tokens equal |")
-  print("|---|---|---|---|---|---|---|")
+        f"| greedy {_NEW.value} tokens equal | where they differ: our top-2 log-prob gap |")
+  print("|---|---|---|---|---|---|---|---|")
   for t in _TYPES.value:
     res = gguf_export.export_gguf(_WORKDIR.value, os.path.join(out_dir, f"model-{t}.gguf"), t)
-    llm = gguf_quality.load_llama(res.path, max(len(ids), run.context))
-    theirs = gguf_quality.llama_cpp_logprobs(llm, ids)
-    p = gguf_quality.perplexity(theirs, ids)
-    same = sum(_greedy(llm, q, _NEW.value) == g for q, g in zip(prompts, greedy))
+    llm = gguf_quality.load_llama(res.path, run.context)
+    theirs = [gguf_quality.llama_cpp_logprobs(llm, i) for i, _ in seqs]
+    p, _ = _ppl(theirs, seqs)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs))
+    same, gaps = 0, []
+    for q, g in zip(prompts, greedy):
+      got = _greedy(llm, q, _NEW.value)
+      if got == g:
+        same += 1
+        continue
+      # How close our own choice was where llama.cpp's first differs: a near-tie or not.
+      k = next(i for i, (a, b) in enumerate(zip(got, g)) if a != b)
+      lp = gguf_quality.llm_jax_logprobs(run.params, cfg, q + g[:k + 1])[-1]
+      gaps.append(f"{np.sort(lp)[-1] - np.sort(lp)[-2]:.3f}")
     print(f"| {t} | {res.size / 2**20:.2f} | {res.seconds:.1f} | {p:.4f} "
           f"| {100 * (p / ppl - 1):+.3f}% "
-          f"| {np.abs(ours - theirs).max():.2e} | {same}/{len(prompts)} |")
+          f"| {diff:.2e} | {same}/{len(prompts)} | {', '.join(gaps)} |")
 
 
 if __name__ == "__main__":
