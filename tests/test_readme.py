@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The pages whose commands are walked, in this order (the order a reader follows them, and today's
 # order of the commands that depend on each other). Every docs/*.md page must be listed here.
 PAGES = ("README.md", "docs/notebooks.md", "docs/serving.md", "docs/training.md", "docs/post_training.md",
-         "docs/data.md", "docs/synth.md", "docs/eval.md", "docs/huggingface.md", "docs/scaling.md",
-         "docs/models.md", "docs/benchmarks.md", "docs/experiments.md", "docs/testing.md")
+         "docs/data.md", "docs/synth.md", "docs/eval.md", "docs/huggingface.md", "docs/gguf.md",
+         "docs/scaling.md", "docs/models.md", "docs/benchmarks.md", "docs/experiments.md", "docs/testing.md")
 
 # Appended to `python -m llm_jax.main` training commands: a few steps, one checkpoint, one small
 # evaluation. Later flags override the command's own (`--config.train.steps=2000` becomes 4).
@@ -238,6 +238,12 @@ RULES = [
          outputs=("export/sft-hf/config.json",)),
     Rule("python -m llm_jax.convert.peft_export --workdir=runs/qwen-lora --out=export/qwen-lora",
          outputs=("export/qwen-lora/adapter/adapter_config.json",)),
+    # docs/gguf.md
+    Rule("python -m llm_jax.convert.gguf_export --workdir=runs/sft --out=export/sft-q8_0.gguf --type=q8_0",
+         outputs=("export/sft-q8_0.gguf", "export/Modelfile"), expect=("type q8_0",)),
+    Rule("ollama create sft -f export/Modelfile", skip="ollama not installed"),
+    Rule("ollama run sft", skip="ollama not installed"),
+    Rule("python -m llm_jax.convert.bench_gguf --workdir=runs/sft", expect=("| q4_0 |",)),
     # docs/scaling.md: several devices and hosts; virtual CPU devices stand in for the GPUs.
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-fsdp --config.mesh.fsdp=8 "
          "--config.mesh.data=1 --config.model.dtype=bfloat16", args=TINY, env=EIGHT_DEVICES,
