@@ -113,7 +113,8 @@ def test_sweep_over_three_checkpoints_writes_jsons_table_and_plots(run_dir, tmp_
     rows = list(csv.reader(f))
   assert [r[0] for r in rows[1:]] == ["10", "20", "30"] and "rouge.rougeL" in rows[0]
   md = open(os.path.join(out, "summary.md"), encoding="utf-8").read()
-  assert "| 30 |" in md and "knowledge.qa_heldout.contains" in md and "Pearson" in md
+  assert "| 30 |" in md and "knowledge.qa_heldout.contains" in md
+  assert "Pearson" not in md  # 3 checkpoints: too few for a correlation (summary.py)
   for task in ("loss", "rouge", "repetition", "knowledge", "choice"):
     _is_png(os.path.join(out, "plots", f"{task}.png"))
   if os.path.isdir("/usr/share/fonts/opentype/noto"):  # fonts-noto-cjk (.ci/run installs it)

@@ -39,27 +39,11 @@ def cjk_font() -> str | None:
   return _state["cjk"]
 
 
-def _integer_locator():
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
-  return MaxNLocator(integer=True, nbins=6)
-
-
 def warn_if_cjk(texts: Sequence[str]) -> None:
   if cjk_font() is None and any(_CJK_RE.search(t or "") for t in texts) and not _state.get("warned"):
     _state["warned"] = True
     logging.warning("no CJK font found: Chinese labels in the plots will show as boxes; install "
                     "one (Debian/Ubuntu: apt-get install fonts-noto-cjk)")
-
-
-def metric_grid(series: dict, path: str, title: str = "", xlabel: str = "step") -> str:
-  """One small panel per metric: series = {name: (xs, ys)}; written to `path` (PNG)."""
-  warn_if_cjk([title, *series])
-  fig, axes = panel_grid(len(series))
-  for ax, (name, (xs, ys)) in zip(axes, series.items()):
-    ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5)
-    ax.xaxis.set_major_locator(_integer_locator())
-    style_panel(ax, name, xlabel)
-  return save(fig, path, title)
 
 
 def panel_grid(n: int, width: float = 3.6, height: float = 2.6):
@@ -79,11 +63,13 @@ def style_panel(ax, name: str, xlabel: str = "step") -> None:
   ax.grid(alpha=0.3)
 
 
-def save(fig, path: str, title: str = "", suptitle: bool = True) -> str:
-  """Titles, lays out, writes `path` (PNG) and closes the figure; returns the path."""
+def save(fig, path: str, title: str = "", suptitle: bool = True, layout: bool = True) -> str:
+  """Titles, lays out (unless the caller did: `layout`=False), writes `path` (PNG) and closes the
+  figure; returns the path."""
   if title:
     (fig.suptitle if suptitle else fig.axes[0].set_title)(title, fontsize=10)
-  fig.tight_layout()
+  if layout:
+    fig.tight_layout()
   fig.savefig(path, dpi=90)
   pyplot().close(fig)
   return path
