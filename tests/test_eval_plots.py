@@ -163,3 +163,62 @@ def test_console_summary_fits_100_columns_and_correlates_only_5_or_more_checkpoi
   summary.write(rows, str(tmp_path), title="run")
   assert os.listdir(tmp_path / "plots") == ["choice.png"]
   assert os.path.getsize(tmp_path / "plots" / "choice.png") > 1000
+
+
+CJK_ON_DISK = [f for f in __import__("matplotlib.font_manager").font_manager.findSystemFonts()
+               if "CJK" in os.path.basename(f)]
+
+
+@pytest.fixture
+def stale_font_cache(monkeypatch, tmp_path):
+  """matplotlib as it is after `apt-get install fonts-noto-cjk` on a machine where it ran before:
+  the font list (read from its cache) lacks the CJK fonts on disk. The cache directory is a tmp
+  one, so the user's is not touched."""
+  import copy
+  import matplotlib
+  from matplotlib import font_manager
+  stale = copy.copy(font_manager.fontManager)
+  stale.ttflist = [f for f in stale.ttflist if "CJK" not in f.name and "CJK" not in f.fname]
+  monkeypatch.setattr(font_manager, "fontManager", stale)
+  monkeypatch.setattr(matplotlib, "get_cachedir", lambda: str(tmp_path))
+  monkeypatch.setattr(plots, "_state", {})
+  return stale
+
+
+@pytest.mark.skipif(not CJK_ON_DISK, reason="no CJK font on disk (apt-get install fonts-noto-cjk)")
+def test_a_stale_font_cache_is_rebuilt_so_chinese_renders(stale_font_cache, tmp_path):
+  from matplotlib import font_manager
+  assert plots.missing_cjk_files()  # the stale list lacks what is on disk
+  assert plots.cjk_font() in plots._CJK_FAMILIES
+  assert not plots.missing_cjk_files()
+  cache = font_manager.json_load(str(tmp_path / os.listdir(tmp_path)[0]))
+  assert {f.fname for f in cache.ttflist} >= set(CJK_ON_DISK)  # the next run reads a fresh cache
+  found = font_manager.findfont(font_manager.FontProperties(family=plots.cjk_font()),
+                                fallback_to_default=False)
+  assert "CJK" in os.path.basename(found)
+
+
+@pytest.mark.skipif(not CJK_ON_DISK, reason="no CJK font on disk (apt-get install fonts-noto-cjk)")
+def test_a_cache_that_cannot_be_rebuilt_names_the_command_not_the_package(stale_font_cache,
+                                                                          monkeypatch, caplog):
+  from matplotlib import font_manager
+
+  def read_only(*args):
+    raise PermissionError("read-only file system")
+
+  monkeypatch.setattr(font_manager, "json_dump", read_only)
+  monkeypatch.setattr(stale_font_cache, "addfont", lambda path: None)  # nothing gets added
+  with caplog.at_level("WARNING"):
+    assert plots.cjk_font() is None
+  text = caplog.text
+  assert "font cache predates" in text and "rm -rf" in text and "apt-get" not in text
+
+
+def test_without_any_cjk_font_the_warning_names_the_package(stale_font_cache, monkeypatch,
+                                                            caplog):
+  from matplotlib import font_manager
+  monkeypatch.setattr(font_manager, "findSystemFonts",
+                      lambda *a, **k: [stale_font_cache.ttflist[0].fname])
+  with caplog.at_level("WARNING"):
+    plots.warn_if_cjk(["知识"])
+  assert plots.cjk_font() is None and "apt-get install fonts-noto-cjk" in caplog.text
