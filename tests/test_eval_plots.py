@@ -122,6 +122,10 @@ def test_people_groups_named_unmeasured_and_all_zero_series_left_out():
                for r in SWEEP]
   (ax,) = _figure(only_tiny, "repetition").axes
   assert ax.get_ylim()[1] >= 0.1
+  only_zero = [dict(r, tasks={"repetition": {"greedy": {"loop_share": 0.0}}}) for r in SWEEP]
+  fig = _figure(only_zero, "repetition")
+  assert not any(ax.get_lines() or ax.patches for ax in fig.axes)  # no empty panel drawn
+  assert "0 at every checkpoint" in "\n".join(t.get_text() for t in fig.texts)
 
 
 def test_a_single_checkpoint_is_bars_on_the_value_axis():

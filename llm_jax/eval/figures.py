@@ -226,7 +226,13 @@ def draw(panels: Sequence[Panel], notes: Sequence[str], title: str = ""):
   plots.warn_if_cjk([title, *(p.title for p in panels), *(s.name for p in panels for s in p.series)])
   all_steps = {x for p in panels for s in p.series for x in s.steps}
   single = len(all_steps) == 1
-  if single:
+  if not panels:  # every series left out: the figure says why instead of showing empty axes
+    fig, ax = plots.pyplot().subplots(figsize=(6.4, 1.2 + 0.15 * len(notes)))
+    ax.axis("off")
+    ax.text(0.5, 0.7, "nothing to draw: no figure was measured, or every one is 0",
+            ha="center", va="center", fontsize=9)
+    axes = [ax]
+  elif single:
     heights = [0.9 + 0.42 * (len(p.series) + (p.reference is not None)) for p in panels]
     fig, axes = plots.pyplot().subplots(
         max(len(panels), 1), 1, figsize=(7.0, sum(heights) + 0.6 + 0.2 * len(notes)),
@@ -240,8 +246,6 @@ def draw(panels: Sequence[Panel], notes: Sequence[str], title: str = ""):
     fig, axes = plots.panel_grid(len(panels), width=4.4, height=3.2)
     for ax, panel in zip(axes, panels):
       _lines(ax, panel)
-  if not panels:
-    axes[0].axis("off")
   text = list(notes)
   if any(s.low is not None for p in panels for s in p.series):
     text.append("shaded bands / error bars: 95% Wilson interval over the counted answers")
