@@ -19,7 +19,7 @@ def _row(step, f, n_choices=4):
   return {"step": step, "tasks": {
       "loss": {"loss": loss, "perplexity": math.exp(loss), "accuracy": 0.66 * f, "tokens": 40000,
                "doc_mean_loss": loss + 0.05},
-      "repetition": {"prompts": 20, "rep_positions": 0, "rep_16": 0.0,  # rep/l measured nowhere
+      "repetition": {"prompts": 20, "rep_16": float("nan"),  # rep/l measured nowhere
                      "greedy": {"seq_rep_4": 0.4 - 0.3 * f, "loop_share": 0.0,
                                 "mean_length": 30.0},
                      "chat_prompts": {"seq_rep_4": 0.0007 * f, "loop_share": 0.0}},
@@ -112,7 +112,7 @@ def test_people_groups_named_unmeasured_and_all_zero_series_left_out():
   fig = _figure(SWEEP, "repetition")
   titles = [ax.get_title() for ax in fig.axes]
   assert "ending in a loop" not in titles  # 0 at every checkpoint: said in a note instead
-  assert not any("rep/l" in t for t in titles)  # rep/l counted 0 positions: not measured
+  assert not any("rep/l" in t for t in titles)  # rep/l NaN everywhere: not measured
   notes = "\n".join(t.get_text() for t in fig.texts)
   assert "ending in a loop, greedy continuations: 0 at every checkpoint" in notes
   # 0-0.0007 is drawn on an axis of at least 0-0.1, beside the greedy line.

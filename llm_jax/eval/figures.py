@@ -6,8 +6,10 @@ Rules a reader can rely on:
     names ("held-out people"), never metric keys;
   - the y-axis says the unit; shares (0-1) are drawn from 0, with at least 0-0.1 shown, so noise of
     a few thousandths is not stretched into a full-height trend; losses and lengths from 0;
-  - accuracies over counted trials (knowledge probes, multiple-choice questions, tokens) carry a
-    95% Wilson interval (shaded, or error bars);
+  - accuracies over counted, independent trials (knowledge probes, multiple-choice questions)
+    carry a 95% Wilson interval (shaded, or error bars); token-level shares (token accuracy, rep/l)
+    do not: tokens of one document are no independent trials, and a binomial interval over them
+    would claim a precision they do not have;
   - multiple choice has its chance line (the mean of 1/number of choices over the questions);
   - the x-axis is the training step and starts at 0, so a checkpoint at step 0 is on it;
   - a series measured nowhere (missing, or its count is 0) is left out; one that is exactly 0 at
@@ -54,7 +56,7 @@ CATALOGUE = (
     Metric(r"loss\.perplexity", "token-weighted", "perplexity", "perplexity (exp of the loss)",
            "perplexity", label="perplexity"),
     Metric(r"loss\.accuracy", "next token predicted", "token accuracy",
-           "share of tokens right (0-1)", "share", count="loss.tokens", label="token accuracy"),
+           "share of tokens right (0-1)", "share", label="token accuracy"),
     Metric(r"rouge\.rouge1", "Rouge-1 F1", "overlap with the references", "F1 / BLEU (0-1)",
            "share", label="Rouge-1 F1"),
     Metric(r"rouge\.rouge2", "Rouge-2 F1", "overlap with the references", "F1 / BLEU (0-1)",
@@ -79,7 +81,7 @@ CATALOGUE = (
            "tokens generated", "positive", label="length in tokens, greedy"),
     Metric(r"repetition\.rep_(\d+)", r"within the previous \1 tokens",
            "prediction repeats the context (rep/l)", "share of predictions (0-1)", "share",
-           count="repetition.rep_positions", label=r"rep/\1 (teacher-forced)"),
+           label=r"rep/\1 (teacher-forced)"),
     Metric(r"knowledge\.all\.exact", "whole answer exact", "all people", "answers right (0-1)",
            "share", count="knowledge.all.count", label="exact, all people"),
     Metric(r"knowledge\.all\.contains", "value in the answer", "all people",
@@ -261,8 +263,9 @@ def draw(panels: Sequence[Panel], notes: Sequence[str], title: str = ""):
 
 def _lines(ax, panel: Panel) -> None:
   last = 0
-  for s in panel.series:
-    (line,) = ax.plot(s.steps, s.values, marker="o", markersize=3, linewidth=1.5, label=s.name)
+  for s, marker in zip(panel.series, "osD^v<>ph*" * 3):  # markers tell overlapping lines apart
+    (line,) = ax.plot(s.steps, s.values, marker=marker, markersize=3.5, linewidth=1.5,
+                      label=s.name)
     if s.low is not None:
       ax.fill_between(s.steps, s.low, s.high, color=line.get_color(), alpha=0.15, linewidth=0)
     last = max(last, max(s.steps))
@@ -301,7 +304,7 @@ def _bars(ax, panel: Panel) -> None:
   ax.set_xlim(low, high)
   ends = values if err is None else [v + e for v, e in zip(values, err[1])]
   for y, v, end in zip(ys, values, ends):  # the figure after the bar and its interval
-    ax.text(end, y, f"  {v:.4g}", va="center", ha="left", fontsize=7)
+    ax.text(end, y, f"  {v:.3g}", va="center", ha="left", fontsize=7)
   if panel.reference:
     ax.axvline(panel.reference[0], color="0.4", linestyle="--", linewidth=1,
                label=panel.reference[1])
