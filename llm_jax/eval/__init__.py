@@ -6,6 +6,7 @@
   model_io.py     batched generation and scoring on the run's mesh, fitted to its context
   rouge.py, repetition.py, knowledge.py, choice.py   the metrics
   summary.py, plots.py, curves.py, progress.py      tables, PNGs, TensorBoard curves, progress
+  figures.py      what the plots show: metric names, units, chance lines, intervals, panels
   compare.py      `python -m llm_jax.eval.compare`: runs side by side
 The held-out evaluation during training is train/evaluate.py.
 """
