@@ -71,6 +71,11 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.sigterm_wait = 20.0  # seconds a checkpoint being written may take after SIGTERM
   c.checkpoint.sigterm_input_wait = 5.0  # seconds to wait after SIGTERM for a batch the data pipeline owes; then stop without a new checkpoint
 
+  c.metrics = ml_collections.ConfigDict()  # where training scalars go besides the console and TensorBoard
+  c.metrics.wandb_project = ""  # a Weights & Biases project: log the same scalars there (needs pip install wandb; WANDB_MODE=offline keeps them local)
+  c.metrics.wandb_entity = ""  # the W&B team or user; "" = your default
+  c.metrics.wandb_name = ""  # the W&B run's name; "" = the work directory's name
+
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA adapter rank; 0 trains every parameter, > 0 only adapters (needs init_from)
   c.lora.alpha = 16.0  # adapter output scale is alpha / rank

@@ -49,6 +49,7 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "3.11.2", "eval plots"),
     "fastapi": ("fastapi", "0.165.0", "the server, llm_jax.serve"),
     "uvicorn": ("uvicorn", "0.54.0", "the server, llm_jax.serve"),
+    "wandb": ("wandb", "0.31.0", "Weights & Biases logging, config.metrics.wandb_project"),
 }
 
 # Dependencies of the packages above that a partial install (`pip install --no-deps`, wheels

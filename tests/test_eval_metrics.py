@@ -317,6 +317,9 @@ def test_choice_prompt_and_lm_eval_split():
   assert choice.encode_pair(CharTok(), "Answer: ", "A") == ([ord(c) for c in "Answer:"], [1000])
   acc = choice.accuracy([[-1.0, -2.0], [-3.0, -0.5]], [q, q])
   assert acc["acc"] == 0.5 and acc["questions"] == 2
+  # Guessing: 1/2 on each two-choice question, 1/4 on a four-choice one.
+  four = choice.Question("Which?", ["a", "b", "c", "d"], 0, "z")
+  assert choice.accuracy([[0.0, -1.0], [0.0, -1.0, -2.0, -3.0]], [q, four])["chance"] == 0.375
 
 
 def test_reference_set_skips_and_counts_empty_answers(tmp_path):

@@ -6,6 +6,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,3 +110,119 @@ def test_training_without_tensorflow_writes_the_same_scalars(tmp_path):
       assert value == moved
     else:
       assert value == pytest.approx(other, rel=1e-6, abs=1e-7), key
+
+
+def read_wandb_run(workdir: str) -> list[dict]:
+  """Every offline W&B run under workdir/wandb, oldest first: {"id", "project", "name", "config",
+  "history": {(key, step): value}}, read from the run-<id>.wandb files with a reader of their
+  format written here (LevelDB's log format: 32 KiB blocks of records with a 7-byte header,
+  after the file's own 7-byte header; each record a wandb_internal_pb2.Record), not with
+  anything of the writer or of wandb's own run code."""
+  import json
+  import struct
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  runs = []
+  for path in sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))):
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", path
+    pos, block, buf = 7, 32768, b""
+    run = {"config": {}, "history": {}, "exited": False}
+    while pos + 7 <= len(data):
+      if block - pos % block < 7:  # a block's tail too short for a header is padding
+        pos += block - pos % block
+        continue
+      _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+      if kind == 0 and length == 0:
+        break
+      buf = (b"" if kind in (1, 2) else buf) + data[pos + 7:pos + 7 + length]
+      pos += 7 + length
+      if kind not in (1, 4):  # FULL or LAST completes a record
+        continue
+      rec = wandb_internal_pb2.Record.FromString(buf)
+      key = lambda item: item.key or ".".join(item.nested_key)
+      kind_of = rec.WhichOneof("record_type")
+      if kind_of == "run":
+        run.update(id=rec.run.run_id, project=rec.run.project, name=rec.run.display_name)
+        run["config"].update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
+      elif kind_of == "config":
+        run["config"].update({key(i): json.loads(i.value_json) for i in rec.config.update})
+      elif kind_of == "exit":
+        run["exited"] = True
+      elif kind_of == "history":
+        items = {key(i): json.loads(i.value_json) for i in rec.history.item}
+        step = items.pop("_step")
+        run["history"].update({(k, step): v for k, v in items.items() if not k.startswith("_")})
+    runs.append(run)
+  return runs
+
+
+def finished_wandb_runs(workdir: str, n: int = 1, timeout: float = 120) -> list[dict]:
+  """read_wandb_run once n runs have their exit record: wandb-core, a process of its own, may
+  still be writing the file when run.finish() has returned (seen on a loaded machine)."""
+  deadline = time.time() + timeout
+  while True:
+    runs = read_wandb_run(workdir)
+    if (len(runs) == n and all(r["exited"] for r in runs)) or time.time() > deadline:
+      return runs
+    time.sleep(0.5)
+
+
+def test_wandb_writer_logs_the_scalars_tensorboard_gets_offline(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  metrics = sft_config.get_config().metrics
+  metrics.wandb_project = "llm_jax-test"
+  writer = writers.create_writer(str(tmp_path), 6, metrics)
+  hparams = {"train.lr": 3e-3, "model.dim": 32, "job": "sft"}
+  writer.write_hparams(hparams)
+  for step in (2, 4, 6):
+    writer.write_scalars(step, {"loss": np.float32(1.0 / step), "learning_rate": 1e-3 * step,
+                                "tokens": step * 100})
+  writer.write_texts(6, {"sample": "第一"})  # TensorBoard's only
+  writer.flush()
+  writer.close()
+  (run,) = finished_wandb_runs(str(tmp_path))
+  assert run["project"] == "llm_jax-test" and run["name"] == os.path.basename(tmp_path)
+  assert {k: run["config"].get(k) for k in hparams} == hparams, run["config"]
+  tb = {k: v for k, (plugin, v) in read_events(str(tmp_path / "tensorboard")).items()
+        if plugin == "scalars"}
+  assert sorted(run["history"]) == sorted(tb)  # the same (tag, step) pairs
+  for key, value in tb.items():
+    assert run["history"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_wandb_project_without_wandb_stops_before_any_work(tmp_path, monkeypatch):
+  from llm_jax import packages
+  from llm_jax.train import run_setup
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as where it is absent
+  config = sft_config.get_config()
+  config.metrics.wandb_project = "my-project"
+  with pytest.raises(packages.MissingPackage, match=r"wandb .*pip install wandb==0\.31\.0"):
+    run_setup.preflight(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_training_with_wandb_offline_logs_every_scalar_and_resumes_the_same_run(tmp_path,
+                                                                                monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = sft_config.get_config()
+  for path, value in TINY_RUN.items():
+    fields.set_path(config, path, value)
+  config.metrics.wandb_project = "llm_jax-test"
+  wd = str(tmp_path / "run")
+  loop.train_and_evaluate(config, wd)
+  config.train.steps = 8  # resumed from step 6
+  loop.train_and_evaluate(config, wd)
+  first, second = finished_wandb_runs(wd, 2)
+  assert first["id"] == second["id"]  # the resumed run continues the same W&B run
+  history = {**first["history"], **second["history"]}
+  tb = {k: v for k, (plugin, v) in read_events(os.path.join(wd, "tensorboard")).items()
+        if plugin == "scalars"}
+  assert {"loss", "learning_rate", "eval_loss"} <= {tag for tag, _ in tb}
+  assert sorted(history) == sorted(tb)
+  for key, value in tb.items():
+    assert history[key] == pytest.approx(value, rel=1e-6), key

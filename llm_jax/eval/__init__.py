@@ -7,6 +7,7 @@
   rouge.py, repetition.py, knowledge.py, choice.py   the metrics
   summary.py, plots.py, curves.py                    tables, PNGs, TensorBoard curves (progress
                                                      bars: console.Progress)
+  figures.py      what the plots show: metric names, units, chance lines, intervals, panels
   compare.py      `python -m llm_jax.eval.compare`: runs side by side
 The held-out evaluation during training is train/evaluate.py.
 """

@@ -17,7 +17,8 @@ is " " + its text.
 Each continuation's log-likelihood is the sum of log p over its tokens after the context; the
 context/continuation split is lm-eval's: encode(context + continuation) minus encode(context)'s
 length. acc = argmax of the log-likelihoods (first on ties), acc_norm = argmax of log-likelihood
-per character of the choice (equal to acc for single-letter choices).
+per character of the choice (equal to acc for single-letter choices); chance = the mean over the
+questions of 1 / their number of choices (the accuracy of guessing).
 """
 
 from __future__ import annotations
@@ -263,5 +264,7 @@ def accuracy(logliks: Sequence[Sequence[float]], questions: Sequence[Question],
     correct += int(np.argmax(ll)) == q.answer
     correct_norm += int(np.argmax(ll / lengths)) == q.answer
   n = len(questions)
+  # The accuracy of guessing: what the plots draw as the chance line.
+  chance = sum(1 / len(q.choices) for q in questions) / n if n else 0.0
   return {"acc": correct / n if n else 0.0, "acc_norm": correct_norm / n if n else 0.0,
-          "questions": n}
+          "questions": n, "chance": chance}

@@ -42,6 +42,22 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return out
 
 
+# What the loop's scalars are, for the panels' titles and y-axes (other tags show as they are).
+TAGS = {
+    "loss": ("training loss", "loss (nats per token)"),
+    "eval_loss": ("eval loss", "loss (nats per token)"),
+    "eval_perplexity": ("eval perplexity", "perplexity (exp of the loss)"),
+    "eval_accuracy": ("eval token accuracy", "share of tokens right (0-1)"),
+    "accuracy": ("training token accuracy", "share of tokens right (0-1)"),
+    "learning_rate": ("learning rate", "learning rate"),
+    "grad_norm": ("gradient norm", "global L2 norm (before clipping)"),
+    "tokens_per_s": ("throughput", "tokens per second"),
+    "mfu": ("model FLOPs utilisation", "share of the peak (0-1)"),
+    "step_time_s": ("step time", "seconds per step"),
+    "padding_share": ("padding", "share of padding tokens (0-1)"),
+}
+
+
 def plot_runs(runs: dict[str, str], tags: Sequence[str], path: str, title: str = "") -> str:
   """One panel per tag, one line per run ({label: workdir}); a run without a tag is left out of
   that panel. Written to `path` (PNG); returns it."""
@@ -58,6 +74,10 @@ def plot_runs(runs: dict[str, str], tags: Sequence[str], path: str, title: str =
         steps, values = c[tag]
         ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3,
                 linewidth=1.5, label=label)
-    plots.style_panel(ax, tag)
-    ax.legend(fontsize=7)
+    name, unit = TAGS.get(tag, (tag, tag))
+    plots.style_panel(ax, name, "training step")
+    ax.set_ylabel(unit, fontsize=8)
+    ax.set_xlim(left=0)
+    if len(curves) > 1:
+      ax.legend(fontsize=7)
   return plots.save(fig, path, title)

@@ -140,7 +140,7 @@ def _evaluate(cfg: ml_collections.ConfigDict, workdir: str, names, steps, json_d
   if writer:
     everything = summary.load_results(json_dir)
     out = summary.write(everything, out_dir, draw=e.plots, title=os.path.basename(workdir))
-    print(out["markdown"])
+    print(out["console"])
     logging.info("summary: %s", ", ".join(out["files"]))
   return results
 

@@ -14,7 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_jax.eval import plots, rouge
+from llm_jax.eval import figures, plots, rouge
+
+MIN_CORRELATION_CHECKPOINTS = 5  # fewer points make a correlation noise, so none is printed
+CONSOLE_WIDTH = 100  # the summary printed after a sweep fits a terminal this wide
 
 # Headline figures per task (flattened paths); those present in the results are shown.
 HEADLINE = {
@@ -54,7 +57,7 @@ def headline_keys(flat_rows: Sequence[dict]) -> list[str]:
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if len(x) < 3 or x.std() == 0 or y.std() == 0:
+  if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):  # a constant has no correlation
     return None
   return float(np.corrcoef(x, y)[0, 1])
 
@@ -112,15 +115,16 @@ def write(results: Sequence[dict], out_dir: str, *, draw: bool = True, title: st
                        if r.get("tasks", {}).get("rouge", {}).get("tokenizer")})
   if tokenizers:  # Rouge and BLEU depend on what a token is: say it beside the figures
     lines += ["", "Rouge and BLEU: " + "; ".join(rouge.describe(t) for t in tokenizers) + "."]
-  if "loss.loss" in keys and len(steps) >= 3:
+  if "loss.loss" in keys and len(steps) >= MIN_CORRELATION_CHECKPOINTS:
     lines += ["", "Correlation with the eval loss across checkpoints (Pearson r / Spearman rho):",
               ""]
     for k in keys:
       if k == "loss.loss":
         continue
       pairs = [(row["loss.loss"], row[k]) for row in flat if k in row and "loss.loss" in row]
-      r = pearson(*zip(*pairs)) if len(pairs) >= 3 else None
-      rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
+      enough = len(pairs) >= MIN_CORRELATION_CHECKPOINTS
+      r = pearson(*zip(*pairs)) if enough else None
+      rho = spearman(*zip(*pairs)) if enough else None
       if r is not None:
         lines.append(f"- {k}: r = {r:+.3f}, rho = {rho:+.3f} ({len(pairs)} checkpoints)")
   markdown = "\n".join(lines) + "\n"
@@ -132,17 +136,89 @@ def write(results: Sequence[dict], out_dir: str, *, draw: bool = True, title: st
   if draw and keys:
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
-    by_task: dict[str, dict] = {}
-    for k in keys:
-      pts = [(s, row[k]) for s, row in zip(steps, flat) if k in row]
-      by_task.setdefault(k.split(".")[0], {})[k.split(".", 1)[1]] = tuple(zip(*pts))
-    for task, series in by_task.items():
-      files.append(plots.metric_grid(series, os.path.join(plot_dir, f"{task}.png"),
-                                     title=f"{title} {task}".strip()))
+    for task in dict.fromkeys(k.split(".")[0] for k in keys):
+      panels, notes = figures.panels_of(task, keys, steps, flat)
+      fig = figures.draw(panels, notes, title=f"{title} {task}".strip())
+      files.append(plots.save(fig, os.path.join(plot_dir, f"{task}.png"), layout=False))
   chat = chat_prompts_markdown(out_dir, steps)
   if chat:
     files.append(chat)
-  return {"markdown": markdown, "files": files}
+  return {"markdown": markdown, "files": files,
+          "console": console_table(steps, flat, keys, title=title)}
+
+
+def console_table(steps: Sequence[int], flat: Sequence[dict], keys: Sequence[str], *,
+                  title: str = "", width: int = CONSOLE_WIDTH) -> str:
+  """The headline figures by name (rows) and checkpoint (columns), at most `width` columns wide:
+  when the checkpoints do not fit, the first, the last and evenly spaced ones between are shown
+  (summary.md and summary.csv have all). Correlations with the eval loss only over at least
+  MIN_CORRELATION_CHECKPOINTS checkpoints."""
+  cell = 8  # a space and _short's at most 7 characters
+  names = [_console_name(k, flat[-1] if flat else {}) for k in keys]
+  label = min(44, max([len(n) + 3 for n in names] + [24]))
+  fit = max(1, (width - label) // cell)
+  if len(steps) <= fit:
+    shown = list(range(len(steps)))
+  else:
+    shown = sorted({round(i * (len(steps) - 1) / (fit - 1)) for i in range(fit)}) if fit > 1 \
+        else [len(steps) - 1]
+  clip = lambda s, n: s if len(s) <= n else s[:n - 1] + "…"
+  head = f"{title or 'Evaluation'}: {len(steps)} checkpoint{'s' * (len(steps) != 1)}"
+  if len(shown) < len(steps):
+    head += f", {len(shown)} shown (every one in summary.md)"
+  lines = [clip(head, width), clip("step".rjust(label), label) + "".join(
+      f"{steps[i]:>{cell}}" for i in shown)]
+  task = None
+  for k in keys:
+    d = figures.describe(k)
+    if k.split(".")[0] != task:
+      task = k.split(".")[0]
+      lines.append(task)
+    name = d.label
+    if d.reference and _finite(flat[shown[-1]].get(d.reference)):
+      name += f" ({d.reference_name} {flat[shown[-1]][d.reference]:.3g})"
+    cells = "".join(f"{_short(flat[i].get(k)):>{cell}}" for i in shown)
+    lines.append(clip("  " + name, label - 1).ljust(label) + cells)
+  if "loss.loss" in keys:
+    corr = []
+    for k in keys:
+      pairs = [(row["loss.loss"], row[k]) for row in flat if k in row and "loss.loss" in row]
+      if k == "loss.loss" or len(pairs) < MIN_CORRELATION_CHECKPOINTS:
+        continue
+      r, rho = pearson(*zip(*pairs)), spearman(*zip(*pairs))
+      if r is not None:
+        d = figures.describe(k)
+        corr.append(clip(f"  r {r:+.2f}  rho {rho:+.2f}  {k.split('.')[0]}: {d.label}", width))
+    if corr:
+      lines += [f"correlation with the eval loss over {len(steps)} checkpoints (Pearson r, "
+                "Spearman rho):", *corr]
+  return "\n".join(lines)
+
+
+def _console_name(key: str, row: dict) -> str:
+  d = figures.describe(key)
+  if d.reference and _finite(row.get(d.reference)):
+    return f"{d.label} ({d.reference_name} {row[d.reference]:.3g})"
+  return d.label
+
+
+def _short(v) -> str:
+  """A figure in at most 7 characters."""
+  if v is None:
+    return "-"
+  if abs(v) >= 1e5:
+    return f"{v:.1e}"
+  if v == int(v):
+    return f"{v:.0f}"
+  if abs(v) >= 100:
+    return f"{v:.1f}"
+  if abs(v) >= 10:
+    return f"{v:.2f}"
+  return f"{v:.4f}"
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def chat_prompts_markdown(out_dir: str, steps: Sequence[int]) -> str | None:

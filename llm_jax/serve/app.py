@@ -4,7 +4,7 @@ responses (`responses.py`: one JSON body, or SSE chunks). /metrics is `metrics.p
 
   app = create_app([ServedModel(...), ...], api_key=..., db_path="arena.sqlite", limits=Limits())
 
-Public: the page (/ and /static) and /health. Everything else needs the API key when the server
+Public: the page (/, /favicon.ico and /static) and /health. Everything else needs the API key when the server
 has one (`Authorization: Bearer <key>`); without one, `guard.BrowserGuard` keeps other sites' pages
 out. Work that grows with the request (JSON parsing, tokenizing, token strings, big response
 bodies) runs in a thread pool, never on the event loop: one large request cannot hold up /health
@@ -361,6 +361,11 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, db_path
   @app.get("/")
   async def index():
     return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html; charset=utf-8")
+
+  @app.get("/favicon.ico")
+  async def favicon():  # browsers ask for it whatever the page links; a 404 shows in their logs
+    return FileResponse(os.path.join(STATIC_DIR, "favicon.ico"), media_type="image/x-icon",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
   app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -11,5 +11,6 @@ rundir.py; never infer/ or anything above).
   step.py            the jitted train step (gradient accumulation)
   evaluate.py        held-out evaluation of any objective (also the eval job's loss task)
   metrics.py         throughput, MFU, the console line; writers.py sends them
+  wandb_writer.py    the same scalars to Weights & Biases (optional, config.metrics.wandb_project)
   bench.py           `python -m llm_jax.train.bench` (bench_torch.py: the PyTorch side)
 """

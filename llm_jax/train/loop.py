@@ -281,7 +281,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   if model_cfg.lora is not None:
     logging.info("%s", lora_state.summary(model_cfg, optimizer, abstract_state))
 
-  writer = writers.create_writer(workdir, tc.steps)
+  writer = writers.create_writer(workdir, tc.steps, config.get("metrics"))
   writer.write_hparams(metrics_lib.flat_hparams(config))
 
   def run_eval(step):

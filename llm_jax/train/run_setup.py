@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint, rundir
+from llm_jax import checkpoint, packages, rundir
 from llm_jax.data import builtin, files, pipeline, store as store_lib, tokenizer as tok_lib
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig, SHAPE_FIELDS, sub_field_default, SUB_SHAPE_FIELDS
@@ -118,6 +118,8 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   whether the batch splits over the devices. Each failure is one line naming the field or path
   and the fix."""
   check_workdir(workdir)
+  if config.get("metrics") and config.metrics.wandb_project:
+    packages.require("wandb")  # one line with the pip command, before any work
   for field in ("train", "eval"):
     spec = config.data[field]
     if not spec:

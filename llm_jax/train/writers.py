@@ -7,6 +7,8 @@ clu's own SummaryWriter where TensorFlow imports (clu writes through `tf.summary
 float32 tensor summaries of the scalars plugin, the hparams session-start summary, text), so
 `tensorboard --logdir` and `llm_jax.eval.curves` read either alike. Without TensorFlow, event
 files go to local directories only (a `gs://` workdir logs to the console alone, with a warning).
+With config.metrics.wandb_project set, the same scalars also go to Weights & Biases
+(wandb_writer.py).
 """
 
 import functools
@@ -75,8 +77,15 @@ def _local(path: str) -> bool:
   return "://" not in path or path.startswith("file://")
 
 
-def create_writer(workdir: str, total_steps: int) -> metric_writers.MultiWriter:
+def create_writer(workdir: str, total_steps: int, metrics=None) -> metric_writers.MultiWriter:
+  """Console lines on every process; TensorBoard events, and W&B where `metrics.wandb_project`
+  (config.metrics) is set, on process 0."""
   writers = [ConsoleWriter(total_steps)]
+  if jax.process_index() == 0 and metrics is not None and metrics.get("wandb_project"):
+    from llm_jax.train import wandb_writer  # pylint: disable=g-import-not-at-top  # optional package
+    writers.append(wandb_writer.WandbWriter(workdir, metrics.wandb_project,
+                                            metrics.get("wandb_entity", ""),
+                                            metrics.get("wandb_name", "")))
   if jax.process_index() == 0:
     logdir = os.path.join(workdir, "tensorboard")
     if tensorboard_backend() == "tensorflow":

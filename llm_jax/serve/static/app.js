@@ -165,6 +165,15 @@ async function sendChat(event) {
   }
 }
 
+// The settings fold away (a phone shows the conversation first; a wide screen shows them open).
+function showSettings(open) {
+  $("#settings").hidden = !open;
+  $("#settings-toggle").setAttribute("aria-expanded", String(open));
+  $("#settings-toggle").textContent = open ? "Hide settings" : "Settings";
+}
+showSettings(!window.matchMedia("(max-width: 720px)").matches);
+$("#settings-toggle").addEventListener("click", () => showSettings($("#settings").hidden));
+
 $("#chat-form").addEventListener("submit", sendChat);
 $("#chat-input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) sendChat(e);  // isComposing: Chinese IMEs
