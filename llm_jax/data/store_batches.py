@@ -226,6 +226,14 @@ class RowPlan:
     self._restart(int(state["row"]), {k: state[k] for k in START})
 
 
+# Reading maps up to 64 KiB around each page it faults (the kernel's fault-around), so a
+# piece of a row or a record's offsets count as their bytes plus two such windows.
+_WINDOW = 2 * 64 * 1024
+# Mapped store pages are released after about this many bytes were read through the maps: the
+# resident memory a store adds, whatever its size.
+RELEASE_BYTES = 64 << 20
+
+
 class StoreIterator:
   """This process's batches from a token store: dicts of [batch_size // process_count,
   seq_len] arrays, the five-key contract. Its state (JSON, a few hundred bytes) is the step and
@@ -233,7 +241,8 @@ class StoreIterator:
   handler; the step alone resumes it too, more slowly."""
 
   def __init__(self, store: store_lib.Store, data_cfg, tokenizer, *, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               release_bytes: int = RELEASE_BYTES):
     store.check_compatible(data_cfg, tokenizer)
     if data_cfg.batch_size % process_count:
       raise ValueError(f"config.data.batch_size={data_cfg.batch_size} is not divisible by the "
@@ -269,6 +278,7 @@ class StoreIterator:
     self._plan_key = [packing, data_cfg.seq_len, data_cfg.mode, bins]
     self._plan = RowPlan(make_rows)
     self._step = 0
+    self._release_bytes, self._mapped, self._records_seen = release_bytes, 0, 0
     logging.info("token store %s: %s records, %s tokens (%s); %s packing, rows %d-%d of each "
                  "global batch of %d", store.directory,
                  f"{sum(lengths):,}", f"{store.manifest['totals']['tokens']:,}", store.dtype,
@@ -280,7 +290,14 @@ class StoreIterator:
   def __next__(self) -> dict:
     rows = self._plan.rows(self._step * self._global + self._first_row, self._local)
     self._step += 1
-    return self._materialize(rows)
+    batch = self._materialize(rows)
+    records = self._examples.records_read
+    self._mapped += (records - self._records_seen) * 2 * _WINDOW  # .recs and .seqs
+    self._records_seen = records
+    if self._mapped >= self._release_bytes:
+      self._store.release()
+      self._mapped = 0
+    return batch
 
   def _materialize(self, rows: list) -> dict:
     L = self._seq_len
@@ -290,10 +307,14 @@ class StoreIterator:
            "positions": np.zeros(shape, np.int32)}
     arange = np.arange(L, dtype=np.int32)
     sft = self._mode == "sft"
+    touched, mapped = self._store.touched, 0
+    per_token = np.dtype(self._store.dtype).itemsize + (1 if sft else 0)
     for i, row in enumerate(rows):
       at = 0
       for seg, (shard, s, a, b) in enumerate(row, 1):
         n = b - a
+        touched.add(shard)  # planned before the last release, maybe
+        mapped += (n + 1) * per_token + _WINDOW * (2 if sft else 1)
         out["inputs"][i, at:at + n] = shard.tokens[s + a:s + b]
         out["targets"][i, at:at + n] = shard.tokens[s + a + 1:s + b + 1]
         if sft and shard.weights is not None:
@@ -303,6 +324,7 @@ class StoreIterator:
         out["segment_ids"][i, at:at + n] = seg
         out["positions"][i, at:at + n] = arange[:n]
         at += n
+    self._mapped += mapped
     return out
 
   # The grain checkpoint handler's protocol (an iterator that is not a grain DatasetIterator
