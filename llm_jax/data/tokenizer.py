@@ -154,9 +154,13 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: st
   if model_type not in ("bpe", "unigram"):
     raise ValueError(f"config.data.tokenizer.model_type={model_type!r}; use 'bpe' or 'unigram'.")
   # SentencePiece holds its training lines in memory anyway; a list lets us retry.
+  start = time.time()
   lines = list(_training_lines(texts, max_sentences))
   if not lines:
     raise ValueError("cannot train a tokenizer: the corpus is empty (check config.data.train).")
+  logging.info("tokenizer training sample: %s lines, %.1f MB of text, read in %.1f s",
+               f"{len(lines):,}", sum(len(line.encode()) for line in lines) / 1e6,
+               time.time() - start)
   start = time.time()
   # A Chinese corpus can need more distinct characters than the vocabulary holds at the
   # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
