@@ -90,9 +90,9 @@ class _FileSource:
   def where(self, i: int) -> str:
     return f"{self.shown_path}:{int(self._lines[i])}"
 
-  def __del__(self):
+  def __del__(self, _close=os.close):  # os itself may be gone when the interpreter exits
     if getattr(self, "_fd", None) is not None:
-      os.close(self._fd)
+      _close(self._fd)
 
 
 def _open_memmap(path: str) -> np.ndarray:
