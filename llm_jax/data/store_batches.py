@@ -15,8 +15,8 @@ Resuming needs only the step: the plan is replayed from the start over lengths (
 read), and only this process's rows are ever read. The saved state adds a snapshot of the
 packer at the start of the next batch (a few integers: the next example's cursor, the tokens an
 open row took of it, the rows emitted so far), so a resumed run starts there in constant time
-whatever the step. The packers are replicas, so the exactness
-test (tests/test_data_store.py) compares them with Grain's on every packing mode.
+whatever the step. The packers are replicas, so the exactness test (tests/test_data_store.py)
+compares them with Grain's on every packing mode.
 """
 
 from __future__ import annotations
