@@ -10,7 +10,6 @@ an even stride over each source, so memory stays bounded however large the corpu
 A training job with no `config.data.tokenizer.path` trains one the same way on its own data.
 """
 
-import itertools
 import time
 
 from absl import flags
@@ -39,11 +38,14 @@ def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
   cfg.text_field = text_field
   cfg.skip_bad_records = skip_bad_records
   read = {"bytes": 0, "texts": 0}
+  first = []  # 200 sampled records, for chars/token (a second pass would index the corpus again)
 
   def counted(texts):
     for t in texts:
       read["bytes"] += len(t.encode())
       read["texts"] += 1
+      if len(first) < 200:
+        first.append(t)
       yield t
 
   start = time.perf_counter()
@@ -52,7 +54,7 @@ def train(inputs: str, vocab_size: int, out: str, *, model_type: str = "bpe",
       vocab_size=vocab_size, model_type=model_type, max_sentences=max_sentences)
   seconds = time.perf_counter() - start
   path = tok.save(out)
-  sample = "\n".join(itertools.islice(pipeline.corpus_texts(cfg, max_records=200), 200))
+  sample = "\n".join(first)
   print(f"wrote {path}\n{tok_lib.summarize(tok)}\n"
         f"sampled {read['texts']:,} texts, {read['bytes']:,} bytes (budget {max_bytes:,}) "
         f"evenly over the corpus; read and trained in {seconds:.1f} s\n"
