@@ -131,7 +131,8 @@ class _Shard:
     self._maps = []  # the mmap objects behind the views, for release()
 
     def view(m):  # plain ndarray views: np.memmap's own indexing costs microseconds per call
-      self._maps.append(m._mmap)  # pylint: disable=protected-access
+      if getattr(m, "_mmap", None) is not None:  # (np.load maps no empty array)
+        self._maps.append(m._mmap)  # pylint: disable=protected-access
       return m.view(np.ndarray)
 
     self.tokens = (view(np.memmap(p["tokens"], dtype=dtype, mode="r")) if n_tokens
