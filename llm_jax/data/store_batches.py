@@ -231,7 +231,7 @@ class RowPlan:
 _WINDOW = 2 * 64 * 1024
 # Mapped store pages are released after about this many bytes were read through the maps: the
 # resident memory a store adds, whatever its size.
-RELEASE_BYTES = 64 << 20
+RELEASE_BYTES = 32 << 20
 
 
 class StoreIterator:
