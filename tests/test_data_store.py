@@ -124,6 +124,8 @@ def test_host_shards_make_the_global_batch_and_the_step_alone_resumes(corpus, st
     batches.append(g)
   assert read == [3] * 14
   state = whole.get_state()
+  # Every process saves the same state (the packer's snapshot at the next global batch).
+  assert hosts[0].get_state() == hosts[1].get_state() == state
   assert json.loads(state)["step"] == 7
   expected = [next(whole) for _ in range(3)]
   resumed = pipeline.make_train_iterator(cfg, corpus["tok"], seed=4)
