@@ -333,8 +333,9 @@ def corpus_texts(data_cfg, max_records: int | None = None,
   train_max_sentences and train_max_bytes unless given), which bounds the memory of the
   sample and of SentencePiece whatever the corpus size. Each source gets its weight's share of
   both, taken from records at an even stride across the whole source (sized from the mean
-  record of a probe), visited in a fixed scrambled order: stopping at the byte budget leaves a
-  sample spread over the source, never its head only. Logs what each source gave."""
+  record of a probe), visited in a fixed scrambled order where the byte budget may end the
+  sample early: it is then spread over the source, never its head only. Logs what each source
+  gave."""
   readers = _readers(data_cfg.train, data_cfg, "config.data.train")
   budget = max_records or data_cfg.tokenizer.train_max_sentences
   byte_budget = max_bytes or data_cfg.tokenizer.get("train_max_bytes", 0) or None
