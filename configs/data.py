@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer.vocab_size = 4096  # vocabulary size when training (minimind uses 6400)
   c.tokenizer.model_type = "bpe"  # SentencePiece algorithm when training: bpe | unigram
   c.tokenizer.train_max_sentences = 200_000  # bound on training lines sampled from the corpus
+  c.tokenizer.train_max_bytes = 64_000_000  # bound on the UTF-8 bytes sampled evenly over the corpus (SentencePiece holds them all in memory)
   c.tokenizer.character_coverage = 0.9995  # share of characters that get their own piece (rest: bytes)
 
   c.synthetic = ml_collections.ConfigDict()

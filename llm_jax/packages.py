@@ -43,6 +43,7 @@ OPTIONAL = {
     "pyarrow": ("pyarrow", "26.0.1", "Parquet data files"),
     "safetensors": ("safetensors", "0.8.0", "Hugging Face import and export"),
     "tokenizers": ("tokenizers", "0.23.3", "Hugging Face tokenizer.json tokenizers"),
+    "gguf": ("gguf", "0.19.0", "GGUF export for llama.cpp and Ollama, llm_jax.convert.gguf_export"),
     "openai": ("openai", "3.54.0", "SFT data synthesis, llm_jax.data.synth"),
     "json_repair": ("json-repair", "0.64.5", "SFT data synthesis, llm_jax.data.synth"),
     "tenacity": ("tenacity", "9.2.1", "SFT data synthesis, llm_jax.data.synth"),

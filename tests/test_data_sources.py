@@ -227,3 +227,40 @@ def test_skip_bad_records_counts_each_bad_line_once(tmp_path, tok, caplog):
     _batches(cfg, tok, 12)  # several epochs over the 3-line file
   counts = [m for m in caplog.messages if "bad records skipped" in m]
   assert counts and all("(1 so far)" in m for m in counts)
+
+
+def _resident_kib(path_prefix):
+  """KiB of this process's resident pages mapped from files whose path starts with the prefix."""
+  total, inside = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()
+      if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+        inside = len(head) >= 6 and head[5].startswith(path_prefix)
+      elif inside and head[0] == "Rss:":
+        total += int(head[1])
+  return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc")
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_indexing_a_large_file_holds_a_chunk_of_it_resident(tmp_path, monkeypatch, kind):
+  """The scan of a file drops the pages it has read: a 2 GB corpus is indexed at the resident
+  memory of a small one (the pages stay in the page cache, not in the process)."""
+  monkeypatch.setattr(sources, "_CHUNK", 1 << 20)
+  record = json.dumps({"text": "数据" * 300}, ensure_ascii=False)
+  n = (12 << 20) // len(record.encode())
+  path = tmp_path / f"big.{kind}"
+  path.write_text("\n".join([record] * n) + "\n" if kind == "jsonl" else
+                  "[" + ",\n".join([record] * n) + "]", encoding="utf-8")
+  peaks = []
+  real = sources._unmap_scanned  # pylint: disable=protected-access
+
+  def unmap(mm, start):
+    if start // sources._CHUNK % 3 == 2:  # pylint: disable=protected-access
+      peaks.append(_resident_kib(str(path)))  # before this chunk is dropped: the peak
+    real(mm, start)
+  monkeypatch.setattr(sources, "_unmap_scanned", unmap)
+  source = sources.open_file(str(path))
+  assert len(source) == n and source[n - 1]["text"] == "数据" * 300
+  assert len(peaks) >= 3 and max(peaks) <= 2 * 1024, peaks  # the chunk (1 MiB) and a page

@@ -124,6 +124,8 @@ def test_host_shards_make_the_global_batch_and_the_step_alone_resumes(corpus, st
     batches.append(g)
   assert read == [3] * 14
   state = whole.get_state()
+  # Every process saves the same state (the packer's snapshot at the next global batch).
+  assert hosts[0].get_state() == hosts[1].get_state() == state
   assert json.loads(state)["step"] == 7
   expected = [next(whole) for _ in range(3)]
   resumed = pipeline.make_train_iterator(cfg, corpus["tok"], seed=4)
@@ -134,6 +136,122 @@ def test_host_shards_make_the_global_batch_and_the_step_alone_resumes(corpus, st
       np.testing.assert_array_equal(have[k], want[k])
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)["inputs"], expected[0]["inputs"])
+
+
+@pytest.mark.parametrize("mode, packing", [
+    ("pretrain", "concat_then_split"), ("pretrain", "first_fit"), ("pretrain", "none"),
+    ("sft", "best_fit")])
+def test_the_saved_plan_snapshot_resumes_exactly_without_replaying(corpus, stores, mode,
+                                                                   packing):
+  """A state saved at any step resumes bit-identically from its packer snapshot, reading only
+  the records of the batches from there (not the whole history, as the step alone does), on one
+  process and on each of two."""
+  cfg = _data_cfg(corpus, mode, packing=packing, train=f"tokens:{stores[mode]}", batch_size=2,
+                  packing_bins=3)
+  run = pipeline.make_train_iterator(cfg, corpus["tok"], seed=5)
+  states, batches = {}, []
+  for step in range(60):
+    states[step] = run.get_state()
+    batches.append(next(run))
+  for step in (1, 17, 44, 59):
+    state = json.loads(states[step])
+    assert len(states[step]) < 400 and state["step"] == step
+    plan = state["plan"]
+    assert plan["row"] <= 2 * step
+    if packing in ("concat_then_split", "none"):  # a boundary after every row
+      assert plan["row"] == 2 * step
+    for p in range(2):
+      it = pipeline.make_train_iterator(cfg, corpus["tok"], seed=5, process_index=p,
+                                        process_count=2)
+      it.set_state(states[step])
+      after_snapshot = it._examples.records_read  # pylint: disable=protected-access
+      for want in batches[step:step + 2]:
+        have = next(it)
+        for k in KEYS:
+          np.testing.assert_array_equal(have[k], want[k][p:p + 1], err_msg=k)
+    replay = pipeline.make_train_iterator(cfg, corpus["tok"], seed=5)
+    replay.set_state(json.dumps({"step": step}))  # the step alone: replays from row 0
+    np.testing.assert_array_equal(next(replay)["inputs"], batches[step]["inputs"])
+    replayed = replay._examples.records_read  # pylint: disable=protected-access
+    # The snapshot costs at most one flush of 3 bins (a few records), whatever the step.
+    assert after_snapshot <= 12, (after_snapshot, replayed)
+    if step >= 17:
+      assert replayed > 3 * after_snapshot
+  # A snapshot of another configuration is not used: the step replays instead, still exactly.
+  other = pipeline.make_train_iterator(_data_cfg(corpus, mode, packing=packing,
+                                                 train=f"tokens:{stores[mode]}", batch_size=2,
+                                                 packing_bins=4), corpus["tok"], seed=5)
+  other.set_state(states[44])
+  assert other._examples.records_read > 12  # pylint: disable=protected-access
+
+
+def test_the_census_of_an_sft_store_equals_the_sources_census(corpus, stores):
+  """Examples kept, cut and dropped at seq_len, counted at start, are the same whether the job
+  reads the sources or their store (the skipped bad record aside: the store has no trace of
+  it beyond its manifest)."""
+  from llm_jax.data import census
+  for seq_len in (12, 32):
+    want = census.count(_data_cfg(corpus, "sft", seq_len=seq_len), corpus["tok"], "train")
+    have = census.count(_data_cfg(corpus, "sft", seq_len=seq_len, train=stores["sft"]),
+                        corpus["tok"], "train")
+    assert want["dropped"] > 0 or seq_len == 32
+    assert want["bad_records"] == 1 and have["bad_records"] == 0
+    for c in (want, have):
+      del c["bad_records"]
+    assert have == want
+
+
+def _store_pages_kib(directory):
+  """KiB of this process's resident pages mapped from files under `directory`."""
+  total, inside = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()
+      if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+        inside = len(head) >= 6 and head[5].startswith(directory)
+      elif inside and head[0] == "Rss:":
+        total += int(head[1])
+  return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc")
+def test_reading_a_store_keeps_its_resident_pages_bounded(corpus, tmp_path):
+  """A long read over a store holds at most about the release budget of its pages resident
+  (the pages stay in the page cache, not in the process), and without releases it would hold
+  the whole store: the bound is what keeps a large store at a small one's memory."""
+  rng = np.random.default_rng(0)
+  chars = np.array([ord(c) for c in "北京上海数据模型一二三四五六七八九十"], np.uint32)
+  ends = np.cumsum(rng.integers(200, 2000, 2000))
+  text = chars[rng.integers(0, len(chars), ends[-1])].tobytes().decode("utf-32-le")
+  docs = [text[a:b] for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
+  cfg = _data_cfg(corpus, "pretrain", train=_write_jsonl(tmp_path / "big.jsonl",
+                                                        [{"text": t} for t in docs]),
+                  skip_bad_records=False, max_doc_chars=0, seq_len=256, batch_size=8)
+  d = str(tmp_path / "store")
+  store_build.prepare(_Config(cfg), d, workers=1, shard_records=1000, quiet=True)
+  store_size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(d) for n in ns)
+  assert store_size > 5 << 20
+  cfg.train = f"tokens:{d}"
+  peaks = {}
+  for budget in (512 << 10, 1 << 40):
+    store = store_lib.Store(d)
+    it = store_batches.StoreIterator(store, cfg, corpus["tok"], seed=0, release_bytes=budget)
+    before_release = []  # the peaks: resident store pages just before each release
+    real = store.release
+    def release(real=real, calls=[]):  # pylint: disable=dangerous-default-value
+      calls.append(1)
+      if len(calls) % 8 == 1:  # reading smaps costs tens of ms here
+        before_release.append(_store_pages_kib(d))
+      real()
+    store.release = release
+    for _ in range(150):
+      next(it)
+    peaks[budget] = max(before_release + [_store_pages_kib(d)])
+    assert (len(before_release) > 10) == (budget < store_size), before_release
+  # Past the budget by at most one batch: 8 rows of a piece or two and their records; the
+  # whole store (9 MB) is read without releases.
+  assert peaks[512 << 10] <= 2048, peaks
+  assert peaks[1 << 40] > 4096, peaks
 
 
 def _store_bytes(d):

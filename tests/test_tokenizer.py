@@ -149,3 +149,32 @@ def test_saved_tokenizer_follows_the_umask(tmp_path):
   finally:
     os.umask(old)
   assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_a_large_corpus_is_sampled_within_a_byte_budget_evenly_over_it(tmp_path, capsys):
+  """The sample is bounded in bytes whatever the corpus size, covers the whole file (not its
+  head), and the CLI says how much it read and how long it took."""
+  import json
+  n = 4000
+  lines = [json.dumps({"text": f"第{i}段 part{i * 10 // n} " + "数据" * (20 + i % 50)},
+                      ensure_ascii=False) for i in range(n)]
+  path = tmp_path / "big.jsonl"
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  cfg = data_config.get_config()
+  cfg.train = str(path)
+  budget = 30_000  # of ~900 kB
+  texts = list(pipeline.corpus_texts(cfg, max_bytes=budget))
+  got = sum(len(t.encode()) for t in texts)
+  assert budget * 0.9 <= got <= budget
+  assert 60 < len(texts) < n // 10
+  deciles = {t.split()[1] for t in texts}
+  assert deciles == {f"part{d}" for d in range(10)}  # every tenth of the file, tail included
+  # Without a binding byte budget the record budget still spreads the sample evenly.
+  few = list(pipeline.corpus_texts(cfg, max_records=20, max_bytes=10 ** 12))
+  assert len(few) == 20 and {t.split()[1] for t in few} == {f"part{d}" for d in range(10)}
+
+  train_tokenizer.train(str(path), 300, str(tmp_path / "tok"), max_bytes=budget)
+  out = capsys.readouterr().out
+  assert f" bytes (budget {budget:,}) evenly over the corpus; read and trained in" in out
+  sampled = int(out.split(" texts, ")[1].split(" bytes")[0].replace(",", ""))
+  assert 0.9 * budget <= sampled <= budget

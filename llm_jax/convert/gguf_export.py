@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llm_jax import rundir
+from llm_jax import packages, rundir
 from llm_jax.convert import gguf_vocab, hf_config, hf_weights
 from llm_jax.data.chat_template import CHAT_TEMPLATE
 from llm_jax.model.config import ModelConfig
@@ -113,10 +113,8 @@ def _check_model(cfg: ModelConfig, where: str) -> str:
 
 
 def _gguf():
-  try:
-    import gguf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("GGUF export needs the gguf package: pip install gguf==0.19.0") from e
+  packages.require("gguf")  # one line naming the pip command when it is missing
+  import gguf  # pylint: disable=g-import-not-at-top
   return gguf
 
 

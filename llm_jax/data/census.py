@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from llm_jax.data import pipeline, preference, sources
+from llm_jax.data import store as store_lib
 
 SHARE = 0.95  # the share of examples the suggested seq_len keeps
 
@@ -60,8 +61,15 @@ def count(data_cfg, tokenizer, split: str) -> dict | None:
   if not spec or budget <= 0 or data_cfg.mode == "pretrain":
     return None
   seq_len = data_cfg.seq_len
-  readers = [pipeline.DocReader(s.path, data_cfg)
-             for s in pipeline.parse_spec(spec, f"config.data.{split}")]
+  readers = []
+  for s in pipeline.parse_spec(spec, f"config.data.{split}"):
+    if store_lib.is_store_spec(s.path):  # its sources, tokenized by prepare with the same code
+      store = store_lib.Store(s.path)
+      if not store.weighted:
+        return None  # a pretraining store: training refuses it for SFT, with its reason
+      readers.extend(_StoreRecords(v) for v in store.sources)
+    else:
+      readers.append(pipeline.DocReader(s.path, data_cfg))
   records = sum(len(r) for r in readers)
   to_examples = pipeline.ToExamples(data_cfg, tokenizer, packing="none")
   whole, keep = [], []  # per example: length whole, shortest seq_len that keeps it
@@ -70,6 +78,12 @@ def count(data_cfg, tokenizer, split: str) -> dict | None:
     take = max(1, round(budget * len(reader) / records)) if records > budget else len(reader)
     for i in np.linspace(0, len(reader) - 1, min(take, len(reader))).round().astype(int):
       counted += 1
+      if isinstance(reader, _StoreRecords):
+        for n, need in reader.needs(int(i)):
+          if n >= 1:
+            whole.append(n)
+            keep.append(need if need is not None else n + 1)
+        continue
       doc = reader[int(i)]
       try:
         if "error" in doc:
@@ -104,6 +118,21 @@ def count(data_cfg, tokenizer, split: str) -> dict | None:
       "cut": est(n - kept_whole - dropped), "dropped": est(dropped), "bad_records": est(bad),
       "seq_len_keep_95": _quantile_len(keep), "seq_len_whole_95": _quantile_len(whole),
   }
+
+
+class _StoreRecords:
+  """A token store source's records as the census reads them: each record's sequences are
+  the token ids and loss weights ToExamples made of it when the store was prepared."""
+
+  def __init__(self, view: store_lib.SourceView):
+    self._view = view
+
+  def __len__(self) -> int:
+    return len(self._view)
+
+  def needs(self, r: int) -> list[tuple[int, int | None]]:
+    return [_sft_needs(shard.tokens[s:e], shard.weights[s:e])
+            for shard, s, e in self._view.sequences(r)]
 
 
 def describe(c: dict) -> str:

@@ -13,7 +13,7 @@ the records of its own shard. The iterator is a grain DatasetIterator: `get_stat
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import time
 from collections.abc import Iterator
 
 from absl import flags
@@ -326,25 +326,61 @@ class _Concat(grain.sources.RandomAccessDataSource):
     return self._inner[i]
 
 
-def corpus_texts(data_cfg, max_records: int | None = None) -> Iterator[str]:
+def corpus_texts(data_cfg, max_records: int | None = None,
+                 max_bytes: int | None = None) -> Iterator[str]:
   """Texts of the train sources for tokenizer training: documents as they are, chats as
-  ChatML text. Each source contributes about max_records * its weight share, read at an even
-  stride across the source so the sample covers the whole file."""
+  ChatML text, within a budget of records and of UTF-8 bytes (config.data.tokenizer's
+  train_max_sentences and train_max_bytes unless given), which bounds the memory of the
+  sample and of SentencePiece whatever the corpus size. Each source gets its weight's share of
+  both, taken from records at an even stride across the whole source (sized from the mean
+  record of a probe), visited in a fixed scrambled order where the byte budget may end the
+  sample early: it is then spread over the source, never its head only. Logs what each source
+  gave."""
   readers = _readers(data_cfg.train, data_cfg, "config.data.train")
   budget = max_records or data_cfg.tokenizer.train_max_sentences
+  byte_budget = max_bytes or data_cfg.tokenizer.get("train_max_bytes", 0) or None
   total = sum(w for _, w in readers)
   for reader, weight in readers:
     n = len(reader)
-    take = max(1, int(budget * weight / total))
-    stride = max(1, n // take)
-    for i in itertools.islice(range(0, n, stride), take):
-      doc = reader[i]
-      if "error" in doc:
-        continue
-      if "chosen" in doc:
-        yield chat_template.render_chat_text(doc["prompt"] + doc["chosen"])
-        yield chat_template.render_chat_text(doc["prompt"] + doc["rejected"])
-      elif "messages" in doc:
-        yield chat_template.render_chat_text(doc["messages"])
-      else:
-        yield text_clean.clean_markup(doc["text"]) if data_cfg.clean_text else doc["text"]
+    take = min(n, max(1, int(budget * weight / total)))
+    share = None if byte_budget is None else max(1, int(byte_budget * weight / total))
+    if share is not None:
+      probe = [len(t.encode()) for i in np.linspace(0, n - 1, min(n, 64)).astype(int)
+               for t in _texts_of(reader[int(i)], data_cfg)]
+      mean = max(1.0, sum(probe) / max(len(probe), 1))
+      # 25% more records than the mean says: the byte budget, not the count, ends the sample.
+      take = min(take, max(1, int(share / mean * 1.25) + 1))
+    positions = np.linspace(0, n - 1, take).round().astype(np.int64) if n else []
+    # Visited in a scrambled order when the byte budget may end the sample early (so that it
+    # ends spread over the source); in file order when the whole stride is expected to fit.
+    scramble = share is not None and mean * take > 0.8 * share
+    order = (np.random.default_rng(0).permutation(len(positions)) if scramble
+             else range(len(positions)))
+    start, got, records = time.perf_counter(), 0, 0
+    for q in order:
+      for text in _texts_of(reader[int(positions[q])], data_cfg):
+        size = len(text.encode())
+        if share is not None and got + size > share:
+          text = text.encode()[:share - got].decode("utf-8", errors="ignore")
+          size = share - got
+        got += size
+        yield text
+      records += 1
+      if share is not None and got >= share:
+        break
+    logging.info("tokenizer sample of %s: %s of %s records (%.1f MB of text%s), read evenly "
+                 "over the source in %.1f s", reader.path, f"{records:,}", f"{n:,}", got / 1e6,
+                 "" if share is None else f", byte budget {share / 1e6:.1f} MB",
+                 time.perf_counter() - start)
+
+
+def _texts_of(doc: dict, data_cfg) -> list[str]:
+  """The text(s) a record gives tokenizer training ([] for a bad record)."""
+  if "error" in doc:
+    return []
+  if "chosen" in doc:
+    return [chat_template.render_chat_text(doc["prompt"] + doc["chosen"]),
+            chat_template.render_chat_text(doc["prompt"] + doc["rejected"])]
+  if "messages" in doc:
+    return [chat_template.render_chat_text(doc["messages"])]
+  return [text_clean.clean_markup(doc["text"]) if data_cfg.clean_text else doc["text"]]

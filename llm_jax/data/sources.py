@@ -13,6 +13,7 @@ import bisect
 import codecs
 import collections
 import json
+import mmap
 import os
 import threading
 from typing import Any
@@ -89,9 +90,9 @@ class _FileSource:
   def where(self, i: int) -> str:
     return f"{self.shown_path}:{int(self._lines[i])}"
 
-  def __del__(self):
+  def __del__(self, _close=os.close):  # os itself may be gone when the interpreter exits
     if getattr(self, "_fd", None) is not None:
-      os.close(self._fd)
+      _close(self._fd)
 
 
 def _open_memmap(path: str) -> np.ndarray:
@@ -100,6 +101,16 @@ def _open_memmap(path: str) -> np.ndarray:
   if os.path.getsize(path) == 0:
     return np.zeros((0,), np.uint8)
   return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _unmap_scanned(mm: np.ndarray, start: int) -> None:
+  """Drops the pages of a scanned chunk from this process (they stay in the page cache): a
+  memory-mapped page counts in resident memory until unmapped, so indexing a 2 GB file would
+  otherwise hold 2 GB resident until the scan ends."""
+  m = getattr(mm, "_mmap", None)
+  if m is not None and start < len(m):
+    aligned = start - start % mmap.PAGESIZE  # madvise takes page-aligned starts
+    m.madvise(mmap.MADV_DONTNEED, aligned, min(start + _CHUNK, len(m)) - aligned)
 
 
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): not text
@@ -151,6 +162,7 @@ def index_lines(path: str, utf8: _Utf8Check | None = None
     carry = int(cum[-1]) if len(cum) else carry
     if utf8 is not None:
       utf8.feed(mm[s:s + _CHUNK], s, newline_at, final=s + _CHUNK >= size)
+    _unmap_scanned(mm, s)
   nl = np.concatenate(newline_at) if newline_at else np.zeros((0,), np.int64)
   cum_nl = np.concatenate(nonblank_before_nl) if nonblank_before_nl else np.zeros((0,), np.int64)
   ends = nl
@@ -273,6 +285,7 @@ def index_json_array(path: str, utf8: _Utf8Check | None = None
     ends.append(np.flatnonzero((b == 125) & outside & (depth_after == 1)) + s + 1)
     depth, in_string = int(depth_after[-1]), int(parity[-1])
     bs_run = int(n - 1 - last_plain[-1])
+    _unmap_scanned(mm, s)
   starts, ends, lines = (np.concatenate(x).astype(np.int64) if x else np.zeros((0,), np.int64)
                          for x in (starts, ends, lines))
   if depth != 0 or in_string or len(starts) != len(ends):

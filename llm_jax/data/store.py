@@ -19,7 +19,10 @@
                              it is complete (prepare keeps it when resumed)
 
 Every array is read through np.memmap: opening a store of any size costs a few small arrays
-per shard, and only the pages a batch touches are read.
+per shard, and only the pages a batch touches are read. Mapped pages count in the process's
+resident memory until unmapped, so a reader calls `Store.release()` now and then: it drops the
+pages of the shards touched since (madvise MADV_DONTNEED; they stay in the page cache), which
+keeps a long run over a store of any size at the resident memory of a small one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 
@@ -124,22 +128,35 @@ class _Shard:
                          f"manifest says {want}; the store is damaged: prepare it again with "
                          "--rebuild.")
     n_tokens = info["tokens"]
-    # Plain ndarray views of the maps: np.memmap's own indexing costs microseconds per call.
-    self.tokens = (np.memmap(p["tokens"], dtype=dtype, mode="r").view(np.ndarray) if n_tokens
+    self._maps = []  # the mmap objects behind the views, for release()
+
+    def view(m):  # plain ndarray views: np.memmap's own indexing costs microseconds per call
+      if getattr(m, "_mmap", None) is not None:  # (np.load maps no empty array)
+        self._maps.append(m._mmap)  # pylint: disable=protected-access
+      return m.view(np.ndarray)
+
+    self.tokens = (view(np.memmap(p["tokens"], dtype=dtype, mode="r")) if n_tokens
                    else np.zeros(0, dtype))
     self.weights = None
     if weighted:
-      self.weights = (np.memmap(p["weights"], dtype=np.uint8, mode="r").view(np.ndarray)
-                      if n_tokens else np.zeros(0, np.uint8))
-    self.seqs = np.load(p["seqs"], mmap_mode="r").view(np.ndarray)
-    self.recs = np.load(p["recs"], mmap_mode="r").view(np.ndarray)
+      self.weights = (view(np.memmap(p["weights"], dtype=np.uint8, mode="r")) if n_tokens
+                      else np.zeros(0, np.uint8))
+    self.seqs = view(np.load(p["seqs"], mmap_mode="r"))
+    self.recs = view(np.load(p["recs"], mmap_mode="r"))
+
+  def release(self) -> None:
+    """Unmaps the pages read so far (the next read maps them again from the page cache)."""
+    for m in self._maps:
+      m.madvise(mmap.MADV_DONTNEED)
 
 
 class SourceView:
   """Records of one prepared source: record r -> its sequences -> tokens (and weights)."""
 
-  def __init__(self, directory: str, k: int, info: dict, dtype: str, weighted: bool):
+  def __init__(self, directory: str, k: int, info: dict, dtype: str, weighted: bool,
+               touched: set):
     self.path, self.weight = info["path"], float(info["weight"])
+    self._touched = touched  # the store's: shards read since its last release()
     self._shards = [_Shard(directory, k, i, s, dtype, weighted)
                     for i, s in enumerate(info["shards"])]
     self._first = [0]  # each shard's first record
@@ -155,6 +172,7 @@ class SourceView:
     """[(shard, start, end)] token spans of record r's sequences."""
     i = bisect.bisect_right(self._first, r) - 1
     shard, local = self._shards[i], r - int(self._first[i])
+    self._touched.add(shard)
     a, b = int(shard.recs[local]), int(shard.recs[local + 1])
     if b == a + 1:  # the common case: one sequence per record
       return [(shard, int(shard.seqs[a]), int(shard.seqs[b]))]
@@ -170,8 +188,16 @@ class Store:
     self.manifest = m = read_manifest(self.directory)
     self.dtype = m["dtype"]
     self.weighted = bool(m["weighted"])
-    self.sources = [SourceView(self.directory, k, info, self.dtype, self.weighted)
-                    for k, info in enumerate(m["sources"])]
+    self.touched = set()  # shards read since the last release()
+    self.sources = [SourceView(self.directory, k, info, self.dtype, self.weighted,
+                               self.touched) for k, info in enumerate(m["sources"])]
+
+  def release(self) -> None:
+    """Drops the mapped pages of every shard read since the last call from this process's
+    resident memory."""
+    for shard in self.touched:
+      shard.release()
+    self.touched.clear()
 
   @property
   def fingerprint(self) -> str:

@@ -166,9 +166,14 @@ def _train_sentencepiece(texts, vocab_size, model_type, max_sentences,
                          character_coverage) -> tuple[Tokenizer, int]:
   """(the tokenizer, how many training lines it saw)."""
   # SentencePiece holds its training lines in memory anyway; a list lets us retry.
+  start = time.time()
   lines = list(_training_lines(texts, max_sentences))
   if not lines:
     raise ValueError("cannot train a tokenizer: the corpus is empty (check config.data.train).")
+  logging.info("tokenizer training sample: %s lines, %.1f MB of text, read in %.1f s",
+               f"{len(lines):,}", sum(len(line.encode()) for line in lines) / 1e6,
+               time.time() - start)
+  start = time.time()
   # A Chinese corpus can need more distinct characters than the vocabulary holds at the
   # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
   coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98)
