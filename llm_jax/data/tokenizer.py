@@ -15,6 +15,7 @@ import io
 import itertools
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from absl import logging
@@ -173,7 +174,6 @@ def _train_sentencepiece(texts, vocab_size, model_type, max_sentences,
   logging.info("tokenizer training sample: %s lines, %.1f MB of text, read in %.1f s",
                f"{len(lines):,}", sum(len(line.encode()) for line in lines) / 1e6,
                time.time() - start)
-  start = time.time()
   # A Chinese corpus can need more distinct characters than the vocabulary holds at the
   # requested coverage; byte fallback covers rare characters, so lower coverage and retry.
   coverages = [character_coverage] + [c for c in (0.999, 0.995, 0.99, 0.98)
