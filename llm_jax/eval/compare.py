@@ -18,13 +18,6 @@ from absl import flags
 from llm_jax import console
 from llm_jax.eval import plots, summary
 
-_RUNS = flags.DEFINE_list("runs", None, "Run directories (or eval out_dirs) holding eval_<step>.json.")
-_LABELS = flags.DEFINE_list("labels", [], "A label per run (default: the directory names).")
-_METRICS = flags.DEFINE_list("metrics", None, "Flattened metric names, e.g. knowledge.qa_heldout.contains.")
-_OUT = flags.DEFINE_string("out", None, "Output path without extension (.md, .csv, .png are added), "
-                           "relative to the current directory unless absolute.")
-_TITLE = flags.DEFINE_string("title", "", "Title of the table and the plot.")
-flags.mark_flags_as_required(["runs", "metrics", "out"])
 
 
 EVAL_COMMAND = "python -m llm_jax.main --config=configs/eval.py --workdir={run}"
@@ -89,9 +82,19 @@ def compare(runs, labels, metrics, out, title=""):
 
 
 def main():
-  print(compare(_RUNS.value, _LABELS.value, _METRICS.value, _OUT.value, _TITLE.value))
-  print("written: " + ", ".join(output_paths(_OUT.value)))
+  f = flags.FLAGS
+  print(compare(f.runs, f.labels, f.metrics, f.out, f.title))
+  print("written: " + ", ".join(output_paths(f.out)))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so importing this module (the tests do) never clashes with the
+  # flags of another command's module (train_tokenizer's --out).
+  flags.DEFINE_list("runs", None, "Run directories (or eval out_dirs) holding eval_<step>.json.")
+  flags.DEFINE_list("labels", [], "A label per run (default: the directory names).")
+  flags.DEFINE_list("metrics", None, "Flattened metric names, e.g. knowledge.qa_heldout.contains.")
+  flags.DEFINE_string("out", None, "Output path without extension (.md, .csv, .png are added), "
+                      "relative to the current directory unless absolute.")
+  flags.DEFINE_string("title", "", "Title of the table and the plot.")
+  flags.mark_flags_as_required(["runs", "metrics", "out"])
   console.cli(main)
