@@ -100,6 +100,15 @@ def test_wilson_interval_textbook_values():
   assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
 
 
+def test_wilson_interval_holds_its_proportion_at_0_and_1():
+  # At 0/n and n/n the bounds equal p only up to rounding (10/10 gave 0.9999999999999999): p must
+  # stay inside, or the single-checkpoint bar chart's error bar is negative and matplotlib raises.
+  for n in range(1, 200):
+    for p in (0.0, 1.0, 1 / n):
+      lo, hi = figures.wilson(p, n)
+      assert lo <= p <= hi, (p, n, lo, hi)
+
+
 def test_people_groups_named_unmeasured_and_all_zero_series_left_out():
   fig = _figure(SWEEP, "knowledge")
   by_title = {ax.get_title(): ax for ax in fig.axes}

@@ -82,7 +82,7 @@ _SCRIPT = textwrap.dedent("""
   from llm_jax.infer.generate import Generator, _prefill
   from llm_jax.infer.sampling import SamplingConfig
   with jax.set_mesh(mesh), nn.logical_axis_rules(SHARDING_RULES):
-    state, _ = _prefill(params, np.ones((4, 16), np.int32), np.full((4,), 5, np.int32), cfg=cfg,
+    state, _ = _prefill({"params": params}, np.ones((4, 16), np.int32), np.full((4,), 5, np.int32), cfg=cfg,
                         cache_len=32)
   assert norm(state["cache"]["k"].sharding.spec)[:3] == (None, ("data", "fsdp"), None), state["cache"]["k"].sharding
   prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]

@@ -139,7 +139,9 @@ def wilson(p: float, n: float, z: float = Z95) -> tuple[float, float]:
   denom = 1 + z * z / n
   centre = (p + z * z / (2 * n)) / denom
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
+  # At p = 0 or 1 the bound equals p only up to rounding (1 - 1e-16 at p = 1): keep p inside, or
+  # matplotlib refuses the negative error bar it would make.
+  return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 @dataclasses.dataclass
@@ -294,8 +296,8 @@ def _bars(ax, panel: Panel) -> None:
   ys = list(range(len(names)))[::-1]
   err = None
   if any(s.low is not None for s in panel.series):
-    err = [[v - (s.low[0] if s.low else v) for s, v in zip(panel.series, values)],
-           [(s.high[0] if s.high else v) - v for s, v in zip(panel.series, values)]]
+    err = [[max(0.0, v - (s.low[0] if s.low else v)) for s, v in zip(panel.series, values)],
+           [max(0.0, (s.high[0] if s.high else v) - v) for s, v in zip(panel.series, values)]]
   ax.barh(ys, values, xerr=err, height=0.6, color="#4c72b0", capsize=3,
           error_kw={"elinewidth": 1, "ecolor": "0.3"})
   low, high, log = _value_limits(panel)
