@@ -42,8 +42,6 @@ import numpy as np
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.decoder import Decoder
 from llm_jax.train import objectives
-# The policy is the trained params, the KL reference the frozen init_from weights: as for DPO.
-from llm_jax.train.dpo import default_policy_variables, default_reference_variables  # pylint: disable=unused-import
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 LOSSES = ("grpo", "gspo", "cispo")
@@ -140,6 +138,16 @@ def normalizer(mask_BxL, aggregation: str, max_new_tokens: int) -> jax.Array:
   if aggregation == "dr_grpo":
     return rows * float(max_new_tokens)
   raise ValueError(f"config.grpo.loss_aggregation={aggregation!r}: must be one of {AGGREGATIONS}")
+
+
+def default_policy_variables(params, frozen):
+  del frozen
+  return {"params": params}
+
+
+def default_reference_variables(params, frozen):
+  del params
+  return {"params": frozen["reference"]}
 
 
 def objective(model_cfg: ModelConfig, *, loss: str = "grpo", clip_low: float = 0.2,

@@ -15,15 +15,14 @@ import secrets
 import string
 
 import numpy as np
-from clu.metric_writers import interface  # after writers.py made clu importable without TF
+from clu.metric_writers import interface
 
 from llm_jax import packages
-from llm_jax.train import scalars_only
 
 RUN_ID_FILE = "llm_jax_run_id"
 
 
-class WandbWriter(scalars_only.ScalarsOnly, interface.MetricWriter):
+class WandbWriter(interface.MetricWriter):
   """Scalars to `wandb.log(..., step=step)`; hparams to the run's config."""
 
   def __init__(self, workdir: str, project: str, entity: str = "", name: str = ""):
@@ -53,6 +52,25 @@ class WandbWriter(scalars_only.ScalarsOnly, interface.MetricWriter):
 
   def write_hparams(self, hparams):
     self._run.config.update(dict(hparams), allow_val_change=True)
+
+  # Only scalars and hparams go to W&B (as to the console); the rest is TensorBoard's.
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
 
   def flush(self):
     pass

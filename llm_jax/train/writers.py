@@ -21,7 +21,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from llm_jax.train import scalars_only
 from llm_jax.train.metrics import format_eval_line, format_line, format_lm_eval_line
 
 
@@ -166,7 +165,7 @@ class EventFileWriter(interface.MetricWriter):
     self._writer.close()
 
 
-class ConsoleWriter(scalars_only.ScalarsOnly, interface.MetricWriter):
+class ConsoleWriter(interface.MetricWriter):
   """One line per report, with units. (clu's LoggingWriter prints raw `key=value` lists and the
   whole hparams dict; the config is logged once at the start instead.)"""
 
@@ -181,6 +180,25 @@ class ConsoleWriter(scalars_only.ScalarsOnly, interface.MetricWriter):
       logging.info("%s", format_lm_eval_line(step, scalars))
     else:
       logging.info(format_line(step, self.total_steps, scalars))
+
+  # Only scalars go to the console.
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
 
   def write_hparams(self, hparams):
     pass
