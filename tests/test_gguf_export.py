@@ -396,15 +396,17 @@ def test_quantized_perplexity_gap_of_the_trained_run(llama_cpp, trained, tmp_pat
   assert abs(gaps["f16"]) < 1e-3 and abs(gaps["q8_0"]) < 0.01 and abs(gaps["q4_0"]) < 0.2
 
 
-def _qwen2_style_tokenizer_json(texts, path):
-  """A byte-level BPE tokenizer.json shaped as Qwen2's (NFC, the Qwen2 split regex, ByteLevel,
-  ChatML specials, <think> as a plain added token), trained on `texts`."""
+def _byte_level_tokenizer_json(texts, path, pre: str):
+  """A byte-level BPE tokenizer.json shaped as Qwen2's (`pre` "qwen2": NFC, the Qwen2 split regex)
+  or Llama 3's ("llama-bpe": no normalizer, digits split in threes), with ByteLevel, ChatML
+  specials and <think> as a plain added token, trained on `texts`."""
   # pylint: disable=g-import-not-at-top
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
   from tokenizers import pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  regex = next(r for r, name in gguf_vocab.BPE_PRE.items() if name == "qwen2")
+  if pre == "qwen2":
+    tok.normalizer = normalizers.NFC()
+  regex = next(r for r, name in gguf_vocab.BPE_PRE.items() if name == pre)
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(regex), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -417,24 +419,27 @@ def _qwen2_style_tokenizer_json(texts, path):
   tok.save(path)
 
 
-def test_imported_byte_level_bpe_run_tokenizes_like_us_in_llama_cpp(llama_cpp, tmp_path, data):
-  """An imported Qwen2-style run (tokenizer.json, byte-level BPE) exports with llama.cpp's
-  "qwen2" pre-tokenizer, and llama.cpp encodes the held-out texts and chats to our ids."""
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_imported_byte_level_bpe_run_tokenizes_like_us_in_llama_cpp(llama_cpp, tmp_path, data, pre):
+  """An imported run with a Qwen2- or Llama-3-style tokenizer.json (byte-level BPE) exports with
+  llama.cpp's "qwen2" / "llama-bpe" pre-tokenizer, and llama.cpp encodes the held-out texts
+  (their years split in threes by Llama 3's regex, digit by digit by Qwen2's) and chats to our
+  ids."""
   from llm_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "imported"
-  _qwen2_style_tokenizer_json([r["text"] for r in data["bios"]],
-                              str(workdir / "tokenizer" / "tokenizer.json"))
+  _byte_level_tokenizer_json([r["text"] for r in data["bios"]],
+                             str(workdir / "tokenizer" / "tokenizer.json"), pre)
   tok = HFTokenizer(str(workdir / "tokenizer"))
   config = base.get_config()
   config.model.update(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, mlp_dim=64,
-                      vocab_size=tok.vocab_size, qkv_bias=True)
+                      vocab_size=tok.vocab_size, qkv_bias=pre == "qwen2")
   config.data.seq_len = 128
   rundir.save_params(str(workdir), random_params(ModelConfig.from_config(config.model)), config)
   out = gguf_export.export_gguf(str(workdir), str(tmp_path / "m.gguf"), "f16")
   reader = gguf.GGUFReader(out.path)
-  assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
+  assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == pre
   llm = gguf_quality.load_llama(out.path, 64)
-  for text in heldout_texts(data):
+  for text in heldout_texts(data) + ["In 19999 and 2024: 1234567 items.", "共有1234567人。"]:
     assert _tokenize(llm, text) == tok.encode(text), text
   msgs = [{"role": "user", "content": "李明宇 was born where?"}]
   assert _tokenize(llm, render_chat_text(msgs) + "<|im_start|>assistant\n", special=True) == \
