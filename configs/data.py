@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.synthetic.bios_per_entity = 3  # biography variants per person and language (new template draws, shuffled order)
   c.synthetic.templates_per_attribute = 4  # sentence templates per attribute and language (at most 5)
   c.synthetic.heldout_fraction = 0.2  # share of people whose QA is held out for evaluation
+  c.synthetic.qa_phrasings = 1  # single-turn QA chats per person and attribute, each a different question phrasing (1..4)
   c.synthetic.multi_turn_per_entity = 1  # multi-turn QA chats per person and language (plus one single-turn chat per attribute)
   c.synthetic.system_prompt_prob = 0.3  # share of QA chats that open with a system turn
   c.synthetic.languages = "zh,en"  # languages to write: zh, en or both

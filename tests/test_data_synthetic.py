@@ -76,8 +76,25 @@ def test_templates_per_attribute_limits_sentence_variety():
       assert any(re.fullmatch(s, sentence) for s in shapes), sentence
 
 
+def test_qa_phrasings_ask_each_fact_that_many_ways():
+  """qa_phrasings=4 (the quick start's): every person's every fact is asked in 4 different
+  question phrasings with the one canonical answer; 1 keeps the data of older versions."""
+  one, four = bios.generate(_cfg(qa_phrasings=1)), bios.generate(_cfg(qa_phrasings=4))
+  assert one == bios.generate(_cfg())  # the default is 1, unchanged draws
+  single = lambda d: [c for c in d["qa_train"] if len([m for m in c["messages"]
+                                                       if m["role"] == "user"]) == 1]
+  assert len(single(four)) == 4 * len(single(one))
+  assert one["heldout"] == four["heldout"] and one["people"] == four["people"]
+  asked = {}
+  for chat in single(four):
+    question, answer = [m["content"] for m in chat["messages"] if m["role"] != "system"]
+    asked.setdefault(answer, set()).add(question)
+  assert len(asked) == len(single(one)) and all(len(q) == 4 for q in asked.values())
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("templates_per_attribute", 6, "templates_per_attribute"),
+    ("qa_phrasings", 5, "qa_phrasings"),
     ("languages", "fr", "languages"),
     ("heldout_fraction", 1.0, "heldout_fraction"),
     ("n_entities", 10**7, "too many"),

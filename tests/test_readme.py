@@ -140,6 +140,9 @@ RULES = [
          "--temperature=0", args=CHAT_SHORT, files=("questions.txt",), outputs=("answers.jsonl",), quick=True),
     Rule("python -m llm_jax.chat --workdir=runs/pre --raw --temperature=0.8", args=CHAT_SHORT,
          stdin="The river\n", needs=("runs/pre/checkpoints",), expect=("runs/pre: step 4",)),
+    Rule("python -m llm_jax.main --config=configs/eval.py --workdir=runs/sft --config.eval.tasks=knowledge",
+         args=("--config.eval.knowledge_people=2",), outputs=("runs/sft/eval_40.json",),
+         expect=("trained people", "held-out people")),
     Rule("python -m llm_jax.main --config=configs/eval.py --workdir=runs/sft", args=("--config.eval.max_batches=8",),
          outputs=("runs/sft/eval_40.json",), quick=True),
     # Resume: 4 steps more than the first run, from its last checkpoint.

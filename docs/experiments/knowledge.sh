@@ -10,7 +10,7 @@ PHASE=${1:-all}
 R=${2:-runs/knowledge}
 PY="nice -n 10 python -m llm_jax.main"
 S="--config.data.synthetic.languages=en --config.data.synthetic.n_entities=100 \
-   --config.data.synthetic.unseen_fraction=0.1"
+   --config.data.synthetic.unseen_fraction=0.1 --config.data.synthetic.qa_phrasings=1"
 COMMON="$S --config.data.seq_len=128 --config.data.batch_size=16 --config.train.eval_every=0 \
    --config.checkpoint.keep=1 --config.data.tokenizer.path=$R/tok/tokenizer.model"
 # Biographies: "default" = 3 phrasings per person in shuffled sentence order (the default data,

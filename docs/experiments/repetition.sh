@@ -12,7 +12,9 @@ PY="nice -n 10 python -m llm_jax.main"
 if [[ $PHASE == train || $PHASE == all ]]; then
   [[ -d $R/checkpoints/200 ]] || $PY --config=configs/sft.py --workdir=$R \
     --config.train.steps=200 --config.train.warmup_steps=20 --config.data.batch_size=8 \
-    --config.checkpoint.every=20 --config.checkpoint.keep=100 --config.train.eval_every=0
+    --config.checkpoint.every=20 --config.checkpoint.keep=100 --config.train.eval_every=0 \
+    --config.data.synthetic.n_entities=1500 --config.data.synthetic.qa_phrasings=1 \
+    --config.data.tokenizer.vocab_size=4096  # the encyclopedia as measured (sft.py's before 2026-12-07)
 fi
 
 if [[ $PHASE == eval || $PHASE == all ]]; then

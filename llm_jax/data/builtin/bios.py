@@ -257,19 +257,24 @@ def parse_augment(augment: str) -> tuple[int, bool] | None:
 def _qa_chats(person: dict, lang: str, cfg, rng: random.Random) -> list[dict]:
   n_templates = min(cfg.templates_per_attribute, len(QUESTIONS[lang]["major"]))
 
-  def turn(attribute):
-    question = rng.choice(QUESTIONS[lang][attribute][:n_templates])
+  def turn(attribute, question=None):
+    question = question or rng.choice(QUESTIONS[lang][attribute][:n_templates])
     answer = BIO_TEMPLATES[lang][attribute][0]  # one canonical answer shape per attribute
     return [{"role": "user", "content": question.format(name=person["name"][lang])},
             {"role": "assistant", "content": _sentence(person, attribute, lang, answer)}]
 
-  def chat(attributes):
-    messages = [m for a in attributes for m in turn(a)]
+  def chat(attributes, question=None):
+    messages = [m for a in attributes for m in turn(a, question)]
     if rng.random() < cfg.system_prompt_prob:
       messages.insert(0, {"role": "system", "content": SYSTEM_PROMPTS[lang]})
     return {"messages": messages}
 
-  chats = [chat([a]) for a in ATTRIBUTES]
+  phrasings = min(cfg.qa_phrasings, n_templates)
+  if phrasings == 1:  # one random phrasing per attribute (the draws of older versions)
+    chats = [chat([a]) for a in ATTRIBUTES]
+  else:  # the same fact asked `phrasings` ways: knowledge of the person, not of one string
+    chats = [chat([a], q) for a in ATTRIBUTES
+             for q in rng.sample(QUESTIONS[lang][a][:n_templates], phrasings)]
   for _ in range(cfg.multi_turn_per_entity):
     chats.append(chat(rng.sample(ATTRIBUTES, rng.randint(2, 3))))
   return chats
@@ -286,13 +291,17 @@ def parse_languages(cfg) -> list[str]:
 @functools.lru_cache(maxsize=4)
 def _generate(n_entities, bios_per_entity, templates_per_attribute, heldout_fraction,
               multi_turn_per_entity, system_prompt_prob, languages, seed, augment="",
-              unseen_fraction=0.0) -> dict:
+              unseen_fraction=0.0, qa_phrasings=1) -> dict:
   cfg = types.SimpleNamespace(templates_per_attribute=templates_per_attribute,
                               multi_turn_per_entity=multi_turn_per_entity,
-                              system_prompt_prob=system_prompt_prob, languages=languages)
+                              system_prompt_prob=system_prompt_prob, languages=languages,
+                              qa_phrasings=qa_phrasings)
   if not 1 <= templates_per_attribute <= 5:
     raise ValueError(f"config.data.synthetic.templates_per_attribute={templates_per_attribute}; "
                      "use 1..5 (the number of sentence templates written per attribute).")
+  if not 1 <= qa_phrasings <= 4:
+    raise ValueError(f"config.data.synthetic.qa_phrasings={qa_phrasings}; use 1..4 (question "
+                     "phrasings asked per person and attribute).")
   if not 0.0 <= heldout_fraction < 1.0:
     raise ValueError(f"config.data.synthetic.heldout_fraction={heldout_fraction}; use [0, 1).")
   if not 0.0 <= unseen_fraction < 1.0:
@@ -343,4 +352,5 @@ def generate(synthetic_cfg) -> dict:
   return _generate(int(c.n_entities), int(c.bios_per_entity), int(c.templates_per_attribute),
                    float(c.heldout_fraction), int(c.multi_turn_per_entity),
                    float(c.system_prompt_prob), str(c.languages), int(c.seed),
-                   str(c.get("augment", "")), float(c.get("unseen_fraction", 0.0)))
+                   str(c.get("augment", "")), float(c.get("unseen_fraction", 0.0)),
+                   int(c.get("qa_phrasings", 1)))
