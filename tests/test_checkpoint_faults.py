@@ -132,15 +132,18 @@ def test_a_full_disk_during_a_background_save_stops_before_the_next_save(workdir
   _assert_whole(workdir, [100])
 
 
-def test_sigterm_while_a_save_hangs_exits_within_seconds(workdir, tokenizer_path, tmp_path):
-  log = open(tmp_path / "worker.log", "w+")
-  proc = subprocess.Popen(WORKER + ["hung_save", workdir, tokenizer_path], cwd=ROOT,
+def _sigterm_worker(mode, workdir, tokenizer_path, tmp_path, n_ready: int, settle: float = 0.0):
+  """Starts the worker in `mode`, reads its first `n_ready` stdout lines (it is then stuck where
+  the test wants it), waits `settle` s and sends SIGTERM. Returns (those lines, the rest of
+  stdout, stderr, exit status, seconds from SIGTERM to exit)."""
+  log = open(tmp_path / f"{mode}.stderr.txt", "w+")
+  proc = subprocess.Popen(WORKER + [mode, workdir, tokenizer_path], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=log, text=True)
   try:
-    line = proc.stdout.readline()  # the save of step 10 started and hangs
-    assert line.startswith("HUNG 10"), (line, open(log.name).read()[-4000:])
-    # The loop goes on to the save of step 15, which waits for step 10's, in Orbax until now.
-    time.sleep(1.0)
+    lines = [proc.stdout.readline() for _ in range(n_ready)]
+    if not all(lines):
+      raise AssertionError(f"{lines} {open(log.name).read()[-4000:]}")
+    time.sleep(settle)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -149,8 +152,16 @@ def test_sigterm_while_a_save_hangs_exits_within_seconds(workdir, tokenizer_path
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
-  err = open(log.name).read()
-  assert proc.returncode == 143, err[-4000:]
+  return lines, out, open(log.name).read(), proc.returncode, took
+
+
+def test_sigterm_while_a_save_hangs_exits_within_seconds(workdir, tokenizer_path, tmp_path):
+  # The save of step 10 starts and hangs; the loop goes on to the save of step 15, which waits
+  # for step 10's (in Orbax until now), then SIGTERM.
+  lines, out, err, returncode, took = _sigterm_worker("hung_save", workdir, tokenizer_path,
+                                                      tmp_path, 1, settle=1.0)
+  assert lines[0].startswith("HUNG 10"), (lines, err[-4000:])
+  assert returncode == 143, err[-4000:]
   assert ("the checkpoint of step 10 was still being written 2 s after SIGTERM "
           "(config.checkpoint.sigterm_wait); stopping without it. The same command resumes from "
           "step 5.") in err
@@ -202,23 +213,10 @@ def test_sigterm_while_the_data_source_hangs_exits_within_seconds(workdir, token
   """Issue 25: a source that never answers (hung storage) used to leave the job deaf to SIGTERM
   ("saving a checkpoint and stopping after this step", then nothing). The whole job, as
   `python -m llm_jax.main` runs it (about a minute here: slow)."""
-  log = open(tmp_path / "stderr.txt", "w+")
-  proc = subprocess.Popen(WORKER + ["hung_source", workdir, tokenizer_path], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=log, text=True)
-  try:
-    lines = [proc.stdout.readline(), proc.stdout.readline()]
-    assert lines[0].startswith("HUNG") and lines[1].startswith("STALLED"), (
-        lines, open(log.name).read()[-4000:])
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - t0
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
-  err = open(log.name).read()
-  assert proc.returncode == 143, err[-4000:]
+  lines, out, err, returncode, took = _sigterm_worker("hung_source", workdir, tokenizer_path,
+                                                      tmp_path, 2)
+  assert lines[0].startswith("HUNG") and lines[1].startswith("STALLED"), (lines, err[-4000:])
+  assert returncode == 143, err[-4000:]
   done = int(out.split("STEP ")[-1]) + 1  # the hook's step counts steps done before the batch
   assert f"Done at step {done}." in err
   assert (f"SIGTERM: the input pipeline gave no batch for step {done + 1} within 5 s "

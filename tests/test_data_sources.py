@@ -11,6 +11,7 @@ from configs import data as data_config
 from llm_jax.data import pipeline
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
+from tests import resident
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 TRICKY = [
@@ -229,19 +230,6 @@ def test_skip_bad_records_counts_each_bad_line_once(tmp_path, tok, caplog):
   assert counts and all("(1 so far)" in m for m in counts)
 
 
-def _resident_kib(path_prefix):
-  """KiB of this process's resident pages mapped from files whose path starts with the prefix."""
-  total, inside = 0, False
-  with open("/proc/self/smaps") as f:
-    for line in f:
-      head = line.split()
-      if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-        inside = len(head) >= 6 and head[5].startswith(path_prefix)
-      elif inside and head[0] == "Rss:":
-        total += int(head[1])
-  return total
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc")
 @pytest.mark.parametrize("kind", ["jsonl", "json"])
 def test_indexing_a_large_file_holds_a_chunk_of_it_resident(tmp_path, monkeypatch, kind):
@@ -258,7 +246,7 @@ def test_indexing_a_large_file_holds_a_chunk_of_it_resident(tmp_path, monkeypatc
 
   def unmap(mm, start):
     if start // sources._CHUNK % 3 == 2:  # pylint: disable=protected-access
-      peaks.append(_resident_kib(str(path)))  # before this chunk is dropped: the peak
+      peaks.append(resident.mapped_kib(str(path)))  # before this chunk is dropped: the peak
     real(mm, start)
   monkeypatch.setattr(sources, "_unmap_scanned", unmap)
   source = sources.open_file(str(path))

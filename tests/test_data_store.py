@@ -13,6 +13,7 @@ import pytest
 from configs import data as data_config
 from llm_jax.data import pipeline, store as store_lib, store_batches, store_build
 from llm_jax.data import tokenizer as tok_lib
+from tests import resident
 
 KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 WORDS = "alpha beta gamma delta 北京 上海 数据 模型 one two three 🙂。".split()
@@ -201,19 +202,6 @@ def test_the_census_of_an_sft_store_equals_the_sources_census(corpus, stores):
     assert have == want
 
 
-def _store_pages_kib(directory):
-  """KiB of this process's resident pages mapped from files under `directory`."""
-  total, inside = 0, False
-  with open("/proc/self/smaps") as f:
-    for line in f:
-      head = line.split()
-      if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-        inside = len(head) >= 6 and head[5].startswith(directory)
-      elif inside and head[0] == "Rss:":
-        total += int(head[1])
-  return total
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc")
 def test_reading_a_store_keeps_its_resident_pages_bounded(corpus, tmp_path):
   """A long read over a store holds at most about the release budget of its pages resident
@@ -241,12 +229,12 @@ def test_reading_a_store_keeps_its_resident_pages_bounded(corpus, tmp_path):
     def release(real=real, calls=[]):  # pylint: disable=dangerous-default-value
       calls.append(1)
       if len(calls) % 8 == 1:  # reading smaps costs tens of ms here
-        before_release.append(_store_pages_kib(d))
+        before_release.append(resident.mapped_kib(d))
       real()
     store.release = release
     for _ in range(150):
       next(it)
-    peaks[budget] = max(before_release + [_store_pages_kib(d)])
+    peaks[budget] = max(before_release + [resident.mapped_kib(d)])
     assert (len(before_release) > 10) == (budget < store_size), before_release
   # Past the budget by at most one batch: 8 rows of a piece or two and their records; the
   # whole store (9 MB) is read without releases.

@@ -305,8 +305,12 @@ def _bars(ax, panel: Panel) -> None:
     ax.set_xscale("log")
   ax.set_xlim(low, high)
   ends = values if err is None else [v + e for v, e in zip(values, err[1])]
-  for y, v, end in zip(ys, values, ends):  # the figure after the bar and its interval
-    ax.text(end, y, f"  {v:.3g}", va="center", ha="left", fontsize=7)
+  starts = values if err is None else [v - e for v, e in zip(values, err[0])]
+  for y, v, end, start in zip(ys, values, ends, starts):
+    if not log and end > low + 0.85 * (high - low):  # no room after it: inside the bar, in white
+      ax.text(start, y, f"{v:.3g}  ", va="center", ha="right", fontsize=7, color="white")
+    else:  # the figure after the bar and its interval
+      ax.text(end, y, f"  {v:.3g}", va="center", ha="left", fontsize=7)
   if panel.reference:
     ax.axvline(panel.reference[0], color="0.4", linestyle="--", linewidth=1,
                label=panel.reference[1])

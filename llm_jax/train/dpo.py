@@ -77,14 +77,8 @@ def count_pairs(batch: dict) -> jax.Array:
   return jnp.sum(jnp.max(batch["segment_ids"], axis=1) // 2).astype(jnp.float32)
 
 
-def default_policy_variables(params, frozen):
-  del frozen
-  return {"params": params}
-
-
-def default_reference_variables(params, frozen):
-  del params
-  return {"params": frozen["reference"]}
+default_policy_variables = objectives.default_policy_variables
+default_reference_variables = objectives.default_reference_variables
 
 
 def objective(model_cfg: ModelConfig, *, beta: float = 0.1, label_smoothing: float = 0.0,

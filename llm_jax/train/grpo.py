@@ -140,14 +140,8 @@ def normalizer(mask_BxL, aggregation: str, max_new_tokens: int) -> jax.Array:
   raise ValueError(f"config.grpo.loss_aggregation={aggregation!r}: must be one of {AGGREGATIONS}")
 
 
-def default_policy_variables(params, frozen):
-  del frozen
-  return {"params": params}
-
-
-def default_reference_variables(params, frozen):
-  del params
-  return {"params": frozen["reference"]}
+default_policy_variables = objectives.default_policy_variables
+default_reference_variables = objectives.default_reference_variables
 
 
 def objective(model_cfg: ModelConfig, *, loss: str = "grpo", clip_low: float = 0.2,

@@ -40,6 +40,19 @@ class Objective:
   sum_keys: tuple[str, ...]
 
 
+def default_policy_variables(params, frozen):
+  """The trained model's variables (preference and RL objectives): its parameters as they are.
+  With LoRA the jobs pass base + adapters instead."""
+  del frozen
+  return {"params": params}
+
+
+def default_reference_variables(params, frozen):
+  """The frozen reference model's variables: the parameters the job started from."""
+  del params
+  return {"params": frozen["reference"]}
+
+
 def language_model(model_cfg: ModelConfig, *, z_loss: float = 0.0) -> Objective:
   """Token-weighted next-token cross-entropy (pretrain and SFT): sum(w * ce) / sum(w), plus
   z_loss * log(Z)^2 on the same tokens. With MoE layers, plus the router's load-balancing and
