@@ -480,3 +480,17 @@ def test_lora_run_exports_merged_and_llama_cpp_computes_the_adapter_model(llama_
   want = logits - gguf_quality._logsumexp(logits)  # pylint: disable=protected-access
   theirs = gguf_quality.llama_cpp_logprobs(gguf_quality.load_llama(out.path, len(ids)), ids)
   assert np.abs(want - theirs).max() < 1e-3
+
+
+def test_quality_text_is_the_runs_own_held_out_or_training_set(trained_sft_run):
+  """bench_gguf --split: held-out text by default, the run's training chats with "train" (a model
+  that learned its data by heart only guesses on held-out text)."""
+  run = rundir.load(trained_sft_run)
+  assert gguf_quality.heldout_source(run.config) == "builtin:bios_qa_heldout"
+  assert gguf_quality.heldout_source(run.config, "train") == "builtin:bios_qa_train"
+  train = gguf_quality.heldout_sequences(run.tokenizer, run.config, 200, 128, "train")
+  first = next(iter(builtin.records("builtin:bios_qa_train", run.config.data.synthetic)))
+  assert train[0][0] == encode_chat(run.tokenizer, first["messages"])[0].tolist()[:128]
+  assert sum(int(w[1:].sum()) for _, w in train) >= 200
+  with pytest.raises(ValueError, match="split"):
+    gguf_quality.heldout_source(run.config, "test")

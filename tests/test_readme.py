@@ -247,6 +247,8 @@ RULES = [
     Rule("ollama create sft -f export/Modelfile", skip="ollama not installed"),
     Rule("ollama run sft", skip="ollama not installed"),
     Rule("python -m llm_jax.convert.bench_gguf --workdir=runs/sft", expect=("| q4_0 |",)),
+    Rule("python -m llm_jax.convert.bench_gguf --workdir=runs/sft --split=train",
+         expect=("| q4_0 |", "(builtin:bios_qa_train)")),
     # docs/scaling.md: several devices and hosts; virtual CPU devices stand in for the GPUs.
     Rule("python -m llm_jax.main --config=configs/pretrain.py --workdir=runs/pre-fsdp --config.mesh.fsdp=8 "
          "--config.mesh.data=1 --config.model.dtype=bfloat16", args=TINY, env=EIGHT_DEVICES,

@@ -28,11 +28,16 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "", "where the files go (default: a te
 _PROMPTS = flags.DEFINE_integer("prompts", 10, "held-out chat prompts for the greedy comparison")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "greedy tokens per prompt")
 _TOKENS = flags.DEFINE_integer("ppl_tokens", 2000, "held-out target tokens for perplexity")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train"],
+                           "text and prompts: the run's held-out set (eval) or its training set "
+                           "(train: for a model that memorised its data, as the quick start's)")
 
 
-def _prompts(run, n: int) -> list[list[int]]:
+def _prompts(run, n: int, source: str) -> list[list[int]]:
   out = []
-  for r in builtin.records("builtin:bios_qa_heldout", run.config.data.synthetic):
+  for r in builtin.records(source, run.config.data.synthetic):
+    if "messages" not in r:
+      continue
     msgs = r["messages"]
     k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     out.append(encode_chat(run.tokenizer, msgs[:k], add_generation_prompt=True)[0].tolist())
@@ -63,15 +68,20 @@ def main():
   out_dir = _OUT_DIR.value or tempfile.mkdtemp(prefix="bench_gguf_")
   rows = run.params["embed"]["embedding"].shape[0]
   cfg = gguf_export.ModelConfig.from_config(run.config.model, vocab_size=rows)
-  seqs = gguf_quality.heldout_sequences(run.tokenizer, run.config, _TOKENS.value, run.context)
+  seqs = gguf_quality.heldout_sequences(run.tokenizer, run.config, _TOKENS.value, run.context,
+                                        _SPLIT.value)
   ours = [gguf_quality.llm_jax_logprobs(run.params, cfg, i, pad_to=run.context) for i, _ in seqs]
   ppl, n_targets = _ppl(ours, seqs)
-  prompts = _prompts(run, _PROMPTS.value)
+  source = gguf_quality.heldout_source(run.config, _SPLIT.value)
+  # Chat prompts from the same set; a text set (pretraining) has none: the QA chats then.
+  chats = source if source.endswith(("_qa_train", "_qa_heldout")) else (
+      "builtin:bios_qa_train" if _SPLIT.value == "train" else "builtin:bios_qa_heldout")
+  prompts = _prompts(run, _PROMPTS.value, chats)
   greedy = [g.tokens for g in Generator(run.params, run.model_cfg).generate(
       prompts, SamplingConfig(temperature=0.0, max_new_tokens=_NEW.value))]
   print(f"{_WORKDIR.value}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {rows}; llm_jax float32 "
-        f"perplexity {ppl:.4f} on {n_targets} held-out tokens in {len(seqs)} rows "
-        f"({gguf_quality.heldout_source(run.config)})")
+        f"perplexity {ppl:.4f} on {n_targets} tokens in {len(seqs)} rows ({source}); "
+        f"greedy prompts from {chats}")
   print("| type | size (MiB) | export (s) | perplexity in llama.cpp | gap | max log-prob diff "
         f"| greedy {_NEW.value} tokens equal | where they differ: our top-2 log-prob gap |")
   print("|---|---|---|---|---|---|---|---|")

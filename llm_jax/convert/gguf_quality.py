@@ -27,21 +27,24 @@ from llm_jax.model.decoder import Decoder
 _GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache (llama.cpp's default is F16)
 
 
-def heldout_source(config) -> str:
+def heldout_source(config, split: str = "eval") -> str:
   """The run's own held-out set (config.data.eval) where it is a built-in one, else the
-  encyclopedia's held-out biographies."""
-  name = str(config.data.get("eval", "") or "")
+  encyclopedia's held-out biographies. split "train": the run's built-in training set instead
+  (what a model that memorised its data knows; its held-out text measures only guessing)."""
+  if split not in ("eval", "train"):
+    raise ValueError(f"split={split!r}: use eval or train")
+  name = str(config.data.get(split, "") or "")
   return name if builtin.is_builtin(name) and name[len(builtin.PREFIX):] in builtin.BUILTINS \
       else "builtin:bios_eval"
 
 
-def heldout_sequences(tok, config, n_targets: int, max_len: int
+def heldout_sequences(tok, config, n_targets: int, max_len: int, split: str = "eval"
                       ) -> list[tuple[list[int], np.ndarray]]:
-  """Held-out records one per row (ids, weights as heldout_ids gives them, each cut to
-  `max_len`) until `n_targets` weighted targets are collected."""
+  """Held-out records (heldout_source(config, split)) one per row (ids, weights as heldout_ids
+  gives them, each cut to `max_len`) until `n_targets` weighted targets are collected."""
   from llm_jax.data.chat_template import encode_chat  # pylint: disable=g-import-not-at-top
   out, total = [], 0
-  for r in builtin.records(heldout_source(config), config.data.synthetic):
+  for r in builtin.records(heldout_source(config, split), config.data.synthetic):
     if "messages" in r:
       i, w = encode_chat(tok, r["messages"])
       ids, weights = i.tolist()[:max_len], np.asarray(w[:max_len], np.float64)
