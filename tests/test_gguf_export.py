@@ -8,6 +8,8 @@ SentencePiece tokenizer trained on the embedded encyclopedia.
 """
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -494,3 +496,13 @@ def test_quality_text_is_the_runs_own_held_out_or_training_set(trained_sft_run):
   assert sum(int(w[1:].sum()) for _, w in train) >= 200
   with pytest.raises(ValueError, match="split"):
     gguf_quality.heldout_source(run.config, "test")
+
+
+def test_cli_says_size_type_time_and_the_expected_cost_of_quantising(trained_sft_run, tmp_path):
+  out = subprocess.run([sys.executable, "-m", "llm_jax.convert.gguf_export",
+                        f"--workdir={trained_sft_run}", f"--out={tmp_path / 'm.gguf'}",
+                        "--type=q4_0"], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "type q4_0" in out.stdout and " MiB" in out.stdout, out.stdout
+  assert f"q4_0 costs quality: {gguf_export.EXPECTED_COST['q4_0']}" in out.stdout, out.stdout
