@@ -84,6 +84,33 @@ def _assert_whole(workdir, steps):
 
 
 @needs_deny
+def test_processes_probing_one_checkpoint_dir_at_once_all_pass(tmp_path):
+  """Every process of a multi-host job checks workdir/checkpoints at start. One process's probe
+  used to remove the directory under another's, or fail on its probe file ("Directory not
+  empty"): that process died and the others waited for it in jax.distributed until killed (the
+  two-process test hung so, now and then). Four threads race on a fresh directory, 150 times."""
+  import threading
+  from llm_jax.train import run_setup
+  errors = []
+
+  def probe(workdir, barrier):
+    barrier.wait()
+    try:
+      run_setup.check_checkpoint_dir(workdir)
+    except OSError as e:  # pragma: no cover - the failure this test guards against
+      errors.append(e)
+
+  for k in range(150):
+    workdir, barrier = str(tmp_path / f"run{k}"), threading.Barrier(4)
+    os.makedirs(workdir)
+    threads = [threading.Thread(target=probe, args=(workdir, barrier)) for _ in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  assert not errors, errors[:3]
+
+
 def test_an_unwritable_checkpoint_dir_is_refused_before_any_work(workdir, tokenizer_path):
   proc = _run("unwritable_at_start", workdir, tokenizer_path)
   assert proc.returncode == 1, proc.stderr[-4000:]

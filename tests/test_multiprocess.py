@@ -45,10 +45,17 @@ def two_process_run(tmp_path_factory):
   for p in procs:
     try:
       out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # one process died or hangs: show what each said
       for q in procs:
         q.kill()
-      raise
+      tails = []
+      for q in procs:
+        try:
+          tails.append((q.communicate(timeout=30)[1] or "")[-3000:])
+        except (ValueError, OSError, subprocess.TimeoutExpired) as e:  # already read
+          tails.append(f"({e!r})")
+      raise AssertionError(f"a worker hung; stderr of process 0:\n{tails[0]}\n"
+                           f"process 1:\n{tails[1]}") from None
     assert p.returncode == 0, err[-4000:]
     outs.append([l.split() for l in out.splitlines() if l.startswith("RESULT")][0])
   batches = [np.load(str(d / f"batches_{r}.npz")) for r in range(2)]

@@ -97,19 +97,32 @@ def check_checkpoint_dir(workdir: str) -> None:
   """workdir/checkpoints can take a new checkpoint: a probe file is written and removed there
   (a run that cannot save would otherwise find out at its first checkpoint)."""
   ckpt = checkpoint.checkpoint_dir(workdir)
-  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+  if os.path.isfile(ckpt):  # (not "exists and not a dir": another process may remove it between)
     raise NotADirectoryError(f"{ckpt} is a file, where the run keeps its checkpoints; move it "
                              "away or choose another --workdir.")
-  made = not os.path.exists(ckpt)
-  try:
-    os.makedirs(ckpt, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=ckpt, prefix=".write-test-"):
-      pass
-    if made:  # leave the run directory as it was: a later check may still refuse the job
-      os.rmdir(ckpt)
-  except OSError as e:
-    raise PermissionError(f"{ckpt} is not writable ({e.strerror}): the run could not save "
+  # Every process of a multi-host job probes the same directory at once (each writes its own
+  # shards there later): another process's probe may be in it, or it may remove it meanwhile.
+  made, error = False, None
+  for _ in range(3):
+    made, error = not os.path.exists(ckpt), None
+    try:
+      os.makedirs(ckpt, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=ckpt, prefix=".write-test-"):
+        pass
+      break
+    except (FileNotFoundError, FileExistsError) as e:  # another process removed it meanwhile
+      error = e
+    except OSError as e:
+      error = e
+      break
+  if error is not None:
+    raise PermissionError(f"{ckpt} is not writable ({error.strerror}): the run could not save "
                           "checkpoints; fix its permissions or choose another --workdir.") from None
+  if made:  # leave the run directory as it was (a later check may still refuse the job),
+    try:
+      os.rmdir(ckpt)
+    except OSError:  # unless another process of the job is probing it too, or removed it
+      pass
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
